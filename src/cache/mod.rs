@@ -1,0 +1,324 @@
+//! The content-addressed cache.
+//!
+//! Layout under the cache directory:
+//! - `objects/ab/<sha256>`: file contents, named by their hash;
+//! - `runs/ab/<key>.json`: what a stage run with that key produced (its outputs' hashes, metrics);
+//! - `pipelines/<id>.json`: the keys the latest run of each pipeline used (for `cache gc`);
+//! - `hashes.json`: remembered file hashes.
+//!
+//! Every file is written to a temporary name, synced and renamed, so an interrupted write never
+//! leaves a partial entry under a final name. Anything read back is verified against its hash.
+
+mod hash;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use hash::{hash_reader, sha256_hex, Artifact, FileEntry, Hasher};
+
+use crate::stages::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("corrupt cache entry {what}: {reason}")]
+    Corrupt { what: String, reason: String },
+}
+
+impl CacheError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        CacheError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// What one stage run produced, stored under its key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunEntry {
+    pub stage: String,
+    pub kind: String,
+    pub outs: Vec<Artifact>,
+    pub metrics: Metrics,
+    pub duration_ms: u64,
+}
+
+/// Space a garbage collection freed.
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    pub runs_removed: usize,
+    pub objects_removed: usize,
+    pub bytes_freed: u64,
+    pub runs_kept: usize,
+    pub objects_kept: usize,
+}
+
+pub struct Cache {
+    dir: PathBuf,
+    pub hasher: Hasher,
+}
+
+impl Cache {
+    pub fn open(dir: &Path) -> Result<Cache, CacheError> {
+        for sub in ["objects", "runs", "pipelines", "tmp"] {
+            let p = dir.join(sub);
+            fs::create_dir_all(&p).map_err(|e| CacheError::io(&p, e))?;
+        }
+        Ok(Cache {
+            dir: dir.to_path_buf(),
+            hasher: Hasher::load(dir.join("hashes.json")),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn run_path(&self, key: &str) -> PathBuf {
+        self.dir.join("runs").join(&key[..2]).join(format!("{key}.json"))
+    }
+
+    fn object_path(&self, hash: &str) -> PathBuf {
+        self.dir.join("objects").join(&hash[..2]).join(hash)
+    }
+
+    /// The entry stored under `key`, if any. An unreadable entry is removed and reported.
+    pub fn lookup(&self, key: &str) -> Result<Option<RunEntry>, CacheError> {
+        let path = self.run_path(key);
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(CacheError::io(&path, e)),
+        };
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+            let _ = fs::remove_file(&path);
+            CacheError::Corrupt {
+                what: path.display().to_string(),
+                reason: e.to_string(),
+            }
+        })
+    }
+
+    pub fn discard(&self, key: &str) {
+        let _ = fs::remove_file(self.run_path(key));
+    }
+
+    pub fn record(&self, key: &str, entry: &RunEntry) -> Result<(), CacheError> {
+        let bytes = serde_json::to_vec_pretty(entry).expect("run entries serialize");
+        write_atomic(&self.run_path(key), &bytes)
+    }
+
+    /// Copies the outputs at `root/outs` into the object store, hashing them on the way.
+    pub fn store(&self, root: &Path, outs: &[String]) -> Result<Vec<Artifact>, CacheError> {
+        outs.iter()
+            .map(|rel| {
+                let abs = root.join(rel);
+                let meta = fs::metadata(&abs).map_err(|e| CacheError::io(&abs, e))?;
+                if meta.is_dir() {
+                    let mut files = BTreeMap::new();
+                    hash::walk(&abs, &abs, &mut |name, path, meta| {
+                        let (hash, size) = self.store_file(path, meta)?;
+                        files.insert(name, FileEntry { hash, size });
+                        Ok(())
+                    })?;
+                    Ok(hash::dir_artifact(rel, files))
+                } else {
+                    let (hash, size) = self.store_file(&abs, &meta)?;
+                    Ok(Artifact {
+                        path: rel.clone(),
+                        hash,
+                        size,
+                        files: None,
+                    })
+                }
+            })
+            .collect()
+    }
+
+    fn store_file(&self, path: &Path, meta: &fs::Metadata) -> Result<(String, u64), CacheError> {
+        let src = fs::File::open(path).map_err(|e| CacheError::io(path, e))?;
+        let tmp_dir = self.dir.join("tmp");
+        let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(|e| CacheError::io(&tmp_dir, e))?;
+        let hash = hash_reader(src, Some(tmp.as_file_mut())).map_err(|e| CacheError::io(path, e))?;
+        let dest = self.object_path(&hash);
+        if !dest.exists() {
+            persist(tmp, &dest)?;
+        }
+        self.hasher.remember(path, meta, &hash);
+        Ok((hash, meta.len()))
+    }
+
+    /// Makes the workspace hold `outs`: files already there with the right content are left
+    /// alone, others are copied from the object store and verified on the way.
+    pub fn restore(&self, root: &Path, outs: &[Artifact]) -> Result<(), CacheError> {
+        for out in outs {
+            if let Ok(current) = self.hasher.artifact(root, &out.path) {
+                if current.hash == out.hash {
+                    continue;
+                }
+            }
+            let abs = root.join(&out.path);
+            remove_path(&abs)?;
+            match &out.files {
+                Some(files) => {
+                    for (name, f) in files {
+                        self.checkout(&f.hash, &abs.join(name))?;
+                    }
+                }
+                None => self.checkout(&out.hash, &abs)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn checkout(&self, hash: &str, dest: &Path) -> Result<(), CacheError> {
+        let src_path = self.object_path(hash);
+        let src = fs::File::open(&src_path).map_err(|_| CacheError::Corrupt {
+            what: src_path.display().to_string(),
+            reason: "object missing".into(),
+        })?;
+        let parent = dest.parent().expect("outputs live under the root");
+        fs::create_dir_all(parent).map_err(|e| CacheError::io(parent, e))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(parent).map_err(|e| CacheError::io(parent, e))?;
+        let got = hash_reader(src, Some(tmp.as_file_mut())).map_err(|e| CacheError::io(&src_path, e))?;
+        if got != hash {
+            let _ = fs::remove_file(&src_path);
+            return Err(CacheError::Corrupt {
+                what: src_path.display().to_string(),
+                reason: format!("content hashes to {got}"),
+            });
+        }
+        persist(tmp, dest)?;
+        let meta = fs::metadata(dest).map_err(|e| CacheError::io(dest, e))?;
+        self.hasher.remember(dest, &meta, hash);
+        Ok(())
+    }
+
+    fn usage_path(&self, pipeline: &Path) -> PathBuf {
+        let id = sha256_hex(pipeline.to_string_lossy().as_bytes());
+        self.dir.join("pipelines").join(format!("{}.json", &id[..16]))
+    }
+
+    /// Records which keys the latest run of `pipeline` uses, so `gc` keeps them.
+    pub fn record_usage(&self, pipeline: &Path, keys: &BTreeSet<String>) -> Result<(), CacheError> {
+        let body = serde_json::json!({"pipeline": pipeline, "keys": keys});
+        let bytes = serde_json::to_vec_pretty(&body).expect("usage serializes");
+        let path = self.usage_path(pipeline);
+        if fs::read(&path).ok().as_deref() == Some(&bytes[..]) {
+            return Ok(());
+        }
+        write_atomic(&path, &bytes)
+    }
+
+    /// Removes every run entry and object that no pipeline's latest run uses.
+    pub fn gc(&self) -> Result<GcReport, CacheError> {
+        let mut keys = BTreeSet::new();
+        for file in list_files(&self.dir.join("pipelines"))? {
+            let usage: serde_json::Value = fs::read(&file)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+                .unwrap_or_default();
+            if let Some(list) = usage["keys"].as_array() {
+                keys.extend(list.iter().filter_map(|k| k.as_str().map(str::to_string)));
+            }
+        }
+        let mut report = GcReport::default();
+        let mut objects = BTreeSet::new();
+        for file in list_files(&self.dir.join("runs"))? {
+            let key = file.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            let entry = keys.contains(&key).then(|| self.lookup(&key).ok().flatten()).flatten();
+            match entry {
+                Some(entry) => {
+                    report.runs_kept += 1;
+                    for out in entry.outs {
+                        match out.files {
+                            Some(files) => objects.extend(files.into_values().map(|f| f.hash)),
+                            None => {
+                                objects.insert(out.hash);
+                            }
+                        }
+                    }
+                }
+                None => {
+                    report.bytes_freed += remove_counted(&file);
+                    report.runs_removed += 1;
+                }
+            }
+        }
+        for file in list_files(&self.dir.join("objects"))? {
+            let hash = file.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            if objects.contains(&hash) {
+                report.objects_kept += 1;
+            } else {
+                report.bytes_freed += remove_counted(&file);
+                report.objects_removed += 1;
+            }
+        }
+        for file in list_files(&self.dir.join("tmp"))? {
+            report.bytes_freed += remove_counted(&file);
+        }
+        Ok(report)
+    }
+}
+
+fn remove_counted(path: &Path) -> u64 {
+    let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    match fs::remove_file(path) {
+        Ok(()) => size,
+        Err(_) => 0,
+    }
+}
+
+fn list_files(dir: &Path) -> Result<Vec<PathBuf>, CacheError> {
+    let mut out = Vec::new();
+    if dir.exists() {
+        hash::walk(dir, dir, &mut |_, path, _| {
+            out.push(path.to_path_buf());
+            Ok(())
+        })?;
+    }
+    Ok(out)
+}
+
+fn remove_path(path: &Path) -> Result<(), CacheError> {
+    let result = match fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
+        Ok(_) => fs::remove_file(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    };
+    result.map_err(|e| CacheError::io(path, e))
+}
+
+/// Removes the outputs a stage is about to write, so stale files never pass for new ones.
+pub fn clear_outputs(root: &Path, outs: &[String]) -> Result<(), CacheError> {
+    outs.iter().try_for_each(|rel| remove_path(&root.join(rel)))
+}
+
+fn persist(mut tmp: tempfile::NamedTempFile, dest: &Path) -> Result<(), CacheError> {
+    tmp.as_file_mut().sync_all().map_err(|e| CacheError::io(tmp.path(), e))?;
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent).map_err(|e| CacheError::io(parent, e))?;
+    }
+    tmp.persist(dest).map_err(|e| CacheError::io(dest, e.error))?;
+    Ok(())
+}
+
+/// Writes `bytes` to `dest` through a synced temporary file in the same directory.
+pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<(), CacheError> {
+    let parent = dest.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(|e| CacheError::io(parent, e))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(parent).map_err(|e| CacheError::io(parent, e))?;
+    tmp.write_all(bytes).map_err(|e| CacheError::io(dest, e))?;
+    persist(tmp, dest)
+}

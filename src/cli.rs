@@ -1,0 +1,317 @@
+//! The `sentiflow` command line.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cache::Cache;
+use crate::pipeline::exec::{self, Observer, Options, State, StageReport};
+use crate::pipeline::graph::DagFormat;
+use crate::pipeline::{lock, spec, Pipeline};
+
+/// Exit codes: what a script calling sentiflow can rely on.
+pub mod exit {
+    pub const OK: i32 = 0;
+    /// A stage failed.
+    pub const FAILED: i32 = 1;
+    /// The pipeline or the command line is invalid.
+    pub const INVALID: i32 = 2;
+    /// Interrupted by a signal.
+    pub const INTERRUPTED: i32 = 130;
+}
+
+#[derive(Parser)]
+#[command(name = "sentiflow", version, about = "Train, tune, track and serve sentiment models from YAML pipelines")]
+struct Cli {
+    /// Cache directory [default: <project root>/cache, or ./cache outside a pipeline].
+    #[arg(long, global = true, env = "SENTIFLOW_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a pipeline; unchanged stages are restored from the cache.
+    Run {
+        file: PathBuf,
+        /// Run only this stage and what it needs (repeatable).
+        #[arg(long = "stage", value_name = "STAGE")]
+        stages: Vec<String>,
+        /// Run the selected stages even if their results are cached.
+        #[arg(long)]
+        force: bool,
+        /// Most stages running at once [default: number of CPUs].
+        #[arg(long, short)]
+        jobs: Option<usize>,
+        /// Override a parameter: NAME=VALUE (repeatable).
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+        /// Print the run report as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show which stages are up to date and why the others are stale.
+    Status {
+        file: PathBuf,
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the stage graph.
+    Dag {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        format: DagFormat,
+    },
+    /// Check pipeline files without running them.
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print the JSON Schema of pipeline files.
+    Schema,
+    /// Manage the cache.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Delete everything the latest run of each pipeline does not use.
+    Gc,
+}
+
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+pub fn main() -> i32 {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SENTIFLOW_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { exit::INVALID } else { exit::OK };
+        }
+    };
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            exit::FAILED
+        }
+    }
+}
+
+fn load(file: &Path, set: &[String]) -> Result<Pipeline, i32> {
+    Pipeline::load(file, set).map_err(|d| {
+        eprint!("{}", d.render());
+        exit::INVALID
+    })
+}
+
+fn open_cache(cli_dir: &Option<PathBuf>, root: &Path) -> anyhow::Result<Cache> {
+    let dir = cli_dir.clone().unwrap_or_else(|| root.join("cache"));
+    Cache::open(&dir).map_err(|e| anyhow::anyhow!("opening the cache at {}: {e}", dir.display()))
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Run { file, stages, force, jobs, set, json } => {
+            let p = match load(&file, &set) {
+                Ok(p) => p,
+                Err(code) => return Ok(code),
+            };
+            let cache = open_cache(&cli.cache_dir, &p.root)?;
+            ctrlc::set_handler(|| {
+                if CANCEL.swap(true, Ordering::SeqCst) {
+                    std::process::exit(exit::INTERRUPTED);
+                }
+            })?;
+            let opts = Options {
+                jobs: jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+                force,
+                targets: stages,
+            };
+            let console = Console::new(p.stages.len(), !json && std::io::stderr().is_terminal());
+            let clock = Instant::now();
+            let report = match exec::run(&p, &cache, &opts, &CANCEL, &console) {
+                Ok(r) => r,
+                Err(exec::ExecError::UnknownStage(s, known)) => {
+                    eprintln!("error: {}: unknown stage `{s}`\n  = hint: stages in this pipeline: {known}", file.display());
+                    return Ok(exit::INVALID);
+                }
+                Err(e) => return Err(e.into()),
+            };
+            console.done();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            }
+            eprintln!(
+                "{}: {} ran, {} cached, {} failed, {} skipped in {:.2}s",
+                p.name,
+                report.count(State::Ran),
+                report.count(State::Cached),
+                report.count(State::Failed) + report.count(State::Interrupted),
+                report.count(State::Skipped),
+                clock.elapsed().as_secs_f64()
+            );
+            Ok(if report.interrupted {
+                exit::INTERRUPTED
+            } else if report.ok {
+                exit::OK
+            } else {
+                exit::FAILED
+            })
+        }
+        Command::Status { file, set, json } => {
+            let p = match load(&file, &set) {
+                Ok(p) => p,
+                Err(code) => return Ok(code),
+            };
+            let cache = open_cache(&cli.cache_dir, &p.root)?;
+            let status = lock::status(&p, &cache.hasher);
+            cache.hasher.save()?;
+            if json {
+                let list: Vec<_> = status
+                    .iter()
+                    .map(|(name, s)| {
+                        let mut v = serde_json::to_value(s).expect("status serializes");
+                        v["stage"] = name.clone().into();
+                        v
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                let width = status.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+                for (name, s) in &status {
+                    println!("{name:width$}  {s}");
+                }
+            }
+            Ok(exit::OK)
+        }
+        Command::Dag { file, format } => {
+            let p = match load(&file, &[]) {
+                Ok(p) => p,
+                Err(code) => return Ok(code),
+            };
+            print!("{}", p.dag.render(&p.stages, format));
+            Ok(exit::OK)
+        }
+        Command::Validate { files } => {
+            let mut code = exit::OK;
+            for file in &files {
+                match load(file, &[]) {
+                    Ok(p) => println!("ok: {} ({}, {} stages)", file.display(), p.name, p.stages.len()),
+                    Err(c) => code = c,
+                }
+            }
+            Ok(code)
+        }
+        Command::Schema => {
+            print!("{}", spec::json_schema());
+            Ok(exit::OK)
+        }
+        Command::Cache { command: CacheCommand::Gc } => {
+            let cwd = std::env::current_dir()?;
+            let cache = open_cache(&cli.cache_dir, &cwd)?;
+            let r = cache.gc()?;
+            println!(
+                "removed {} run entries and {} objects ({:.1} MiB); kept {} run entries and {} objects",
+                r.runs_removed,
+                r.objects_removed,
+                r.bytes_freed as f64 / (1 << 20) as f64,
+                r.runs_kept,
+                r.objects_kept
+            );
+            Ok(exit::OK)
+        }
+    }
+}
+
+/// Shows progress: a bar on a terminal, one line per event otherwise.
+struct Console {
+    bar: Option<ProgressBar>,
+    running: Mutex<Vec<String>>,
+}
+
+impl Console {
+    fn new(total: usize, terminal: bool) -> Self {
+        let bar = terminal.then(|| {
+            let bar = ProgressBar::new(total as u64);
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {elapsed} {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            bar.enable_steady_tick(Duration::from_millis(100));
+            bar
+        });
+        Console { bar, running: Mutex::new(Vec::new()) }
+    }
+
+    fn line(&self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    fn update(&self) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(self.running.lock().unwrap().join(", "));
+        }
+    }
+
+    fn done(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Observer for Console {
+    fn started(&self, stage: &str) {
+        self.running.lock().unwrap().push(stage.to_string());
+        self.update();
+    }
+
+    fn finished(&self, r: &StageReport) {
+        self.running.lock().unwrap().retain(|s| s != &r.name);
+        let text = match r.state {
+            State::Ran => format!("ran      {} ({:.2}s)", r.name, r.duration_ms as f64 / 1000.0),
+            State::Cached => format!("cached   {}", r.name),
+            State::Failed => format!("FAILED   {}: {}", r.name, r.error.as_deref().unwrap_or("")),
+            State::Skipped => format!("skipped  {}: {}", r.name, r.error.as_deref().unwrap_or("")),
+            State::Interrupted => format!("stopped  {}", r.name),
+        };
+        self.line(&text);
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+        }
+        self.update();
+    }
+
+    fn log(&self, stage: &str, line: &str) {
+        self.line(&format!("[{stage}] {line}"));
+    }
+
+    fn warn(&self, message: &str) {
+        self.line(&format!("warning: {message}"));
+    }
+}

@@ -1,0 +1,89 @@
+//! Diagnostics: what is wrong in a pipeline file, where, and how to fix it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use super::yaml::Pos;
+
+/// One problem found in a pipeline file, with its `file:line:col`.
+#[derive(Debug, Clone)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub pos: Pos,
+    pub message: String,
+    pub hint: Option<String>,
+}
+
+impl Diagnostic {
+    pub fn new(file: &Path, pos: Pos, message: impl Into<String>) -> Self {
+        Diagnostic {
+            file: file.to_path_buf(),
+            pos,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// Renders the diagnostic with the offending source line and a caret under the column.
+    pub fn render(&self, source: Option<&str>) -> String {
+        let mut out = format!("error: {self}\n");
+        if let Some(line) = source.and_then(|s| s.lines().nth(self.pos.line.saturating_sub(1))) {
+            let number = self.pos.line.to_string();
+            let pad = " ".repeat(number.len());
+            let caret = " ".repeat(self.pos.col.saturating_sub(1));
+            out.push_str(&format!("{pad} |\n{number} | {line}\n{pad} | {caret}^\n"));
+        }
+        if let Some(hint) = &self.hint {
+            out.push_str(&format!("  = hint: {hint}\n"));
+        }
+        out
+    }
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.pos.line,
+            self.pos.col,
+            self.message
+        )
+    }
+}
+
+/// All problems found in one pipeline file.
+#[derive(Debug, thiserror::Error)]
+pub struct Diagnostics {
+    pub items: Vec<Diagnostic>,
+    pub text: Option<String>,
+}
+
+impl Diagnostics {
+    pub fn one(d: Diagnostic, source: Option<&str>) -> Self {
+        Diagnostics {
+            items: vec![d],
+            text: source.map(str::to_string),
+        }
+    }
+
+    pub fn render(&self) -> String {
+        self.items
+            .iter()
+            .map(|d| d.render(self.text.as_deref()))
+            .collect()
+    }
+}
+
+impl fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lines: Vec<String> = self.items.iter().map(|d| d.to_string()).collect();
+        f.write_str(&lines.join("\n"))
+    }
+}

@@ -1,0 +1,371 @@
+//! Running a pipeline: each stage starts as soon as the stages it needs are done, on a rayon
+//! pool of `jobs` threads; unchanged stages are restored from the cache instead of run.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::{lock, Pipeline};
+use crate::cache::{clear_outputs, sha256_hex, Artifact, Cache, CacheError, Hasher, RunEntry};
+use crate::stages::{Context, Metrics, StageError};
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Most stages running at once.
+    pub jobs: usize,
+    /// Run every selected stage even when its result is cached.
+    pub force: bool,
+    /// Run only these stages and what they need (all stages when empty).
+    pub targets: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("unknown stage `{0}`; stages in this pipeline: {1}")]
+    UnknownStage(String, String),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Ran and produced new outputs.
+    Ran,
+    /// Its outputs came from the cache.
+    Cached,
+    Failed,
+    /// Not run because a stage it needs failed or the run was interrupted.
+    Skipped,
+    /// Stopped by an interrupt while running.
+    Interrupted,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StageReport {
+    pub name: String,
+    pub kind: &'static str,
+    pub state: State,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Input path → content hash (declared dependencies and outputs of needed stages).
+    pub inputs: BTreeMap<String, String>,
+    pub outs: Vec<Artifact>,
+    pub metrics: Metrics,
+    /// How long the run that produced the outputs took (the original run for a cache hit).
+    pub duration_ms: u64,
+    /// Unix times, in seconds, of this invocation's start and end of the stage.
+    pub started_at: f64,
+    pub finished_at: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub pipeline: String,
+    pub ok: bool,
+    pub interrupted: bool,
+    pub stages: Vec<StageReport>,
+}
+
+impl Report {
+    pub fn count(&self, state: State) -> usize {
+        self.stages.iter().filter(|s| s.state == state).count()
+    }
+}
+
+/// What the engine tells its caller while it runs (progress bars, log lines, API events).
+pub trait Observer: Sync {
+    fn started(&self, stage: &str);
+    fn finished(&self, report: &StageReport);
+    fn log(&self, stage: &str, line: &str);
+    fn warn(&self, message: &str);
+}
+
+fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// Input hashes of stage `i`: its declared dependencies (hashed now) and the outputs of the
+/// stages it needs (as they reported them).
+pub fn stage_inputs(
+    p: &Pipeline,
+    i: usize,
+    hasher: &Hasher,
+    upstream: &BTreeMap<String, Vec<Artifact>>,
+) -> Result<BTreeMap<String, String>, (String, CacheError)> {
+    let mut inputs = BTreeMap::new();
+    for outs in upstream.values() {
+        for a in outs {
+            inputs.insert(a.path.clone(), a.hash.clone());
+        }
+    }
+    for dep in p.stages[i].kind.stage().deps() {
+        let a = hasher.artifact(&p.root, &dep).map_err(|e| (dep.clone(), e))?;
+        inputs.insert(a.path, a.hash);
+    }
+    Ok(inputs)
+}
+
+/// The cache key of a stage: its kind, the kind's version, its parameters and its inputs.
+pub fn cache_key(p: &Pipeline, i: usize, inputs: &BTreeMap<String, String>) -> String {
+    let kind = &p.stages[i].kind;
+    let material = json!({
+        "kind": kind.name(),
+        "version": kind.stage().version(),
+        "params": canonical(&kind.params()),
+        "inputs": inputs,
+    });
+    sha256_hex(serde_json::to_string(&material).expect("keys serialize").as_bytes())
+}
+
+/// `value` with every object's keys sorted, so equal parameters hash equally.
+pub fn canonical(value: &Value) -> Value {
+    match value {
+        Value::Object(m) => {
+            let sorted: BTreeMap<&String, Value> = m.iter().map(|(k, v)| (k, canonical(v))).collect();
+            Value::Object(sorted.into_iter().map(|(k, v)| (k.clone(), v)).collect())
+        }
+        Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
+        other => other.clone(),
+    }
+}
+
+/// Runs the pipeline, then records the lock file and the cache usage.
+pub fn run(
+    p: &Pipeline,
+    cache: &Cache,
+    opts: &Options,
+    cancel: &AtomicBool,
+    obs: &dyn Observer,
+) -> Result<Report, ExecError> {
+    let mut targets = Vec::new();
+    for t in &opts.targets {
+        let i = p.stages.iter().position(|s| &s.name == t).ok_or_else(|| {
+            let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+            ExecError::UnknownStage(t.clone(), names.join(", "))
+        })?;
+        targets.push(i);
+    }
+    let selected: BTreeSet<usize> =
+        if targets.is_empty() { (0..p.stages.len()).collect() } else { p.dag.with_ancestors(&targets) };
+
+    let mut waiting: BTreeMap<usize, usize> =
+        selected.iter().map(|&i| (i, p.dag.needs(i).filter(|n| selected.contains(n)).count())).collect();
+    let mut ready: VecDeque<usize> = waiting.iter().filter(|(_, &n)| n == 0).map(|(&i, _)| i).collect();
+    let mut reports: Vec<Option<StageReport>> = vec![None; p.stages.len()];
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.jobs.max(1))
+        .thread_name(|i| format!("stage-{i}"))
+        .build()
+        .expect("a thread pool can be built");
+    let (tx, rx) = mpsc::channel::<(usize, StageReport)>();
+
+    pool.in_place_scope(|scope| {
+        let mut running = 0usize;
+        loop {
+            while !cancel.load(Ordering::SeqCst) {
+                let Some(i) = ready.pop_front() else { break };
+                waiting.remove(&i);
+                let upstream: BTreeMap<String, Vec<Artifact>> = p
+                    .dag
+                    .needs(i)
+                    .map(|n| {
+                        let r = reports[n].as_ref().expect("needed stages finished first");
+                        (r.name.clone(), r.outs.clone())
+                    })
+                    .collect();
+                let tx = tx.clone();
+                running += 1;
+                obs.started(&p.stages[i].name);
+                scope.spawn(move |_| {
+                    let report = run_stage(p, i, cache, &upstream, opts.force, cancel, obs);
+                    let _ = tx.send((i, report));
+                });
+            }
+            if running == 0 {
+                break;
+            }
+            let (i, report) = rx.recv().expect("workers send before exiting");
+            running -= 1;
+            obs.finished(&report);
+            let failed = matches!(report.state, State::Failed | State::Interrupted);
+            let name = report.name.clone();
+            reports[i] = Some(report);
+            if failed {
+                for d in p.dag.dependents(i).into_iter().filter(|d| selected.contains(d)) {
+                    if reports[d].is_none() {
+                        waiting.remove(&d);
+                        ready.retain(|&r| r != d);
+                        let r = skipped(p, d, format!("`{name}` did not finish"));
+                        obs.finished(&r);
+                        reports[d] = Some(r);
+                    }
+                }
+            } else {
+                for d in p.dag.graph.neighbors(petgraph::graph::NodeIndex::new(i)) {
+                    let d = p.dag.graph[d];
+                    if let Some(n) = waiting.get_mut(&d) {
+                        *n -= 1;
+                        if *n == 0 {
+                            ready.push_back(d);
+                        }
+                    }
+                }
+            }
+        }
+    });
+
+    let interrupted = cancel.load(Ordering::SeqCst);
+    for &i in &selected {
+        if reports[i].is_none() {
+            let r = skipped(p, i, "the run was interrupted".into());
+            obs.finished(&r);
+            reports[i] = Some(r);
+        }
+    }
+    let stages: Vec<StageReport> = reports.into_iter().flatten().collect();
+    let report = Report {
+        pipeline: p.name.clone(),
+        ok: stages.iter().all(|s| matches!(s.state, State::Ran | State::Cached)),
+        interrupted,
+        stages,
+    };
+    lock::update(p, &report).map_err(ExecError::Cache)?;
+    let keys: BTreeSet<String> = lock::read(p).stages.into_values().map(|s| s.key).collect();
+    let pipeline_file = std::path::absolute(&p.file).unwrap_or_else(|_| p.file.clone());
+    cache.record_usage(&pipeline_file, &keys)?;
+    cache.hasher.save()?;
+    Ok(report)
+}
+
+fn skipped(p: &Pipeline, i: usize, why: String) -> StageReport {
+    let t = now();
+    StageReport {
+        name: p.stages[i].name.clone(),
+        kind: p.stages[i].kind.name(),
+        state: State::Skipped,
+        key: None,
+        inputs: BTreeMap::new(),
+        outs: Vec::new(),
+        metrics: Metrics::new(),
+        duration_ms: 0,
+        started_at: t,
+        finished_at: t,
+        error: Some(why),
+    }
+}
+
+fn run_stage(
+    p: &Pipeline,
+    i: usize,
+    cache: &Cache,
+    upstream: &BTreeMap<String, Vec<Artifact>>,
+    force: bool,
+    cancel: &AtomicBool,
+    obs: &dyn Observer,
+) -> StageReport {
+    let stage = &p.stages[i];
+    let mut report = skipped(p, i, String::new());
+    report.error = None;
+    let fail = |mut r: StageReport, state: State, error: String| {
+        r.state = state;
+        r.error = Some(error);
+        r.finished_at = now();
+        r
+    };
+
+    let inputs = match stage_inputs(p, i, &cache.hasher, upstream) {
+        Ok(inputs) => inputs,
+        Err((dep, e)) => return fail(report, State::Failed, format!("dependency `{dep}`: {e}")),
+    };
+    let key = cache_key(p, i, &inputs);
+    report.inputs = inputs;
+    report.key = Some(key.clone());
+
+    if !force {
+        match cache.lookup(&key) {
+            Ok(Some(entry)) => match cache.restore(&p.root, &entry.outs) {
+                Ok(()) => {
+                    report.state = State::Cached;
+                    report.outs = entry.outs;
+                    report.metrics = entry.metrics;
+                    report.duration_ms = entry.duration_ms;
+                    report.finished_at = now();
+                    return report;
+                }
+                Err(CacheError::Corrupt { what, reason }) => {
+                    obs.warn(&format!("{}: discarding corrupt cache entry {what} ({reason}); running the stage again", stage.name));
+                    cache.discard(&key);
+                }
+                Err(e) => return fail(report, State::Failed, format!("restoring outputs: {e}")),
+            },
+            Ok(None) => {}
+            Err(e) => obs.warn(&format!("{}: {e}; running the stage again", stage.name)),
+        }
+    }
+
+    let outs = stage.kind.stage().outs();
+    if let Err(e) = prepare_outputs(p, &outs) {
+        return fail(report, State::Failed, format!("preparing outputs: {e}"));
+    }
+    let upstream_paths: BTreeMap<String, Vec<PathBuf>> = upstream
+        .iter()
+        .map(|(n, outs)| (n.clone(), outs.iter().map(|a| p.root.join(&a.path)).collect()))
+        .collect();
+    let log = |line: &str| obs.log(&stage.name, line);
+    let ctx = Context {
+        root: &p.root,
+        stage: &stage.name,
+        upstream: &upstream_paths,
+        cancel,
+        log: &log,
+    };
+    let clock = Instant::now();
+    let result = stage.kind.stage().run(&ctx);
+    report.duration_ms = clock.elapsed().as_millis() as u64;
+    let metrics = match result {
+        Ok(m) => m,
+        Err(StageError::Cancelled) => return fail(report, State::Interrupted, "interrupted".into()),
+        Err(e) => return fail(report, State::Failed, e.to_string()),
+    };
+    if let Some(missing) = outs.iter().find(|o| !p.root.join(o).exists()) {
+        return fail(report, State::Failed, format!("the stage finished without writing its output `{missing}`"));
+    }
+    let artifacts = match cache.store(&p.root, &outs) {
+        Ok(a) => a,
+        Err(e) => return fail(report, State::Failed, format!("caching outputs: {e}")),
+    };
+    let entry = RunEntry {
+        stage: stage.name.clone(),
+        kind: stage.kind.name().to_string(),
+        outs: artifacts,
+        metrics,
+        duration_ms: report.duration_ms,
+    };
+    if let Err(e) = cache.record(&key, &entry) {
+        return fail(report, State::Failed, format!("recording the cache entry: {e}"));
+    }
+    report.state = State::Ran;
+    report.outs = entry.outs;
+    report.metrics = entry.metrics;
+    report.finished_at = now();
+    report
+}
+
+/// Removes old outputs and makes their parent directories.
+fn prepare_outputs(p: &Pipeline, outs: &[String]) -> Result<(), CacheError> {
+    clear_outputs(&p.root, outs)?;
+    for o in outs {
+        if let Some(parent) = p.root.join(o).parent() {
+            std::fs::create_dir_all(parent).map_err(|e| CacheError::io(parent, e))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,193 @@
+//! The lock file beside each pipeline (`demo.yaml` → `demo.lock`): what every stage's last
+//! successful run used and produced, in a stable order so `git diff` shows what changed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::exec::{canonical, stage_inputs, Report, State};
+use super::{lock_path, yaml, Pipeline};
+use crate::cache::{write_atomic, Artifact, CacheError, Hasher};
+use crate::stages::Metrics;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct LockFile {
+    pub pipeline: String,
+    pub stages: BTreeMap<String, LockedStage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LockedStage {
+    pub kind: String,
+    pub version: u32,
+    pub key: String,
+    pub params: Value,
+    /// Input path → content hash.
+    pub inputs: BTreeMap<String, String>,
+    /// Output path → content hash.
+    pub outs: BTreeMap<String, String>,
+    pub duration_ms: u64,
+    pub metrics: Metrics,
+}
+
+const HEADER: &str = "# Written by `sentiflow run`: the inputs, parameters and outputs of each stage's last run.\n";
+
+/// The pipeline's lock file, or an empty one when there is none or it cannot be read.
+pub fn read(p: &Pipeline) -> LockFile {
+    std::fs::read_to_string(lock_path(&p.file))
+        .ok()
+        .and_then(|s| yaml::parse(&s).ok())
+        .and_then(|d| serde_json::from_value(d.value).ok())
+        .unwrap_or_default()
+}
+
+/// Records the stages that ran or were restored; keeps the entries of stages not run this time
+/// and drops those of stages no longer in the pipeline. Writes only when something changed.
+pub fn update(p: &Pipeline, report: &Report) -> Result<(), CacheError> {
+    let old = read(p);
+    let mut lock = LockFile {
+        pipeline: p.name.clone(),
+        stages: old
+            .stages
+            .into_iter()
+            .filter(|(name, _)| p.stage(name).is_some())
+            .collect(),
+    };
+    for r in &report.stages {
+        if !matches!(r.state, State::Ran | State::Cached) {
+            continue;
+        }
+        let kind = &p.stage(&r.name).expect("reports name stages").kind;
+        lock.stages.insert(
+            r.name.clone(),
+            LockedStage {
+                kind: kind.name().to_string(),
+                version: kind.stage().version(),
+                key: r.key.clone().unwrap_or_default(),
+                params: canonical(&kind.params()),
+                inputs: r.inputs.clone(),
+                outs: r.outs.iter().map(|a| (a.path.clone(), a.hash.clone())).collect(),
+                duration_ms: r.duration_ms,
+                metrics: r.metrics.clone(),
+            },
+        );
+    }
+    let text = format!(
+        "{HEADER}{}",
+        yaml::to_yaml(&serde_json::to_value(&lock).expect("lock files serialize"))
+    );
+    let path = lock_path(&p.file);
+    if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
+        return Ok(());
+    }
+    write_atomic(&path, text.as_bytes())
+}
+
+/// Why a stage would run again, or that it would not.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Staleness {
+    UpToDate,
+    NeverRun,
+    CodeChanged { locked: u32, current: u32 },
+    ParamsChanged { params: Vec<String> },
+    InputChanged { path: String },
+    UpstreamStale { stage: String },
+    OutputMissing { path: String },
+    OutputModified { path: String },
+}
+
+impl fmt::Display for Staleness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Staleness::UpToDate => write!(f, "up to date"),
+            Staleness::NeverRun => write!(f, "stale: never run"),
+            Staleness::CodeChanged { locked, current } => {
+                write!(f, "stale: code changed (version {locked} -> {current})")
+            }
+            Staleness::ParamsChanged { params } => write!(f, "stale: params changed ({})", params.join(", ")),
+            Staleness::InputChanged { path } => write!(f, "stale: input changed ({path})"),
+            Staleness::UpstreamStale { stage } => write!(f, "stale: upstream stage `{stage}` is stale"),
+            Staleness::OutputMissing { path } => write!(f, "stale: output missing ({path})"),
+            Staleness::OutputModified { path } => write!(f, "stale: output modified ({path})"),
+        }
+    }
+}
+
+/// Each stage's staleness, in an order where a stage follows those it needs.
+pub fn status(p: &Pipeline, hasher: &Hasher) -> Vec<(String, Staleness)> {
+    let lock = read(p);
+    let mut result: BTreeMap<usize, Staleness> = BTreeMap::new();
+    for i in p.dag.topo_order() {
+        let s = &p.stages[i];
+        let state = (|| {
+            let Some(locked) = lock.stages.get(&s.name) else {
+                return Staleness::NeverRun;
+            };
+            let version = s.kind.stage().version();
+            if locked.version != version {
+                return Staleness::CodeChanged { locked: locked.version, current: version };
+            }
+            let params = canonical(&s.kind.params());
+            if params != locked.params {
+                return Staleness::ParamsChanged { params: changed_keys(&locked.params, &params) };
+            }
+            if let Some(n) = p.dag.needs(i).find(|n| result.get(n) != Some(&Staleness::UpToDate)) {
+                return Staleness::UpstreamStale { stage: p.stages[n].name.clone() };
+            }
+            let upstream: BTreeMap<String, Vec<Artifact>> = p
+                .dag
+                .needs(i)
+                .map(|n| {
+                    let name = &p.stages[n].name;
+                    let outs = lock.stages[name]
+                        .outs
+                        .iter()
+                        .map(|(path, hash)| Artifact { path: path.clone(), hash: hash.clone(), size: 0, files: None })
+                        .collect();
+                    (name.clone(), outs)
+                })
+                .collect();
+            let inputs = match stage_inputs(p, i, hasher, &upstream) {
+                Ok(inputs) => inputs,
+                Err((path, _)) => return Staleness::InputChanged { path },
+            };
+            if let Some(path) = inputs
+                .iter()
+                .find(|(k, v)| locked.inputs.get(*k) != Some(v))
+                .map(|(k, _)| k.clone())
+                .or_else(|| locked.inputs.keys().find(|k| !inputs.contains_key(*k)).cloned())
+            {
+                return Staleness::InputChanged { path };
+            }
+            for (path, hash) in &locked.outs {
+                match hasher.artifact(&p.root, path) {
+                    Err(_) => return Staleness::OutputMissing { path: path.clone() },
+                    Ok(a) if &a.hash != hash => return Staleness::OutputModified { path: path.clone() },
+                    Ok(_) => {}
+                }
+            }
+            Staleness::UpToDate
+        })();
+        result.insert(i, state);
+    }
+    p.dag.topo_order().into_iter().map(|i| (p.stages[i].name.clone(), result[&i].clone())).collect()
+}
+
+fn changed_keys(old: &Value, new: &Value) -> Vec<String> {
+    let (Some(old), Some(new)) = (old.as_object(), new.as_object()) else {
+        return vec!["with".into()];
+    };
+    let mut keys: Vec<String> = old
+        .keys()
+        .chain(new.keys())
+        .filter(|k| old.get(*k) != new.get(*k))
+        .cloned()
+        .collect();
+    keys.dedup();
+    keys.sort();
+    keys.dedup();
+    keys
+}

@@ -1,0 +1,343 @@
+//! Pipelines: parsing and validating YAML files into a DAG of typed stages, planning and running
+//! them, and the lock file that records what each stage last produced.
+
+pub mod diag;
+pub mod exec;
+pub mod graph;
+mod interp;
+pub mod lock;
+pub mod spec;
+pub mod yaml;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+pub use diag::{Diagnostic, Diagnostics};
+pub use graph::Dag;
+
+use crate::stages::StageKind;
+use spec::{PipelineFile, RawStage};
+use yaml::{child_path, Document};
+
+/// One stage of a validated pipeline.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub name: String,
+    pub needs: Vec<String>,
+    pub kind: StageKind,
+}
+
+/// A validated pipeline: every name resolved, every parameter typed, the graph acyclic.
+#[derive(Debug)]
+pub struct Pipeline {
+    pub name: String,
+    /// The pipeline file, as given.
+    pub file: PathBuf,
+    /// The project root: relative paths in the pipeline are relative to it.
+    pub root: PathBuf,
+    /// Parameter values after `--set` overrides.
+    pub params: Map<String, Value>,
+    /// Stages in file order.
+    pub stages: Vec<Stage>,
+    pub dag: Dag,
+}
+
+/// The project root of a pipeline file: the parent of a `pipelines/` directory that holds it,
+/// otherwise the directory that holds it.
+pub fn project_root(file: &Path) -> PathBuf {
+    let abs = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    let dir = abs.parent().map(Path::to_path_buf).unwrap_or_default();
+    match (dir.file_name(), dir.parent()) {
+        (Some(name), Some(parent)) if name == "pipelines" => parent.to_path_buf(),
+        _ => dir,
+    }
+}
+
+/// The lock file that records a pipeline's last run: `demo.yaml` → `demo.lock`.
+pub fn lock_path(file: &Path) -> PathBuf {
+    file.with_extension("lock")
+}
+
+impl Pipeline {
+    pub fn stage(&self, name: &str) -> Option<&Stage> {
+        self.stages.iter().find(|s| s.name == name)
+    }
+
+    /// Reads and validates a pipeline file, applying `--set NAME=VALUE` overrides.
+    pub fn load(file: &Path, overrides: &[String]) -> Result<Pipeline, Diagnostics> {
+        let source = std::fs::read_to_string(file).map_err(|e| {
+            Diagnostics::one(
+                Diagnostic::new(file, yaml::Pos { line: 1, col: 1 }, format!("cannot read file: {e}")),
+                None,
+            )
+        })?;
+        Self::parse(file, &source, overrides, &|name| std::env::var(name).ok())
+    }
+
+    /// Validates pipeline `source`, read from `file`; `env` resolves `${env.NAME}`.
+    pub fn parse(
+        file: &Path,
+        source: &str,
+        overrides: &[String],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Pipeline, Diagnostics> {
+        let fail = |items: Vec<Diagnostic>| Diagnostics {
+            items,
+            text: Some(source.to_string()),
+        };
+        let doc = yaml::parse(source).map_err(|e| {
+            fail(vec![Diagnostic::new(file, e.pos, format!("invalid YAML: {}", e.message))
+                .hint("check indentation, and quote strings that contain `: ` or start with `{`, `[`, `*` or `&`")])
+        })?;
+        let checker = Checker { file, doc: &doc };
+        if !doc.value.is_object() {
+            return Err(fail(vec![Diagnostic::new(
+                file,
+                doc.value_pos(""),
+                "a pipeline must be a mapping with `name` and `stages`",
+            )]));
+        }
+        let head: PipelineFile = checker.typed(doc.value.clone(), "").map_err(|d| fail(vec![d]))?;
+        let mut diags = Vec::new();
+        if !valid_name(&head.name) {
+            diags.push(
+                Diagnostic::new(file, doc.value_pos("name"), format!("invalid pipeline name `{}`", head.name))
+                    .hint("use letters, digits, `_` and `-`"),
+            );
+        }
+        let mut params = head.params.clone();
+        for o in overrides {
+            if let Err(d) = checker.apply_override(&mut params, o) {
+                diags.push(d);
+            }
+        }
+
+        let mut stages = Vec::new();
+        for (name, value) in &head.stages {
+            let path = child_path("stages", name);
+            match checker.stage(name, value, &path, &head, &params, env) {
+                Ok(s) => stages.push(s),
+                Err(d) => diags.push(d),
+            }
+        }
+        if head.stages.is_empty() {
+            diags.push(Diagnostic::new(file, doc.value_pos("stages"), "the pipeline has no stages"));
+        }
+        if !diags.is_empty() {
+            return Err(fail(diags));
+        }
+        diags.extend(checker.outputs(&stages));
+        if !diags.is_empty() {
+            return Err(fail(diags));
+        }
+        let dag = Dag::build(&stages).map_err(|cycle| {
+            // Point at the `needs` entry that closes the cycle.
+            let last = &cycle[cycle.len() - 2];
+            let next = &cycle[cycle.len() - 1];
+            let stage = stages.iter().find(|s| &s.name == last).expect("cycle names stages");
+            let i = stage.needs.iter().position(|n| n == next).unwrap_or(0);
+            fail(vec![Diagnostic::new(
+                file,
+                doc.value_pos(&format!("stages.{last}.needs[{i}]")),
+                format!("dependency cycle: {}", cycle.join(" -> ")),
+            )
+            .hint("a stage cannot need itself, directly or through other stages")])
+        })?;
+        Ok(Pipeline {
+            name: head.name,
+            file: file.to_path_buf(),
+            root: project_root(file),
+            params,
+            stages,
+            dag,
+        })
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+/// Normalises a relative output path so `./out//a` and `out/a` compare equal.
+fn normalize(path: &str) -> String {
+    path.split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+struct Checker<'a> {
+    file: &'a Path,
+    doc: &'a Document,
+}
+
+impl Checker<'_> {
+    /// Deserializes `value`, found at `base` in the file, reporting errors at their position.
+    fn typed<T: DeserializeOwned>(&self, value: Value, base: &str) -> Result<T, Diagnostic> {
+        serde_path_to_error::deserialize(value).map_err(|err| {
+            let mut path = base.to_string();
+            for seg in err.path().iter() {
+                match seg {
+                    serde_path_to_error::Segment::Seq { index } => path = yaml::index_path(&path, *index),
+                    serde_path_to_error::Segment::Map { key } => path = child_path(&path, key),
+                    serde_path_to_error::Segment::Enum { .. } | serde_path_to_error::Segment::Unknown => {}
+                }
+            }
+            let inner = err.into_inner().to_string();
+            self.serde_diagnostic(&path, &inner)
+        })
+    }
+
+    fn serde_diagnostic(&self, path: &str, message: &str) -> Diagnostic {
+        let field = if path.is_empty() { "the pipeline" } else { path };
+        if let Some(rest) = message.strip_prefix("unknown field `") {
+            let key = rest.split('`').next().unwrap_or_default();
+            let expected = rest.split_once(", expected ").map(|x| x.1).unwrap_or("");
+            let hint = if expected.is_empty() {
+                "remove it".to_string()
+            } else {
+                format!("expected {expected}")
+            };
+            return Diagnostic::new(
+                self.file,
+                self.doc.key_pos(&child_path(path, key)),
+                format!("unknown field `{key}` in {field}"),
+            )
+            .hint(hint);
+        }
+        if let Some(rest) = message.strip_prefix("missing field `") {
+            let key = rest.split('`').next().unwrap_or_default();
+            return Diagnostic::new(
+                self.file,
+                self.doc.key_pos(path),
+                format!("missing field `{key}` in {field}"),
+            );
+        }
+        Diagnostic::new(self.file, self.doc.value_pos(path), format!("{field}: {message}"))
+    }
+
+    fn apply_override(&self, params: &mut Map<String, Value>, o: &str) -> Result<(), Diagnostic> {
+        let at = self.doc.key_pos("params");
+        let Some((key, raw)) = o.split_once('=') else {
+            return Err(Diagnostic::new(self.file, at, format!("bad --set `{o}`: expected NAME=VALUE")));
+        };
+        if !params.contains_key(key) {
+            let known: Vec<&str> = params.keys().map(String::as_str).collect();
+            return Err(Diagnostic::new(
+                self.file,
+                at,
+                format!("bad --set `{o}`: the pipeline declares no parameter `{key}`"),
+            )
+            .hint(if known.is_empty() {
+                "declare it under `params:` first".to_string()
+            } else {
+                format!("declared parameters: {}", known.join(", "))
+            }));
+        }
+        // Values are YAML scalars: `--set seed=7` is a number, `--set name=x` a string.
+        let value = yaml::parse(raw)
+            .ok()
+            .map(|d| d.value)
+            .filter(|v| !v.is_object() && !v.is_array())
+            .unwrap_or_else(|| Value::String(raw.to_string()));
+        params.insert(key.to_string(), value);
+        Ok(())
+    }
+
+    fn stage(
+        &self,
+        name: &str,
+        value: &Value,
+        path: &str,
+        head: &PipelineFile,
+        params: &Map<String, Value>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Stage, Diagnostic> {
+        if !valid_name(name) {
+            return Err(Diagnostic::new(self.file, self.doc.key_pos(path), format!("invalid stage name `{name}`"))
+                .hint("use letters, digits, `_` and `-`"));
+        }
+        if !value.is_object() {
+            return Err(Diagnostic::new(
+                self.file,
+                self.doc.value_pos(path),
+                format!("stage `{name}` must be a mapping with `uses` and `with`"),
+            ));
+        }
+        let raw: RawStage = self.typed(value.clone(), path)?;
+        for (i, need) in raw.needs.iter().enumerate() {
+            let at = self.doc.value_pos(&format!("{path}.needs[{i}]"));
+            if need == name {
+                return Err(Diagnostic::new(self.file, at, format!("stage `{name}` needs itself"))
+                    .hint("remove it from `needs`"));
+            }
+            if !head.stages.contains_key(need) {
+                let known: Vec<&str> = head.stages.keys().map(String::as_str).collect();
+                return Err(Diagnostic::new(self.file, at, format!("stage `{name}` needs unknown stage `{need}`"))
+                    .hint(format!("stages in this pipeline: {}", known.join(", "))));
+            }
+        }
+        let mut with = raw.with;
+        let with_path = child_path(path, "with");
+        interp::interpolate(&mut with, &with_path, params, env)
+            .map_err(|e| Diagnostic::new(self.file, self.doc.value_pos(&e.path), e.message).hint(e.hint))?;
+        let tagged = serde_json::json!({"uses": raw.uses, "with": with});
+        let kind: StageKind = self.typed(tagged, path).map_err(|mut d| {
+            if d.message.contains("unknown variant") {
+                d.pos = self.doc.value_pos(&child_path(path, "uses"));
+                d.message = format!("unknown stage kind `{}` in stage `{name}`", raw.uses);
+                d.hint = Some(format!("known kinds: {}", crate::stages::KINDS.join(", ")));
+            }
+            d
+        })?;
+        Ok(Stage {
+            name: name.to_string(),
+            needs: raw.needs,
+            kind,
+        })
+    }
+
+    /// Outputs must be relative, inside the project, written by one stage, and a stage that
+    /// reads another stage's output must need that stage.
+    fn outputs(&self, stages: &[Stage]) -> Vec<Diagnostic> {
+        let mut diags = Vec::new();
+        let mut writers: HashMap<String, &str> = HashMap::new();
+        for s in stages {
+            for (i, out) in s.kind.stage().outs().iter().enumerate() {
+                let at = self.doc.value_pos(&format!("stages.{}.with.outs[{i}]", s.name));
+                let norm = normalize(out);
+                if out.starts_with('/') || norm.split('/').any(|p| p == "..") || norm.is_empty() {
+                    diags.push(
+                        Diagnostic::new(self.file, at, format!("output `{out}` of stage `{}` is outside the project", s.name))
+                            .hint("outputs are paths relative to the project root, without `..`"),
+                    );
+                } else if let Some(first) = writers.insert(norm, &s.name) {
+                    diags.push(
+                        Diagnostic::new(self.file, at, format!("output `{out}` is written by both `{first}` and `{}`", s.name))
+                            .hint("each output must have exactly one stage writing it"),
+                    );
+                }
+            }
+        }
+        for s in stages {
+            for (i, dep) in s.kind.stage().deps().iter().enumerate() {
+                if let Some(writer) = writers.get(&normalize(dep)) {
+                    if *writer != s.name && !s.needs.iter().any(|n| n == writer) {
+                        diags.push(
+                            Diagnostic::new(
+                                self.file,
+                                self.doc.value_pos(&format!("stages.{}.with.deps[{i}]", s.name)),
+                                format!("stage `{}` reads `{dep}`, written by `{writer}`, but does not need `{writer}`", s.name),
+                            )
+                            .hint(format!("add `{writer}` to the `needs` of `{}`", s.name)),
+                        );
+                    }
+                }
+            }
+        }
+        diags
+    }
+}

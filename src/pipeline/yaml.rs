@@ -1,0 +1,318 @@
+//! YAML parsing that keeps source positions.
+//!
+//! Pipelines are parsed into a `serde_json::Value` (which typed deserialization then consumes)
+//! plus an index from each value's path (`stages.a.with.outs[0]`) to where it stands in the file,
+//! so that every later error can point at a `line:col`.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Number, Value};
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::{Marker, TScalarStyle};
+use yaml_rust2::Yaml;
+
+/// A 1-based line and column in a source file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Pos {
+    pub line: usize,
+    pub col: usize,
+}
+
+impl Pos {
+    fn from_marker(m: Marker) -> Self {
+        // yaml-rust2 counts lines from 1 and columns from 0.
+        Pos {
+            line: m.line(),
+            col: m.col() + 1,
+        }
+    }
+}
+
+/// Where a value (and, for a mapping entry, its key) stands in the source.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Span {
+    pub key: Option<Pos>,
+    pub value: Pos,
+}
+
+/// A parsed document and the positions of all its values, keyed by path.
+#[derive(Debug, Default)]
+pub struct Document {
+    pub value: Value,
+    pub spans: HashMap<String, Span>,
+}
+
+impl Document {
+    /// The position of the value at `path`, or of its closest ancestor that has one.
+    pub fn value_pos(&self, path: &str) -> Pos {
+        self.lookup(path, |s| s.value)
+    }
+
+    /// The position of the key of the entry at `path` (the value's if it has no key).
+    pub fn key_pos(&self, path: &str) -> Pos {
+        self.lookup(path, |s| s.key.unwrap_or(s.value))
+    }
+
+    fn lookup(&self, path: &str, pick: impl Fn(&Span) -> Pos) -> Pos {
+        let mut p = path;
+        loop {
+            if let Some(span) = self.spans.get(p) {
+                return pick(span);
+            }
+            match p.rfind(['.', '[']) {
+                Some(i) => p = &p[..i],
+                None => return self.spans.get("").map(|s| s.value).unwrap_or_default(),
+            }
+        }
+    }
+}
+
+/// A YAML syntax error.
+#[derive(Debug)]
+pub struct SyntaxError {
+    pub pos: Pos,
+    pub message: String,
+}
+
+/// Joins a parent path and a mapping key the way error paths are written.
+pub fn child_path(parent: &str, key: &str) -> String {
+    if parent.is_empty() {
+        key.to_string()
+    } else {
+        format!("{parent}.{key}")
+    }
+}
+
+pub fn index_path(parent: &str, i: usize) -> String {
+    format!("{parent}[{i}]")
+}
+
+pub fn parse(src: &str) -> Result<Document, SyntaxError> {
+    let mut builder = Builder::default();
+    let mut parser = Parser::new_from_str(src);
+    parser.load(&mut builder, false).map_err(|e| SyntaxError {
+        pos: Pos::from_marker(*e.marker()),
+        message: e.info().to_string(),
+    })?;
+    if let Some(err) = builder.error {
+        return Err(err);
+    }
+    let value = builder.root.unwrap_or(Value::Null);
+    Ok(Document {
+        value,
+        spans: builder.spans,
+    })
+}
+
+enum Frame {
+    Seq {
+        path: String,
+        items: Vec<Value>,
+        anchor: usize,
+    },
+    Map {
+        path: String,
+        entries: Map<String, Value>,
+        key: Option<(String, Pos)>,
+        anchor: usize,
+    },
+}
+
+#[derive(Default)]
+struct Builder {
+    stack: Vec<Frame>,
+    root: Option<Value>,
+    spans: HashMap<String, Span>,
+    anchors: HashMap<usize, Value>,
+    error: Option<SyntaxError>,
+}
+
+impl Builder {
+    /// The path the next value will have, and the position of its key if it is a mapping value.
+    fn next_path(&self) -> (String, Option<Pos>) {
+        match self.stack.last() {
+            None => (String::new(), None),
+            Some(Frame::Seq { path, items, .. }) => (index_path(path, items.len()), None),
+            Some(Frame::Map { path, key, .. }) => match key {
+                Some((k, pos)) => (child_path(path, k), Some(*pos)),
+                None => (String::new(), None),
+            },
+        }
+    }
+
+    fn expecting_key(&self) -> bool {
+        matches!(self.stack.last(), Some(Frame::Map { key: None, .. }))
+    }
+
+    fn fail(&mut self, pos: Pos, message: String) {
+        if self.error.is_none() {
+            self.error = Some(SyntaxError { pos, message });
+        }
+    }
+
+    fn push_value(&mut self, value: Value, anchor: usize) {
+        if anchor > 0 {
+            self.anchors.insert(anchor, value.clone());
+        }
+        match self.stack.last_mut() {
+            None => self.root = Some(value),
+            Some(Frame::Seq { items, .. }) => items.push(value),
+            Some(Frame::Map { entries, key, .. }) => {
+                if let Some((k, _)) = key.take() {
+                    entries.insert(k, value);
+                }
+            }
+        }
+    }
+}
+
+impl MarkedEventReceiver for Builder {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        let pos = Pos::from_marker(mark);
+        match ev {
+            Event::Scalar(text, style, anchor, _) => {
+                if self.expecting_key() {
+                    let Some(Frame::Map { entries, key, .. }) = self.stack.last_mut() else {
+                        unreachable!("expecting_key checked the frame")
+                    };
+                    let duplicate = entries.contains_key(&text);
+                    *key = Some((text.clone(), pos));
+                    if duplicate {
+                        self.fail(pos, format!("duplicate key `{text}`"));
+                    }
+                    return;
+                }
+                let (path, key) = self.next_path();
+                self.spans.insert(path, Span { key, value: pos });
+                let value = scalar(&text, style);
+                self.push_value(value, anchor);
+            }
+            Event::Alias(id) => {
+                if self.expecting_key() {
+                    self.fail(pos, "aliases cannot be used as keys".into());
+                    return;
+                }
+                let (path, key) = self.next_path();
+                self.spans.insert(path, Span { key, value: pos });
+                let value = self.anchors.get(&id).cloned().unwrap_or(Value::Null);
+                self.push_value(value, 0);
+            }
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                if self.expecting_key() {
+                    self.fail(pos, "keys must be plain strings, not collections".into());
+                }
+                let (path, key) = self.next_path();
+                self.spans.insert(path.clone(), Span { key, value: pos });
+                let frame = if matches!(ev, Event::SequenceStart(..)) {
+                    Frame::Seq {
+                        path,
+                        items: Vec::new(),
+                        anchor,
+                    }
+                } else {
+                    Frame::Map {
+                        path,
+                        entries: Map::new(),
+                        key: None,
+                        anchor,
+                    }
+                };
+                self.stack.push(frame);
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                let (value, anchor) = match self.stack.pop() {
+                    Some(Frame::Seq { items, anchor, .. }) => (Value::Array(items), anchor),
+                    Some(Frame::Map {
+                        entries, anchor, ..
+                    }) => (Value::Object(entries), anchor),
+                    None => return,
+                };
+                self.push_value(value, anchor);
+            }
+            Event::Nothing
+            | Event::StreamStart
+            | Event::StreamEnd
+            | Event::DocumentStart
+            | Event::DocumentEnd => {}
+        }
+    }
+}
+
+/// Resolves a scalar with YAML 1.2 core-schema rules: only plain scalars can be numbers,
+/// booleans or null.
+fn scalar(text: &str, style: TScalarStyle) -> Value {
+    if style != TScalarStyle::Plain {
+        return Value::String(text.to_string());
+    }
+    match Yaml::from_str(text) {
+        Yaml::Integer(i) => Value::Number(i.into()),
+        Yaml::Real(r) => r
+            .parse::<f64>()
+            .ok()
+            .and_then(Number::from_f64)
+            .map(Value::Number)
+            .unwrap_or_else(|| Value::String(text.to_string())),
+        Yaml::Boolean(b) => Value::Bool(b),
+        Yaml::Null => Value::Null,
+        _ => Value::String(text.to_string()),
+    }
+}
+
+/// Writes a JSON value as block-style YAML (used for the lock file).
+pub fn to_yaml(value: &Value) -> String {
+    let mut out = String::new();
+    let mut emitter = yaml_rust2::YamlEmitter::new(&mut out);
+    emitter
+        .dump(&to_yaml_node(value))
+        .expect("writing YAML to a String cannot fail");
+    // The emitter starts documents with `---`; a lock file reads better without it.
+    let body = out.strip_prefix("---\n").unwrap_or(&out);
+    format!("{body}\n")
+}
+
+fn to_yaml_node(value: &Value) -> Yaml {
+    match value {
+        Value::Null => Yaml::Null,
+        Value::Bool(b) => Yaml::Boolean(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Yaml::Integer(i),
+            None => Yaml::Real(n.to_string()),
+        },
+        Value::String(s) => Yaml::String(s.clone()),
+        Value::Array(items) => Yaml::Array(items.iter().map(to_yaml_node).collect()),
+        Value::Object(map) => Yaml::Hash(
+            map.iter()
+                .map(|(k, v)| (Yaml::String(k.clone()), to_yaml_node(v)))
+                .collect(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_are_one_based() {
+        let doc = parse("a: 1\nb:\n  - x\n  - {c: true}\n").unwrap();
+        assert_eq!(doc.value_pos("a"), Pos { line: 1, col: 4 });
+        assert_eq!(doc.key_pos("a"), Pos { line: 1, col: 1 });
+        assert_eq!(doc.value_pos("b[1].c"), Pos { line: 4, col: 8 });
+        assert_eq!(doc.value["b"][1]["c"], Value::Bool(true));
+    }
+
+    #[test]
+    fn quoted_scalars_stay_strings() {
+        let doc = parse("a: '42'\nb: 42\nc: ~\nd: 1.5\n").unwrap();
+        assert_eq!(doc.value["a"], Value::String("42".into()));
+        assert_eq!(doc.value["b"], Value::from(42));
+        assert_eq!(doc.value["c"], Value::Null);
+        assert_eq!(doc.value["d"], Value::from(1.5));
+    }
+
+    #[test]
+    fn duplicate_keys_are_errors() {
+        let err = parse("a: 1\na: 2\n").unwrap_err();
+        assert_eq!(err.pos, Pos { line: 2, col: 1 });
+    }
+}
