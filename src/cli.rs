@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cache::Cache;
-use crate::pipeline::exec::{self, Observer, Options, State, StageReport};
+use crate::pipeline::exec::{self, Observer, Options, StageReport, State};
 use crate::pipeline::graph::DagFormat;
 use crate::pipeline::{lock, spec, Pipeline};
 
@@ -26,7 +26,11 @@ pub mod exit {
 }
 
 #[derive(Parser)]
-#[command(name = "sentiflow", version, about = "Train, tune, track and serve sentiment models from YAML pipelines")]
+#[command(
+    name = "sentiflow",
+    version,
+    about = "Train, tune, track and serve sentiment models from YAML pipelines"
+)]
 struct Cli {
     /// Cache directory [default: <project root>/cache, or ./cache outside a pipeline].
     #[arg(long, global = true, env = "SENTIFLOW_CACHE_DIR")]
@@ -106,7 +110,11 @@ pub fn main() -> i32 {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { exit::INVALID } else { exit::OK };
+            return if e.use_stderr() {
+                exit::INVALID
+            } else {
+                exit::OK
+            };
         }
     };
     match dispatch(cli) {
@@ -132,7 +140,14 @@ fn open_cache(cli_dir: &Option<PathBuf>, root: &Path) -> anyhow::Result<Cache> {
 
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
-        Command::Run { file, stages, force, jobs, set, json } => {
+        Command::Run {
+            file,
+            stages,
+            force,
+            jobs,
+            set,
+            json,
+        } => {
             let p = match load(&file, &set) {
                 Ok(p) => p,
                 Err(code) => return Ok(code),
@@ -144,7 +159,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 }
             })?;
             let opts = Options {
-                jobs: jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
+                jobs: jobs.unwrap_or_else(|| {
+                    std::thread::available_parallelism()
+                        .map(|n| n.get())
+                        .unwrap_or(1)
+                }),
                 force,
                 targets: stages,
             };
@@ -217,7 +236,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let mut code = exit::OK;
             for file in &files {
                 match load(file, &[]) {
-                    Ok(p) => println!("ok: {} ({}, {} stages)", file.display(), p.name, p.stages.len()),
+                    Ok(p) => println!(
+                        "ok: {} ({}, {} stages)",
+                        file.display(),
+                        p.name,
+                        p.stages.len()
+                    ),
                     Err(c) => code = c,
                 }
             }
@@ -227,7 +251,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             print!("{}", spec::json_schema());
             Ok(exit::OK)
         }
-        Command::Cache { command: CacheCommand::Gc } => {
+        Command::Cache {
+            command: CacheCommand::Gc,
+        } => {
             let cwd = std::env::current_dir()?;
             let cache = open_cache(&cli.cache_dir, &cwd)?;
             let r = cache.gc()?;
@@ -262,7 +288,10 @@ impl Console {
             bar.enable_steady_tick(Duration::from_millis(100));
             bar
         });
-        Console { bar, running: Mutex::new(Vec::new()) }
+        Console {
+            bar,
+            running: Mutex::new(Vec::new()),
+        }
     }
 
     fn line(&self, text: &str) {
@@ -294,7 +323,11 @@ impl Observer for Console {
     fn finished(&self, r: &StageReport) {
         self.running.lock().unwrap().retain(|s| s != &r.name);
         let text = match r.state {
-            State::Ran => format!("ran      {} ({:.2}s)", r.name, r.duration_ms as f64 / 1000.0),
+            State::Ran => format!(
+                "ran      {} ({:.2}s)",
+                r.name,
+                r.duration_ms as f64 / 1000.0
+            ),
             State::Cached => format!("cached   {}", r.name),
             State::Failed => format!("FAILED   {}: {}", r.name, r.error.as_deref().unwrap_or("")),
             State::Skipped => format!("skipped  {}: {}", r.name, r.error.as_deref().unwrap_or("")),

@@ -135,8 +135,11 @@ impl Hasher {
                 return Ok(h.clone());
             }
         }
-        let hash = hash_reader(fs::File::open(path).map_err(|e| CacheError::io(path, e))?, None)
-            .map_err(|e| CacheError::io(path, e))?;
+        let hash = hash_reader(
+            fs::File::open(path).map_err(|e| CacheError::io(path, e))?,
+            None,
+        )
+        .map_err(|e| CacheError::io(path, e))?;
         self.remember(path, meta, &hash);
         Ok(hash)
     }
@@ -173,7 +176,10 @@ pub fn dir_artifact(rel: &str, files: BTreeMap<String, FileEntry>) -> Artifact {
 }
 
 /// Streams `reader` through SHA-256, copying it to `copy` when given.
-pub fn hash_reader(mut reader: impl Read, mut copy: Option<&mut dyn Write>) -> std::io::Result<String> {
+pub fn hash_reader(
+    mut reader: impl Read,
+    mut copy: Option<&mut dyn Write>,
+) -> std::io::Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

@@ -89,7 +89,10 @@ pub trait Observer: Sync {
 }
 
 fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Input hashes of stage `i`: its declared dependencies (hashed now) and the outputs of the
@@ -107,29 +110,41 @@ pub fn stage_inputs(
         }
     }
     for dep in p.stages[i].kind.stage().deps() {
-        let a = hasher.artifact(&p.root, &dep).map_err(|e| (dep.clone(), e))?;
+        let a = hasher
+            .artifact(&p.root, &dep)
+            .map_err(|e| (dep.clone(), e))?;
         inputs.insert(a.path, a.hash);
     }
     Ok(inputs)
 }
 
-/// The cache key of a stage: its kind, the kind's version, its parameters and its inputs.
-pub fn cache_key(p: &Pipeline, i: usize, inputs: &BTreeMap<String, String>) -> String {
-    let kind = &p.stages[i].kind;
+/// The cache key of a stage: a hash of its kind, the kind's implementation version, its
+/// parameters (key order ignored) and its inputs' hashes.
+pub fn cache_key(
+    kind: &str,
+    version: u32,
+    params: &Value,
+    inputs: &BTreeMap<String, String>,
+) -> String {
     let material = json!({
-        "kind": kind.name(),
-        "version": kind.stage().version(),
-        "params": canonical(&kind.params()),
+        "kind": kind,
+        "version": version,
+        "params": canonical(params),
         "inputs": inputs,
     });
-    sha256_hex(serde_json::to_string(&material).expect("keys serialize").as_bytes())
+    sha256_hex(
+        serde_json::to_string(&material)
+            .expect("keys serialize")
+            .as_bytes(),
+    )
 }
 
 /// `value` with every object's keys sorted, so equal parameters hash equally.
 pub fn canonical(value: &Value) -> Value {
     match value {
         Value::Object(m) => {
-            let sorted: BTreeMap<&String, Value> = m.iter().map(|(k, v)| (k, canonical(v))).collect();
+            let sorted: BTreeMap<&String, Value> =
+                m.iter().map(|(k, v)| (k, canonical(v))).collect();
             Value::Object(sorted.into_iter().map(|(k, v)| (k.clone(), v)).collect())
         }
         Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
@@ -153,12 +168,21 @@ pub fn run(
         })?;
         targets.push(i);
     }
-    let selected: BTreeSet<usize> =
-        if targets.is_empty() { (0..p.stages.len()).collect() } else { p.dag.with_ancestors(&targets) };
+    let selected: BTreeSet<usize> = if targets.is_empty() {
+        (0..p.stages.len()).collect()
+    } else {
+        p.dag.with_ancestors(&targets)
+    };
 
-    let mut waiting: BTreeMap<usize, usize> =
-        selected.iter().map(|&i| (i, p.dag.needs(i).filter(|n| selected.contains(n)).count())).collect();
-    let mut ready: VecDeque<usize> = waiting.iter().filter(|(_, &n)| n == 0).map(|(&i, _)| i).collect();
+    let mut waiting: BTreeMap<usize, usize> = selected
+        .iter()
+        .map(|&i| (i, p.dag.needs(i).filter(|n| selected.contains(n)).count()))
+        .collect();
+    let mut ready: VecDeque<usize> = waiting
+        .iter()
+        .filter(|(_, &n)| n == 0)
+        .map(|(&i, _)| i)
+        .collect();
     let mut reports: Vec<Option<StageReport>> = vec![None; p.stages.len()];
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.jobs.max(1))
@@ -166,6 +190,8 @@ pub fn run(
         .build()
         .expect("a thread pool can be built");
     let (tx, rx) = mpsc::channel::<(usize, StageReport)>();
+    let mut lock = lock::Writer::open(p);
+    let mut lock_error = None;
 
     pool.in_place_scope(|scope| {
         let mut running = 0usize;
@@ -195,11 +221,19 @@ pub fn run(
             let (i, report) = rx.recv().expect("workers send before exiting");
             running -= 1;
             obs.finished(&report);
+            if let Err(e) = lock.record(p, &report) {
+                lock_error.get_or_insert(e);
+            }
             let failed = matches!(report.state, State::Failed | State::Interrupted);
             let name = report.name.clone();
             reports[i] = Some(report);
             if failed {
-                for d in p.dag.dependents(i).into_iter().filter(|d| selected.contains(d)) {
+                for d in p
+                    .dag
+                    .dependents(i)
+                    .into_iter()
+                    .filter(|d| selected.contains(d))
+                {
                     if reports[d].is_none() {
                         waiting.remove(&d);
                         ready.retain(|&r| r != d);
@@ -233,14 +267,18 @@ pub fn run(
     let stages: Vec<StageReport> = reports.into_iter().flatten().collect();
     let report = Report {
         pipeline: p.name.clone(),
-        ok: stages.iter().all(|s| matches!(s.state, State::Ran | State::Cached)),
+        ok: stages
+            .iter()
+            .all(|s| matches!(s.state, State::Ran | State::Cached)),
         interrupted,
         stages,
     };
-    lock::update(p, &report).map_err(ExecError::Cache)?;
-    let keys: BTreeSet<String> = lock::read(p).stages.into_values().map(|s| s.key).collect();
+    if let Some(e) = lock_error {
+        return Err(e.into());
+    }
+    lock.flush()?;
     let pipeline_file = std::path::absolute(&p.file).unwrap_or_else(|_| p.file.clone());
-    cache.record_usage(&pipeline_file, &keys)?;
+    cache.record_usage(&pipeline_file, &lock.keys())?;
     cache.hasher.save()?;
     Ok(report)
 }
@@ -285,7 +323,8 @@ fn run_stage(
         Ok(inputs) => inputs,
         Err((dep, e)) => return fail(report, State::Failed, format!("dependency `{dep}`: {e}")),
     };
-    let key = cache_key(p, i, &inputs);
+    let kind = &stage.kind;
+    let key = cache_key(kind.name(), kind.stage().version(), &kind.params(), &inputs);
     report.inputs = inputs;
     report.key = Some(key.clone());
 
@@ -317,7 +356,12 @@ fn run_stage(
     }
     let upstream_paths: BTreeMap<String, Vec<PathBuf>> = upstream
         .iter()
-        .map(|(n, outs)| (n.clone(), outs.iter().map(|a| p.root.join(&a.path)).collect()))
+        .map(|(n, outs)| {
+            (
+                n.clone(),
+                outs.iter().map(|a| p.root.join(&a.path)).collect(),
+            )
+        })
         .collect();
     let log = |line: &str| obs.log(&stage.name, line);
     let ctx = Context {
@@ -332,11 +376,17 @@ fn run_stage(
     report.duration_ms = clock.elapsed().as_millis() as u64;
     let metrics = match result {
         Ok(m) => m,
-        Err(StageError::Cancelled) => return fail(report, State::Interrupted, "interrupted".into()),
+        Err(StageError::Cancelled) => {
+            return fail(report, State::Interrupted, "interrupted".into())
+        }
         Err(e) => return fail(report, State::Failed, e.to_string()),
     };
     if let Some(missing) = outs.iter().find(|o| !p.root.join(o).exists()) {
-        return fail(report, State::Failed, format!("the stage finished without writing its output `{missing}`"));
+        return fail(
+            report,
+            State::Failed,
+            format!("the stage finished without writing its output `{missing}`"),
+        );
     }
     let artifacts = match cache.store(&p.root, &outs) {
         Ok(a) => a,
@@ -350,7 +400,11 @@ fn run_stage(
         duration_ms: report.duration_ms,
     };
     if let Err(e) = cache.record(&key, &entry) {
-        return fail(report, State::Failed, format!("recording the cache entry: {e}"));
+        return fail(
+            report,
+            State::Failed,
+            format!("recording the cache entry: {e}"),
+        );
     }
     report.state = State::Ran;
     report.outs = entry.outs;
@@ -368,4 +422,40 @@ fn prepare_outputs(p: &Pipeline, outs: &[String]) -> Result<(), CacheError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_changes_when_and_only_when_its_material_changes() {
+        let inputs: BTreeMap<String, String> = [("data/x".to_string(), "aa".to_string())].into();
+        let params = json!({"run": "echo", "outs": ["a", "b"]});
+        let base = cache_key("command", 1, &params, &inputs);
+        assert_eq!(
+            base,
+            cache_key(
+                "command",
+                1,
+                &json!({"outs": ["a", "b"], "run": "echo"}),
+                &inputs
+            )
+        );
+        assert_ne!(base, cache_key("train", 1, &params, &inputs));
+        assert_ne!(base, cache_key("command", 2, &params, &inputs));
+        assert_ne!(
+            base,
+            cache_key(
+                "command",
+                1,
+                &json!({"run": "echo", "outs": ["b", "a"]}),
+                &inputs
+            )
+        );
+        let changed: BTreeMap<String, String> = [("data/x".to_string(), "ab".to_string())].into();
+        assert_ne!(base, cache_key("command", 1, &params, &changed));
+        let renamed: BTreeMap<String, String> = [("data/y".to_string(), "aa".to_string())].into();
+        assert_ne!(base, cache_key("command", 1, &params, &renamed));
+    }
 }

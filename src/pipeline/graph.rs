@@ -21,7 +21,10 @@ impl Dag {
         let nodes: Vec<NodeIndex> = (0..stages.len()).map(|i| graph.add_node(i)).collect();
         for (i, s) in stages.iter().enumerate() {
             for need in &s.needs {
-                let j = stages.iter().position(|t| &t.name == need).expect("needs are validated");
+                let j = stages
+                    .iter()
+                    .position(|t| &t.name == need)
+                    .expect("needs are validated");
                 graph.add_edge(nodes[j], nodes[i], ());
             }
         }
@@ -90,7 +93,12 @@ impl Dag {
         let edges: Vec<(&str, &str)> = self
             .graph
             .edge_references()
-            .map(|e| (stages[self.graph[e.source()]].name.as_str(), stages[self.graph[e.target()]].name.as_str()))
+            .map(|e| {
+                (
+                    stages[self.graph[e.source()]].name.as_str(),
+                    stages[self.graph[e.target()]].name.as_str(),
+                )
+            })
             .collect();
         let mut out = String::new();
         match format {
@@ -116,7 +124,11 @@ impl Dag {
             DagFormat::Dot => {
                 out.push_str("digraph pipeline {\n    rankdir=TB;\n");
                 for s in stages {
-                    out.push_str(&format!("    \"{0}\" [label=\"{0}\\n{1}\"];\n", s.name, s.kind.name()));
+                    out.push_str(&format!(
+                        "    \"{0}\" [label=\"{0}\\n{1}\"];\n",
+                        s.name,
+                        s.kind.name()
+                    ));
                 }
                 for (a, b) in edges {
                     out.push_str(&format!("    \"{a}\" -> \"{b}\";\n"));

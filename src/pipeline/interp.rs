@@ -28,9 +28,10 @@ pub fn interpolate(
             }
             Ok(())
         }
-        Value::Array(items) => items.iter_mut().enumerate().try_for_each(|(i, v)| {
-            interpolate(v, &index_path(path, i), params, env)
-        }),
+        Value::Array(items) => items
+            .iter_mut()
+            .enumerate()
+            .try_for_each(|(i, v)| interpolate(v, &index_path(path, i), params, env)),
         Value::Object(map) => map
             .iter_mut()
             .try_for_each(|(k, v)| interpolate(v, &child_path(path, k), params, env)),
@@ -122,7 +123,10 @@ mod tests {
     use serde_json::json;
 
     fn params() -> Map<String, Value> {
-        json!({"greeting": "hi", "seed": 42}).as_object().unwrap().clone()
+        json!({"greeting": "hi", "seed": 42})
+            .as_object()
+            .unwrap()
+            .clone()
     }
 
     fn env(name: &str) -> Option<String> {
@@ -131,7 +135,8 @@ mod tests {
 
     #[test]
     fn whole_string_keeps_type() {
-        let mut v = json!({"seed": "${params.seed}", "msg": "say ${params.greeting} ${params.seed}"});
+        let mut v =
+            json!({"seed": "${params.seed}", "msg": "say ${params.greeting} ${params.seed}"});
         interpolate(&mut v, "with", &params(), &env).unwrap();
         assert_eq!(v, json!({"seed": 42, "msg": "say hi 42"}));
     }

@@ -7,7 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::exec::{canonical, stage_inputs, Report, State};
+use super::exec::{canonical, stage_inputs, StageReport, State};
 use super::{lock_path, yaml, Pipeline};
 use crate::cache::{write_atomic, Artifact, CacheError, Hasher};
 use crate::stages::Metrics;
@@ -32,7 +32,8 @@ pub struct LockedStage {
     pub metrics: Metrics,
 }
 
-const HEADER: &str = "# Written by `sentiflow run`: the inputs, parameters and outputs of each stage's last run.\n";
+const HEADER: &str =
+    "# Written by `sentiflow run`: the inputs, parameters and outputs of each stage's last run.\n";
 
 /// The pipeline's lock file, or an empty one when there is none or it cannot be read.
 pub fn read(p: &Pipeline) -> LockFile {
@@ -43,46 +44,70 @@ pub fn read(p: &Pipeline) -> LockFile {
         .unwrap_or_default()
 }
 
-/// Records the stages that ran or were restored; keeps the entries of stages not run this time
-/// and drops those of stages no longer in the pipeline. Writes only when something changed.
-pub fn update(p: &Pipeline, report: &Report) -> Result<(), CacheError> {
-    let old = read(p);
-    let mut lock = LockFile {
-        pipeline: p.name.clone(),
-        stages: old
-            .stages
-            .into_iter()
-            .filter(|(name, _)| p.stage(name).is_some())
-            .collect(),
-    };
-    for r in &report.stages {
-        if !matches!(r.state, State::Ran | State::Cached) {
-            continue;
+/// Keeps the lock file up to date while a pipeline runs: each stage that finishes is recorded at
+/// once, so a run killed halfway still leaves an accurate lock file.
+pub struct Writer {
+    path: std::path::PathBuf,
+    lock: LockFile,
+    written: String,
+}
+
+impl Writer {
+    /// Starts from the current lock file, without the stages no longer in the pipeline.
+    pub fn open(p: &Pipeline) -> Writer {
+        let path = lock_path(&p.file);
+        let written = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut lock = read(p);
+        lock.pipeline = p.name.clone();
+        lock.stages.retain(|name, _| p.stage(name).is_some());
+        Writer {
+            path,
+            lock,
+            written,
         }
-        let kind = &p.stage(&r.name).expect("reports name stages").kind;
-        lock.stages.insert(
-            r.name.clone(),
-            LockedStage {
-                kind: kind.name().to_string(),
-                version: kind.stage().version(),
-                key: r.key.clone().unwrap_or_default(),
-                params: canonical(&kind.params()),
-                inputs: r.inputs.clone(),
-                outs: r.outs.iter().map(|a| (a.path.clone(), a.hash.clone())).collect(),
-                duration_ms: r.duration_ms,
-                metrics: r.metrics.clone(),
-            },
-        );
     }
-    let text = format!(
-        "{HEADER}{}",
-        yaml::to_yaml(&serde_json::to_value(&lock).expect("lock files serialize"))
-    );
-    let path = lock_path(&p.file);
-    if std::fs::read_to_string(&path).ok().as_deref() == Some(text.as_str()) {
-        return Ok(());
+
+    /// Records a stage that ran or was restored (others keep their last entry), and writes the
+    /// file if its text changed.
+    pub fn record(&mut self, p: &Pipeline, r: &StageReport) -> Result<(), CacheError> {
+        if matches!(r.state, State::Ran | State::Cached) {
+            let kind = &p.stage(&r.name).expect("reports name stages").kind;
+            self.lock.stages.insert(
+                r.name.clone(),
+                LockedStage {
+                    kind: kind.name().to_string(),
+                    version: kind.stage().version(),
+                    key: r.key.clone().unwrap_or_default(),
+                    params: canonical(&kind.params()),
+                    inputs: r.inputs.clone(),
+                    outs: r
+                        .outs
+                        .iter()
+                        .map(|a| (a.path.clone(), a.hash.clone()))
+                        .collect(),
+                    duration_ms: r.duration_ms,
+                    metrics: r.metrics.clone(),
+                },
+            );
+        }
+        self.flush()
     }
-    write_atomic(&path, text.as_bytes())
+
+    /// Writes the file if its text changed (it also drops stages no longer in the pipeline).
+    pub fn flush(&mut self) -> Result<(), CacheError> {
+        let value = serde_json::to_value(&self.lock).expect("lock files serialize");
+        let text = format!("{HEADER}{}", yaml::to_yaml(&value));
+        if text != self.written {
+            write_atomic(&self.path, text.as_bytes())?;
+            self.written = text;
+        }
+        Ok(())
+    }
+
+    /// The cache keys of every recorded stage.
+    pub fn keys(&self) -> std::collections::BTreeSet<String> {
+        self.lock.stages.values().map(|s| s.key.clone()).collect()
+    }
 }
 
 /// Why a stage would run again, or that it would not.
@@ -107,9 +132,13 @@ impl fmt::Display for Staleness {
             Staleness::CodeChanged { locked, current } => {
                 write!(f, "stale: code changed (version {locked} -> {current})")
             }
-            Staleness::ParamsChanged { params } => write!(f, "stale: params changed ({})", params.join(", ")),
+            Staleness::ParamsChanged { params } => {
+                write!(f, "stale: params changed ({})", params.join(", "))
+            }
             Staleness::InputChanged { path } => write!(f, "stale: input changed ({path})"),
-            Staleness::UpstreamStale { stage } => write!(f, "stale: upstream stage `{stage}` is stale"),
+            Staleness::UpstreamStale { stage } => {
+                write!(f, "stale: upstream stage `{stage}` is stale")
+            }
             Staleness::OutputMissing { path } => write!(f, "stale: output missing ({path})"),
             Staleness::OutputModified { path } => write!(f, "stale: output modified ({path})"),
         }
@@ -128,14 +157,25 @@ pub fn status(p: &Pipeline, hasher: &Hasher) -> Vec<(String, Staleness)> {
             };
             let version = s.kind.stage().version();
             if locked.version != version {
-                return Staleness::CodeChanged { locked: locked.version, current: version };
+                return Staleness::CodeChanged {
+                    locked: locked.version,
+                    current: version,
+                };
             }
             let params = canonical(&s.kind.params());
             if params != locked.params {
-                return Staleness::ParamsChanged { params: changed_keys(&locked.params, &params) };
+                return Staleness::ParamsChanged {
+                    params: changed_keys(&locked.params, &params),
+                };
             }
-            if let Some(n) = p.dag.needs(i).find(|n| result.get(n) != Some(&Staleness::UpToDate)) {
-                return Staleness::UpstreamStale { stage: p.stages[n].name.clone() };
+            if let Some(n) = p
+                .dag
+                .needs(i)
+                .find(|n| result.get(n) != Some(&Staleness::UpToDate))
+            {
+                return Staleness::UpstreamStale {
+                    stage: p.stages[n].name.clone(),
+                };
             }
             let upstream: BTreeMap<String, Vec<Artifact>> = p
                 .dag
@@ -145,7 +185,12 @@ pub fn status(p: &Pipeline, hasher: &Hasher) -> Vec<(String, Staleness)> {
                     let outs = lock.stages[name]
                         .outs
                         .iter()
-                        .map(|(path, hash)| Artifact { path: path.clone(), hash: hash.clone(), size: 0, files: None })
+                        .map(|(path, hash)| Artifact {
+                            path: path.clone(),
+                            hash: hash.clone(),
+                            size: 0,
+                            files: None,
+                        })
                         .collect();
                     (name.clone(), outs)
                 })
@@ -158,14 +203,22 @@ pub fn status(p: &Pipeline, hasher: &Hasher) -> Vec<(String, Staleness)> {
                 .iter()
                 .find(|(k, v)| locked.inputs.get(*k) != Some(v))
                 .map(|(k, _)| k.clone())
-                .or_else(|| locked.inputs.keys().find(|k| !inputs.contains_key(*k)).cloned())
+                .or_else(|| {
+                    locked
+                        .inputs
+                        .keys()
+                        .find(|k| !inputs.contains_key(*k))
+                        .cloned()
+                })
             {
                 return Staleness::InputChanged { path };
             }
             for (path, hash) in &locked.outs {
                 match hasher.artifact(&p.root, path) {
                     Err(_) => return Staleness::OutputMissing { path: path.clone() },
-                    Ok(a) if &a.hash != hash => return Staleness::OutputModified { path: path.clone() },
+                    Ok(a) if &a.hash != hash => {
+                        return Staleness::OutputModified { path: path.clone() }
+                    }
                     Ok(_) => {}
                 }
             }
@@ -173,7 +226,11 @@ pub fn status(p: &Pipeline, hasher: &Hasher) -> Vec<(String, Staleness)> {
         })();
         result.insert(i, state);
     }
-    p.dag.topo_order().into_iter().map(|i| (p.stages[i].name.clone(), result[&i].clone())).collect()
+    p.dag
+        .topo_order()
+        .into_iter()
+        .map(|i| (p.stages[i].name.clone(), result[&i].clone()))
+        .collect()
 }
 
 fn changed_keys(old: &Value, new: &Value) -> Vec<String> {

@@ -98,10 +98,25 @@ pub fn parse(src: &str) -> Result<Document, SyntaxError> {
         return Err(err);
     }
     let value = builder.root.unwrap_or(Value::Null);
-    Ok(Document {
-        value,
-        spans: builder.spans,
-    })
+    let mut spans = builder.spans;
+    // A block mapping's start event is marked after its first key; the document's own position
+    // reads better as that first key's.
+    if let Value::Object(map) = &value {
+        let first = map
+            .keys()
+            .filter_map(|k| spans.get(k.as_str()).and_then(|s| s.key))
+            .min_by_key(|p| (p.line, p.col));
+        if let Some(pos) = first {
+            spans.insert(
+                String::new(),
+                Span {
+                    key: None,
+                    value: pos,
+                },
+            );
+        }
+    }
+    Ok(Document { value, spans })
 }
 
 enum Frame {
@@ -133,10 +148,12 @@ impl Builder {
         match self.stack.last() {
             None => (String::new(), None),
             Some(Frame::Seq { path, items, .. }) => (index_path(path, items.len()), None),
-            Some(Frame::Map { path, key, .. }) => match key {
-                Some((k, pos)) => (child_path(path, k), Some(*pos)),
-                None => (String::new(), None),
-            },
+            Some(Frame::Map {
+                path,
+                key: Some((k, pos)),
+                ..
+            }) => (child_path(path, k), Some(*pos)),
+            Some(Frame::Map { key: None, .. }) => (String::new(), None),
         }
     }
 
@@ -297,7 +314,7 @@ mod tests {
         let doc = parse("a: 1\nb:\n  - x\n  - {c: true}\n").unwrap();
         assert_eq!(doc.value_pos("a"), Pos { line: 1, col: 4 });
         assert_eq!(doc.key_pos("a"), Pos { line: 1, col: 1 });
-        assert_eq!(doc.value_pos("b[1].c"), Pos { line: 4, col: 8 });
+        assert_eq!(doc.value_pos("b[1].c"), Pos { line: 4, col: 9 });
         assert_eq!(doc.value["b"][1]["c"], Value::Bool(true));
     }
 

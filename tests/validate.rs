@@ -1,0 +1,161 @@
+//! Pipeline validation: every broken pipeline exits 2 and points at the right `file:line:col`.
+
+mod common;
+
+use std::path::Path;
+
+use common::{Project, BIN};
+
+fn validate(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(BIN)
+        .arg("validate")
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("SENTIFLOW_TEST_SURELY_UNSET")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Each file in tests/pipelines/invalid starts with `# expect: LINE:COL: MESSAGE`.
+#[test]
+fn broken_pipelines_exit_2_with_their_location() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pipelines/invalid");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 20, "only {} broken pipelines", files.len());
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} has no `# expect:` line", file.display()));
+        let rel = format!(
+            "tests/pipelines/invalid/{}",
+            file.file_name().unwrap().to_string_lossy()
+        );
+        let (code, _, stderr) = validate(&[&rel]);
+        assert_eq!(code, 2, "{rel}: exit code\n{stderr}");
+        let wanted = format!("error: {rel}:{expect}");
+        assert!(
+            stderr.starts_with(&wanted),
+            "{rel}:\nwanted: {wanted}\ngot:    {stderr}"
+        );
+    }
+}
+
+#[test]
+fn valid_pipelines_pass() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    for dir in ["pipelines", "tests/pipelines/valid"] {
+        for e in std::fs::read_dir(root.join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "yaml") {
+                files.push(p.strip_prefix(root).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    assert!(!files.is_empty());
+    let args: Vec<&str> = files.iter().map(String::as_str).collect();
+    let (code, stdout, stderr) = validate(&args);
+    assert_eq!(code, 0, "{stderr}");
+    for f in &files {
+        assert!(
+            stdout.contains(&format!("ok: {f}")),
+            "{f} not reported valid:\n{stdout}"
+        );
+    }
+}
+
+#[test]
+fn several_problems_are_reported_together() {
+    let p = Project::new();
+    let file = p.pipeline(
+        "name: demo\nstages:\n  a: {uses: nope, with: {}}\n  b: {uses: command, needs: [zz], with: {run: 'true'}}\n",
+    );
+    let r = p.sentiflow(&["validate", file.to_str().unwrap()]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains("p.yaml:3:13: unknown stage kind `nope`"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains("p.yaml:4:30: stage `b` needs unknown stage `zz`"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn bad_set_overrides_exit_2() {
+    let p = Project::new();
+    let file = p.pipeline("name: demo\nparams: {greeting: hi}\nstages:\n  a: {uses: command, with: {run: 'echo ${params.greeting}'}}\n");
+    let f = file.to_str().unwrap();
+    let r = p.sentiflow(&["run", f, "--set", "greting=yo"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr.contains(
+            "p.yaml:2:1: bad --set `greting=yo`: the pipeline declares no parameter `greting`"
+        ),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("declared parameters: greeting"));
+    let r = p.sentiflow(&["run", f, "--set", "greeting"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr
+            .contains("bad --set `greeting`: expected NAME=VALUE"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn unknown_target_stage_and_missing_file_exit_2() {
+    let p = Project::new();
+    let file = p.pipeline("name: demo\nstages:\n  a: {uses: command, with: {run: 'true'}}\n");
+    let r = p.sentiflow(&["run", file.to_str().unwrap(), "--stage", "b"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("unknown stage `b`"), "{}", r.stderr);
+    let r = p.sentiflow(&["validate", "pipelines/missing.yaml"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr
+            .contains("pipelines/missing.yaml:1:1: cannot read file"),
+        "{}",
+        r.stderr
+    );
+    let r = p.sentiflow(&["run"]);
+    assert_eq!(r.code, 2, "usage errors exit 2");
+}
+
+#[test]
+fn committed_schema_matches_the_types() {
+    let out = std::process::Command::new(BIN)
+        .arg("schema")
+        .output()
+        .unwrap();
+    let generated = String::from_utf8(out.stdout).unwrap();
+    let committed = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/schema.json"),
+    )
+    .unwrap();
+    assert_eq!(
+        generated, committed,
+        "run `sentiflow schema > pipelines/schema.json`"
+    );
+    let schema: serde_json::Value = serde_json::from_str(&generated).unwrap();
+    assert!(schema["properties"]["stages"].is_object());
+}
