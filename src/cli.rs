@@ -9,7 +9,10 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+use anyhow::Context as _;
+
 use crate::cache::Cache;
+use crate::models::bundle::Bundle;
 use crate::pipeline::exec::{self, Observer, Options, StageReport, State};
 use crate::pipeline::graph::DagFormat;
 use crate::pipeline::{lock, spec, Pipeline};
@@ -81,6 +84,17 @@ enum Command {
     },
     /// Print the JSON Schema of pipeline files.
     Schema,
+    /// Score reviews with a model bundle; prints one JSON object per line.
+    Predict {
+        /// The bundle directory (e.g. models/tfidf).
+        #[arg(long)]
+        model: PathBuf,
+        /// JSON Lines of `{"id": …, "text": …}` (`-` for standard input).
+        #[arg(long, conflicts_with = "texts")]
+        input: Option<PathBuf>,
+        /// Texts to score.
+        texts: Vec<String>,
+    },
     /// Manage the cache.
     Cache {
         #[command(subcommand)]
@@ -247,6 +261,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(code)
         }
+        Command::Predict {
+            model,
+            input,
+            texts,
+        } => predict(&model, input.as_deref(), &texts),
         Command::Schema => {
             print!("{}", spec::json_schema());
             Ok(exit::OK)
@@ -268,6 +287,74 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(exit::OK)
         }
     }
+}
+
+fn predict(model: &Path, input: Option<&Path>, texts: &[String]) -> anyhow::Result<i32> {
+    use std::io::{BufRead, Write};
+    let bundle = match Bundle::load(model) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(exit::INVALID);
+        }
+    };
+    let mut rows: Vec<(serde_json::Value, String)> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| ((i + 1).into(), t.clone()))
+        .collect();
+    if let Some(path) = input {
+        let reader: Box<dyn BufRead> = if path == Path::new("-") {
+            Box::new(std::io::stdin().lock())
+        } else {
+            match std::fs::File::open(path) {
+                Ok(f) => Box::new(std::io::BufReader::new(f)),
+                Err(e) => {
+                    eprintln!("error: {}: {e}", path.display());
+                    return Ok(exit::INVALID);
+                }
+            }
+        };
+        for (n, line) in reader.lines().enumerate() {
+            let line = line.with_context(|| format!("{}:{}", path.display(), n + 1))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let parsed: serde_json::Value = match serde_json::from_str(&line) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprintln!("error: {}:{}: invalid JSON: {e}", path.display(), n + 1);
+                    return Ok(exit::INVALID);
+                }
+            };
+            let Some(text) = parsed["text"].as_str() else {
+                eprintln!(
+                    "error: {}:{}: missing string field `text`",
+                    path.display(),
+                    n + 1
+                );
+                return Ok(exit::INVALID);
+            };
+            let id = if parsed["id"].is_null() {
+                (n + 1).into()
+            } else {
+                parsed["id"].clone()
+            };
+            rows.push((id, text.to_string()));
+        }
+    }
+    if rows.is_empty() {
+        eprintln!("error: nothing to score: give texts or --input FILE.jsonl");
+        return Ok(exit::INVALID);
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for (id, text) in rows {
+        let p = bundle.model.predict(&text);
+        let line = serde_json::json!({"id": id, "label": p.label, "score": p.score});
+        writeln!(out, "{line}")?;
+    }
+    out.flush()?;
+    Ok(exit::OK)
 }
 
 /// Shows progress: a bar on a terminal, one line per event otherwise.

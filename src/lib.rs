@@ -2,5 +2,8 @@
 
 pub mod cache;
 pub mod cli;
+pub mod data;
+pub mod models;
 pub mod pipeline;
 pub mod stages;
+pub mod text;

@@ -2,7 +2,6 @@
 //! pool of `jobs` threads; unchanged stages are restored from the cache instead of run.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -12,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::{lock, Pipeline};
 use crate::cache::{clear_outputs, sha256_hex, Artifact, Cache, CacheError, Hasher, RunEntry};
-use crate::stages::{Context, Metrics, StageError};
+use crate::stages::{Context, Metrics, StageError, Upstream};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -319,6 +318,10 @@ fn run_stage(
         r
     };
 
+    let log = |line: &str| obs.log(&stage.name, line);
+    if let Err(e) = stage.kind.stage().prepare(&p.root, &log) {
+        return fail(report, State::Failed, e.to_string());
+    }
     let inputs = match stage_inputs(p, i, &cache.hasher, upstream) {
         Ok(inputs) => inputs,
         Err((dep, e)) => return fail(report, State::Failed, format!("dependency `{dep}`: {e}")),
@@ -354,20 +357,27 @@ fn run_stage(
     if let Err(e) = prepare_outputs(p, &outs) {
         return fail(report, State::Failed, format!("preparing outputs: {e}"));
     }
-    let upstream_paths: BTreeMap<String, Vec<PathBuf>> = upstream
-        .iter()
-        .map(|(n, outs)| {
-            (
-                n.clone(),
-                outs.iter().map(|a| p.root.join(&a.path)).collect(),
-            )
+    let needed: Vec<Upstream> = p
+        .dag
+        .needs(i)
+        .map(|n| {
+            let s = &p.stages[n];
+            Upstream {
+                name: s.name.clone(),
+                kind: s.kind.name(),
+                outs: upstream[&s.name]
+                    .iter()
+                    .map(|a| p.root.join(&a.path))
+                    .collect(),
+            }
         })
         .collect();
-    let log = |line: &str| obs.log(&stage.name, line);
     let ctx = Context {
         root: &p.root,
+        pipeline: &p.name,
         stage: &stage.name,
-        upstream: &upstream_paths,
+        upstream: &needed,
+        inputs: &report.inputs,
         cancel,
         log: &log,
     };

@@ -37,11 +37,15 @@ impl Dag {
         Ok(Dag { graph })
     }
 
-    /// Indices of the stages `i` needs directly.
+    /// Indices of the stages `i` needs directly, in file order.
     pub fn needs(&self, i: usize) -> impl Iterator<Item = usize> + '_ {
-        self.graph
+        let mut needs: Vec<usize> = self
+            .graph
             .neighbors_directed(NodeIndex::new(i), Direction::Incoming)
             .map(|n| self.graph[n])
+            .collect();
+        needs.sort_unstable();
+        needs.into_iter()
     }
 
     /// Indices of the stages that need `i`, directly or not.

@@ -342,7 +342,7 @@ impl Checker<'_> {
         interp::interpolate(&mut with, &with_path, params, env).map_err(|e| {
             Diagnostic::new(self.file, self.doc.value_pos(&e.path), e.message).hint(e.hint)
         })?;
-        let tagged = serde_json::json!({"uses": raw.uses, "with": with});
+        let tagged = serde_json::json!({"uses": raw.uses, "with": with.clone()});
         let kind: StageKind = self.typed(tagged, path).map_err(|mut d| {
             if d.message.contains("unknown variant") {
                 d.pos = self.doc.value_pos(&child_path(path, "uses"));
@@ -350,6 +350,32 @@ impl Checker<'_> {
                 d.hint = Some(format!("known kinds: {}", crate::stages::KINDS.join(", ")));
             }
             d
+        })?;
+        // Kinds that flatten shared settings cannot reject unknown fields through serde; every
+        // kind serializes all its fields, so a key that does not come back is unknown.
+        if let (Value::Object(given), Value::Object(known)) = (&with, kind.params()) {
+            if let Some(key) = given.keys().find(|k| !known.contains_key(*k)) {
+                let mut fields: Vec<&String> = known.keys().collect();
+                fields.sort();
+                let list = fields
+                    .iter()
+                    .map(|f| format!("`{f}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                return Err(Diagnostic::new(
+                    self.file,
+                    self.doc.key_pos(&child_path(&with_path, key)),
+                    format!("unknown field `{key}` in {with_path}"),
+                )
+                .hint(format!("expected one of {list}")));
+            }
+        }
+        kind.stage().check().map_err(|e| {
+            Diagnostic::new(
+                self.file,
+                self.doc.key_pos(&with_path),
+                format!("stage `{name}`: {e}"),
+            )
         })?;
         Ok(Stage {
             name: name.to_string(),

@@ -1,7 +1,14 @@
 //! Stage kinds: what a stage of each `uses:` value does. Every kind implements [`Stage`]; the
 //! engine only knows that trait, so adding a kind means adding a variant to [`StageKind`].
 
+mod clean;
 mod command;
+mod export;
+mod load;
+mod split;
+mod train;
+mod tune;
+mod vectorize;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -11,19 +18,38 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use clean::Clean;
 pub use command::Command;
+pub use export::Export;
+pub use load::Load;
+pub use split::Split;
+pub use train::Train;
+pub use tune::Tune;
+pub use vectorize::Vectorize;
 
 /// Numbers a stage reports (accuracy, row counts, …), recorded in the lock file.
 pub type Metrics = Map<String, Value>;
+
+/// A finished stage that the running one needs.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub name: String,
+    pub kind: &'static str,
+    /// Absolute paths of its outputs.
+    pub outs: Vec<PathBuf>,
+}
 
 /// What a running stage may use from the engine.
 pub struct Context<'a> {
     /// The project root; relative paths in parameters are relative to it.
     pub root: &'a Path,
+    pub pipeline: &'a str,
     /// The stage's name in the pipeline.
     pub stage: &'a str,
-    /// Output paths of the stages this one needs, by stage name.
-    pub upstream: &'a BTreeMap<String, Vec<PathBuf>>,
+    /// The stages this one needs, finished.
+    pub upstream: &'a [Upstream],
+    /// Input path → content hash: what the stage's cache key covers.
+    pub inputs: &'a BTreeMap<String, String>,
     /// Set when the run is being interrupted; long work checks it and returns `Cancelled`.
     pub cancel: &'a AtomicBool,
     /// Writes one line to the stage's log.
@@ -33,6 +59,56 @@ pub struct Context<'a> {
 impl Context<'_> {
     pub fn path(&self, relative: &str) -> PathBuf {
         self.root.join(relative)
+    }
+
+    /// The needed stages of one of `kinds`.
+    pub fn upstream_of(&self, kinds: &[&str]) -> Vec<&Upstream> {
+        self.upstream
+            .iter()
+            .filter(|u| kinds.contains(&u.kind))
+            .collect()
+    }
+
+    /// The one needed stage of one of `kinds`; an error names what is missing or ambiguous.
+    pub fn single_upstream(&self, kinds: &[&str]) -> Result<&Upstream, StageError> {
+        match self.upstream_of(kinds).as_slice() {
+            [one] => Ok(one),
+            [] => Err(StageError::Invalid(format!(
+                "stage `{}` must need a stage of kind {}",
+                self.stage,
+                kinds.join(" or ")
+            ))),
+            many => Err(StageError::Invalid(format!(
+                "stage `{}` needs several stages of kind {} ({}); it takes exactly one",
+                self.stage,
+                kinds.join(" or "),
+                many.iter()
+                    .map(|u| u.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    /// The first output of the one needed stage of one of `kinds`.
+    pub fn input(&self, kinds: &[&str]) -> Result<PathBuf, StageError> {
+        let up = self.single_upstream(kinds)?;
+        up.outs
+            .first()
+            .cloned()
+            .ok_or_else(|| StageError::Invalid(format!("stage `{}` has no output", up.name)))
+    }
+
+    pub fn info(&self, line: &str) {
+        (self.log)(line)
+    }
+
+    pub fn check_cancel(&self) -> Result<(), StageError> {
+        if self.cancel.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(StageError::Cancelled)
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -50,6 +126,12 @@ pub enum StageError {
     Cancelled,
     #[error("{0}")]
     Invalid(String),
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Vectorizer(#[from] crate::models::tfidf::TfidfError),
+    #[error(transparent)]
+    Bundle(#[from] crate::models::bundle::BundleError),
 }
 
 impl StageError {
@@ -70,12 +152,29 @@ pub trait Stage {
     fn deps(&self) -> Vec<String>;
     /// Files and directories the stage writes, relative to the project root.
     fn outs(&self) -> Vec<String>;
+    /// Checks parameters that serde cannot (run when the pipeline is validated).
+    fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Makes the dependencies available before they are hashed (e.g. downloads a data set).
+    fn prepare(&self, _root: &Path, _log: &(dyn Fn(&str) + Sync)) -> Result<(), StageError> {
+        Ok(())
+    }
     /// Does the work. Outputs must exist under `outs()` when it returns `Ok`.
     fn run(&self, ctx: &Context) -> Result<Metrics, StageError>;
 }
 
 /// The names accepted by `uses:`.
-pub const KINDS: &[&str] = &["command"];
+pub const KINDS: &[&str] = &[
+    "command",
+    "load",
+    "clean",
+    "split",
+    "vectorize",
+    "tune",
+    "train",
+    "export",
+];
 
 /// Every stage kind, selected by `uses:` with its parameters under `with:`.
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
@@ -83,18 +182,46 @@ pub const KINDS: &[&str] = &["command"];
 pub enum StageKind {
     /// A shell command with declared dependencies and outputs.
     Command(Command),
+    /// Reads reviews (IMDB layout, CSV, JSONL, Parquet) into a Parquet table.
+    Load(Load),
+    /// Normalises review text and drops duplicates and out-of-bounds lengths.
+    Clean(Clean),
+    /// Stratified train/validation split.
+    Split(Split),
+    /// Fits TF-IDF on the training part and transforms both parts.
+    Vectorize(Vectorize),
+    /// Searches model hyper-parameters by stratified k-fold cross-validation.
+    Tune(Tune),
+    /// Fits the chosen model and scores it on the validation part.
+    Train(Train),
+    /// Writes a self-contained model bundle.
+    Export(Export),
 }
 
 impl StageKind {
     pub fn name(&self) -> &'static str {
         match self {
             StageKind::Command(_) => "command",
+            StageKind::Load(_) => "load",
+            StageKind::Clean(_) => "clean",
+            StageKind::Split(_) => "split",
+            StageKind::Vectorize(_) => "vectorize",
+            StageKind::Tune(_) => "tune",
+            StageKind::Train(_) => "train",
+            StageKind::Export(_) => "export",
         }
     }
 
     pub fn stage(&self) -> &dyn Stage {
         match self {
             StageKind::Command(s) => s,
+            StageKind::Load(s) => s,
+            StageKind::Clean(s) => s,
+            StageKind::Split(s) => s,
+            StageKind::Vectorize(s) => s,
+            StageKind::Tune(s) => s,
+            StageKind::Train(s) => s,
+            StageKind::Export(s) => s,
         }
     }
 
@@ -105,4 +232,16 @@ impl StageKind {
             other => other,
         }
     }
+}
+
+/// Writes JSON to `path`, pretty-printed.
+pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), StageError> {
+    let bytes = serde_json::to_vec_pretty(value).expect("values serialize");
+    std::fs::write(path, bytes).map_err(|e| StageError::io(path, e))
+}
+
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StageError> {
+    let bytes = std::fs::read(path).map_err(|e| StageError::io(path, e))?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| StageError::Invalid(format!("{}: {e}", path.display())))
 }

@@ -1,0 +1,8 @@
+//! Models: TF-IDF features, linear classifiers, metrics and the bundle format they ship in.
+
+pub mod bundle;
+pub mod linear;
+pub mod metrics;
+pub mod rng;
+pub mod sparse;
+pub mod tfidf;

@@ -1,0 +1,140 @@
+//! `uses: train`: fits the chosen model on the whole training part and scores it on the
+//! validation part. The model is either the best of a `tune` stage it needs or given explicitly.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::tune::Best;
+use super::vectorize::Features;
+use super::{read_json, write_json, Context, Metrics, Stage, StageError};
+use crate::models::bundle::TfidfModel;
+use crate::models::linear::{LinearModel, ModelSpec};
+use crate::models::metrics::{roc_curve, score};
+use crate::models::tfidf::Tfidf;
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Train {
+    /// The model to fit; without it, the best configuration of the `tune` stage this one needs.
+    #[serde(default)]
+    pub model: Option<ModelSpec>,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// Output directory: the model's files, `metrics.json` and `predictions.json`.
+    pub out: String,
+}
+
+fn default_seed() -> u64 {
+    42
+}
+
+impl Stage for Train {
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn deps(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn outs(&self) -> Vec<String> {
+        vec![self.out.clone()]
+    }
+
+    fn run(&self, ctx: &Context) -> Result<Metrics, StageError> {
+        let tuned: Option<Best> = match ctx.upstream_of(&["tune"]).as_slice() {
+            [] => None,
+            [one] => Some(read_json(&one.outs[0].join("best.json"))?),
+            _ => {
+                return Err(StageError::Invalid(format!(
+                    "stage `{}` needs several `tune` stages; it takes one",
+                    ctx.stage
+                )))
+            }
+        };
+        let (spec, features_stage) = match (&self.model, &tuned) {
+            (Some(spec), _) => (spec.clone(), ctx.single_upstream(&["vectorize"])?),
+            (None, Some(best)) => {
+                let up = ctx
+                    .upstream
+                    .iter()
+                    .find(|u| u.kind == "vectorize" && u.name == best.vectorizer)
+                    .ok_or_else(|| {
+                        StageError::Invalid(format!(
+                        "the best trial used vectorize stage `{}`: add it to the `needs` of `{}`",
+                        best.vectorizer, ctx.stage
+                    ))
+                    })?;
+                (best.model.clone(), up)
+            }
+            (None, None) => {
+                return Err(StageError::Invalid(format!(
+                    "stage `{}` has no `model` and needs no `tune` stage: give one or the other",
+                    ctx.stage
+                )))
+            }
+        };
+        spec.check().map_err(StageError::Invalid)?;
+        let dir = &features_stage.outs[0];
+        let features = Features::load(dir)?;
+        if features
+            .train_labels
+            .iter()
+            .all(|&l| l == features.train_labels[0])
+        {
+            return Err(StageError::Invalid(
+                "the training part has only one class".into(),
+            ));
+        }
+        let rows: Vec<usize> = (0..features.train.rows()).collect();
+        let model = LinearModel::fit(
+            &spec,
+            &features.train,
+            &features.train_labels,
+            &rows,
+            self.seed,
+        );
+        let p = model.predict_proba(&features.valid);
+        let scores = score(&p, &features.valid_labels);
+        ctx.info(&format!(
+            "validation accuracy {:.4}, F1 {:.4}, ROC-AUC {:.4}, log-loss {:.4}",
+            scores.accuracy, scores.f1, scores.roc_auc, scores.log_loss
+        ));
+
+        let out = ctx.path(&self.out);
+        std::fs::create_dir_all(&out).map_err(|e| StageError::io(&out, e))?;
+        let trained = TfidfModel {
+            vectorizer: Tfidf::load(dir)?,
+            model,
+        };
+        trained.save(&out)?;
+        let report = json!({
+            "validation": scores,
+            "validation_rows": features.valid_labels.len(),
+            "train_rows": features.train_labels.len(),
+            "model": spec,
+            "vectorizer_stage": features_stage.name,
+            "tuning": tuned,
+        });
+        write_json(&out.join("metrics.json"), &report)?;
+        write_json(
+            &out.join("predictions.json"),
+            &json!({"labels": features.valid_labels, "scores": p, "roc_curve": roc_curve(&p, &features.valid_labels)}),
+        )?;
+
+        let mut m = Metrics::new();
+        for (k, v) in [
+            ("accuracy", scores.accuracy),
+            ("precision", scores.precision),
+            ("recall", scores.recall),
+            ("f1", scores.f1),
+            ("roc_auc", scores.roc_auc),
+            ("log_loss", scores.log_loss),
+        ] {
+            m.insert(k.into(), json!(v));
+        }
+        m.insert("confusion".into(), json!(scores.confusion));
+        Ok(m)
+    }
+}

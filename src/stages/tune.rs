@@ -1,0 +1,406 @@
+//! `uses: tune`: grid or random search over model hyper-parameters, and over vectorizers when
+//! several `vectorize` stages feed it, scored by stratified k-fold cross-validation on the
+//! training part. Trials run in parallel; results do not depend on the thread count.
+
+use rayon::prelude::*;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+use super::vectorize::Features;
+use super::{write_json, Context, Metrics, Stage, StageError};
+use crate::models::linear::{LinearModel, ModelSpec};
+use crate::models::metrics::{score, Scores};
+use crate::models::rng::Rng;
+
+#[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Tune {
+    /// Number of cross-validation folds.
+    #[serde(default = "default_folds")]
+    pub folds: usize,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    /// What the best trial maximises (`log_loss` is minimised).
+    #[serde(default)]
+    pub metric: Metric,
+    #[serde(default)]
+    pub search: Search,
+    /// For random search: how many configurations to draw.
+    #[serde(default)]
+    pub trials: Option<usize>,
+    /// Model families with the values to try: `{model: logreg, C: [0.1, 1, 10]}`. A list is a
+    /// set of choices; random search also takes `{log_uniform: [lo, hi]}` and
+    /// `{uniform: [lo, hi]}`.
+    pub models: Vec<Map<String, Value>>,
+    /// Output directory: `best.json`, `trials.json`, `trials.csv`.
+    pub out: String,
+}
+
+fn default_folds() -> usize {
+    5
+}
+fn default_seed() -> u64 {
+    42
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Metric {
+    #[default]
+    Accuracy,
+    F1,
+    RocAuc,
+    LogLoss,
+}
+
+impl Metric {
+    fn of(self, s: &Scores) -> f64 {
+        match self {
+            Metric::Accuracy => s.accuracy,
+            Metric::F1 => s.f1,
+            Metric::RocAuc => s.roc_auc,
+            Metric::LogLoss => s.log_loss,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Metric::Accuracy => "accuracy",
+            Metric::F1 => "f1",
+            Metric::RocAuc => "roc_auc",
+            Metric::LogLoss => "log_loss",
+        }
+    }
+
+    /// Whether `a` is strictly better than `b`.
+    fn better(self, a: f64, b: f64) -> bool {
+        if self == Metric::LogLoss {
+            a < b
+        } else {
+            a > b
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Search {
+    #[default]
+    Grid,
+    Random,
+}
+
+/// The winning configuration, as `train` reads it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Best {
+    pub vectorizer: String,
+    pub model: ModelSpec,
+    pub metric: String,
+    pub mean: f64,
+    pub std: f64,
+    pub folds: usize,
+}
+
+type Getter = fn(&Scores) -> f64;
+
+const METRICS: [(&str, Getter); 4] = [
+    ("accuracy", |s| s.accuracy),
+    ("f1", |s| s.f1),
+    ("roc_auc", |s| s.roc_auc),
+    ("log_loss", |s| s.log_loss),
+];
+
+fn expand_grid(entry: &Map<String, Value>, at: &str) -> Result<Vec<Map<String, Value>>, String> {
+    let mut configs = vec![Map::new()];
+    for (key, value) in entry {
+        let choices = match value {
+            Value::Array(items) if items.is_empty() => {
+                return Err(format!("{at}.{key}: empty list"))
+            }
+            Value::Array(items) => items.clone(),
+            Value::Object(_) => {
+                return Err(format!("{at}.{key}: distributions need `search: random`"))
+            }
+            scalar => vec![scalar.clone()],
+        };
+        configs = configs
+            .into_iter()
+            .flat_map(|c| {
+                choices.iter().map(move |v| {
+                    let mut c = c.clone();
+                    c.insert(key.clone(), v.clone());
+                    c
+                })
+            })
+            .collect();
+    }
+    Ok(configs)
+}
+
+fn sample(
+    entry: &Map<String, Value>,
+    at: &str,
+    rng: &mut Rng,
+) -> Result<Map<String, Value>, String> {
+    let mut config = Map::new();
+    for (key, value) in entry {
+        let v = match value {
+            Value::Array(items) if items.is_empty() => {
+                return Err(format!("{at}.{key}: empty list"))
+            }
+            Value::Array(items) => items[rng.below(items.len())].clone(),
+            Value::Object(dist) => {
+                let range = |name: &str| -> Option<(f64, f64)> {
+                    let r = dist.get(name)?.as_array()?;
+                    Some((r.first()?.as_f64()?, r.get(1)?.as_f64()?))
+                };
+                if let Some((lo, hi)) =
+                    range("log_uniform").filter(|(lo, hi)| *lo > 0.0 && hi >= lo)
+                {
+                    json!((lo.ln() + rng.unit() * (hi.ln() - lo.ln())).exp())
+                } else if let Some((lo, hi)) = range("uniform").filter(|(lo, hi)| hi >= lo) {
+                    json!(lo + rng.unit() * (hi - lo))
+                } else {
+                    return Err(format!(
+                        "{at}.{key}: expected {{log_uniform: [lo, hi]}} or {{uniform: [lo, hi]}}"
+                    ));
+                }
+            }
+            scalar => scalar.clone(),
+        };
+        config.insert(key.clone(), v);
+    }
+    Ok(config)
+}
+
+/// Fold number of every row: each class dealt round-robin after a seeded shuffle.
+pub fn stratified_folds(labels: &[u8], k: usize, seed: u64) -> Result<Vec<usize>, String> {
+    if k < 2 {
+        return Err(format!("folds must be at least 2, got {k}"));
+    }
+    let mut fold = vec![0usize; labels.len()];
+    let mut rng = Rng::new(seed);
+    for class in [0u8, 1] {
+        let mut rows: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == class).collect();
+        if rows.len() < k {
+            let name = if class == 1 { "positive" } else { "negative" };
+            return Err(format!(
+                "{k}-fold cross-validation needs at least {k} {name} training reviews, found {}",
+                rows.len()
+            ));
+        }
+        rng.shuffle(&mut rows);
+        for (n, &i) in rows.iter().enumerate() {
+            fold[i] = n % k;
+        }
+    }
+    Ok(fold)
+}
+
+impl Tune {
+    fn configs(&self) -> Result<Vec<ModelSpec>, String> {
+        if self.models.is_empty() {
+            return Err("`models` is empty: list at least one model family".into());
+        }
+        let mut raw = Vec::new();
+        match self.search {
+            Search::Grid => {
+                for (i, entry) in self.models.iter().enumerate() {
+                    raw.extend(
+                        expand_grid(entry, &format!("models[{i}]"))?
+                            .into_iter()
+                            .map(|c| (i, c)),
+                    );
+                }
+            }
+            Search::Random => {
+                let n = self.trials.ok_or("random search needs `trials`")?;
+                let mut rng = Rng::new(self.seed);
+                for _ in 0..n {
+                    let i = rng.below(self.models.len());
+                    raw.push((
+                        i,
+                        sample(&self.models[i], &format!("models[{i}]"), &mut rng)?,
+                    ));
+                }
+            }
+        }
+        raw.into_iter()
+            .map(|(i, c)| {
+                let spec: ModelSpec = serde_json::from_value(Value::Object(c))
+                    .map_err(|e| format!("models[{i}]: {e}"))?;
+                spec.check().map_err(|e| format!("models[{i}]: {e}"))?;
+                Ok(spec)
+            })
+            .collect()
+    }
+}
+
+impl Stage for Tune {
+    fn version(&self) -> u32 {
+        1
+    }
+
+    fn deps(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    fn outs(&self) -> Vec<String> {
+        vec![self.out.clone()]
+    }
+
+    fn check(&self) -> Result<(), String> {
+        self.configs().map(|_| ())
+    }
+
+    fn run(&self, ctx: &Context) -> Result<Metrics, StageError> {
+        let configs = self.configs().map_err(StageError::Invalid)?;
+        let vectorizers = ctx.upstream_of(&["vectorize"]);
+        if vectorizers.is_empty() {
+            return Err(StageError::Invalid(format!(
+                "stage `{}` must need at least one `vectorize` stage",
+                ctx.stage
+            )));
+        }
+        let features: Vec<(String, Features)> = vectorizers
+            .iter()
+            .map(|u| Ok((u.name.clone(), Features::load(&u.outs[0])?)))
+            .collect::<Result<_, StageError>>()?;
+        let labels = &features[0].1.train_labels;
+        if features.iter().any(|(_, f)| &f.train_labels != labels) {
+            return Err(StageError::Invalid(
+                "the vectorize stages were fitted on different training rows".into(),
+            ));
+        }
+        let fold = stratified_folds(labels, self.folds, self.seed).map_err(StageError::Invalid)?;
+        let trials: Vec<(usize, &ModelSpec)> = (0..features.len())
+            .flat_map(|v| configs.iter().map(move |c| (v, c)))
+            .collect();
+        ctx.info(&format!("{} trials x {} folds", trials.len(), self.folds));
+
+        let tasks: Vec<(usize, usize)> = (0..trials.len())
+            .flat_map(|t| (0..self.folds).map(move |f| (t, f)))
+            .collect();
+        let results: Vec<Result<Scores, StageError>> = tasks
+            .par_iter()
+            .map(|&(t, f)| {
+                ctx.check_cancel()?;
+                let (v, spec) = trials[t];
+                let x = &features[v].1.train;
+                let train_rows: Vec<usize> = (0..x.rows()).filter(|&i| fold[i] != f).collect();
+                let test_rows: Vec<usize> = (0..x.rows()).filter(|&i| fold[i] == f).collect();
+                let model = LinearModel::fit(spec, x, labels, &train_rows, self.seed + f as u64);
+                let p: Vec<f64> = test_rows
+                    .iter()
+                    .map(|&i| {
+                        let (c, vals) = x.row(i);
+                        model.proba_row(c, vals)
+                    })
+                    .collect();
+                let y: Vec<u8> = test_rows.iter().map(|&i| labels[i]).collect();
+                Ok(score(&p, &y))
+            })
+            .collect();
+        let scores: Vec<Scores> = results.into_iter().collect::<Result<_, _>>()?;
+
+        let mut table = Vec::new();
+        let mut best: Option<(usize, f64, f64)> = None;
+        for (t, (v, spec)) in trials.iter().enumerate() {
+            let fold_scores = &scores[t * self.folds..(t + 1) * self.folds];
+            let mut row = Map::new();
+            row.insert("trial".into(), t.into());
+            row.insert("vectorizer".into(), features[*v].0.clone().into());
+            row.insert(
+                "params".into(),
+                serde_json::to_value(spec).expect("specs serialize"),
+            );
+            for (name, get) in METRICS {
+                let (mean, std) = mean_std(fold_scores.iter().map(get));
+                row.insert(format!("{name}_mean"), json!(mean));
+                row.insert(format!("{name}_std"), json!(std));
+            }
+            row.insert(
+                "folds".into(),
+                serde_json::to_value(
+                    fold_scores
+                        .iter()
+                        .map(|s| self.metric.of(s))
+                        .collect::<Vec<_>>(),
+                )
+                .expect("numbers serialize"),
+            );
+            let (mean, std) = mean_std(fold_scores.iter().map(|s| self.metric.of(s)));
+            if best.is_none_or(|(_, m, _)| self.metric.better(mean, m)) {
+                best = Some((t, mean, std));
+            }
+            table.push(Value::Object(row));
+        }
+        let (t, mean, std) = best.expect("at least one trial");
+        let (v, spec) = trials[t];
+        let best = Best {
+            vectorizer: features[v].0.clone(),
+            model: spec.clone(),
+            metric: self.metric.name().into(),
+            mean,
+            std,
+            folds: self.folds,
+        };
+        let dir = ctx.path(&self.out);
+        std::fs::create_dir_all(&dir).map_err(|e| StageError::io(&dir, e))?;
+        write_json(&dir.join("best.json"), &best)?;
+        write_json(&dir.join("trials.json"), &table)?;
+        write_csv(&dir.join("trials.csv"), &table)?;
+        ctx.info(&format!(
+            "best: {} on `{}`, cv {} {:.4} ± {:.4}",
+            serde_json::to_string(&best.model).expect("specs serialize"),
+            best.vectorizer,
+            best.metric,
+            mean,
+            std
+        ));
+        let mut m = Metrics::new();
+        m.insert("trials".into(), trials.len().into());
+        m.insert(format!("best_cv_{}", self.metric.name()), json!(mean));
+        m.insert(
+            "best_model".into(),
+            serde_json::to_value(&best.model).expect("specs serialize"),
+        );
+        m.insert("best_vectorizer".into(), best.vectorizer.into());
+        Ok(m)
+    }
+}
+
+fn mean_std(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let v: Vec<f64> = values.collect();
+    let mean = v.iter().sum::<f64>() / v.len() as f64;
+    let var = v.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / v.len() as f64;
+    (mean, var.sqrt())
+}
+
+fn write_csv(path: &std::path::Path, table: &[Value]) -> Result<(), StageError> {
+    let mut w = csv::Writer::from_path(path)
+        .map_err(|e| StageError::Invalid(format!("{}: {e}", path.display())))?;
+    let mut header = vec![
+        "trial".to_string(),
+        "vectorizer".to_string(),
+        "params".to_string(),
+    ];
+    for (name, _) in METRICS {
+        header.push(format!("{name}_mean"));
+        header.push(format!("{name}_std"));
+    }
+    let err = |e: csv::Error| StageError::Invalid(format!("{}: {e}", path.display()));
+    w.write_record(&header).map_err(err)?;
+    for row in table {
+        let cells: Vec<String> = header
+            .iter()
+            .map(|h| match &row[h] {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .collect();
+        w.write_record(&cells).map_err(err)?;
+    }
+    w.flush().map_err(|e| StageError::io(path, e))
+}

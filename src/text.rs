@@ -1,0 +1,146 @@
+//! Text normalisation and tokenisation shared by training and prediction, so a review is seen
+//! the same way in both.
+
+use unicode_normalization::{is_nfkc_quick, IsNormalized, UnicodeNormalization};
+
+/// Removes HTML tags (`<br />` included), unescapes entities, applies Unicode NFKC, collapses
+/// whitespace and optionally lowercases. Idempotent: normalising twice changes nothing.
+pub fn normalize(text: &str, lowercase: bool) -> String {
+    // Each step runs only when the text can need it: most reviews are plain text.
+    let mut s = if text.contains('<') {
+        strip_tags(text)
+    } else {
+        text.to_string()
+    };
+    if s.contains('&') {
+        let unescaped = html_escape::decode_html_entities(&s).into_owned();
+        // Entities can produce new tags (`&lt;br&gt;`): strip once more.
+        s = if unescaped.contains('<') {
+            strip_tags(&unescaped)
+        } else {
+            unescaped
+        };
+    }
+    if !s.is_ascii() && is_nfkc_quick(s.chars()) != IsNormalized::Yes {
+        s = s.nfkc().collect();
+    }
+    if lowercase {
+        s = s.to_lowercase();
+    }
+    collapse_whitespace(&s)
+}
+
+/// Replaces every `<…>` tag by a space. A `<` with no closing `>` is kept as text.
+fn strip_tags(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(open) = rest.find('<') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open..];
+        match after.find('>') {
+            // A tag starts with a letter, `/` or `!`; `a < b` is text.
+            Some(close)
+                if after[1..]
+                    .starts_with(|c: char| c.is_ascii_alphabetic() || c == '/' || c == '!') =>
+            {
+                out.push(' ');
+                rest = &after[close + 1..];
+            }
+            _ => {
+                out.push('<');
+                rest = &after[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+fn collapse_whitespace(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for word in text.split_whitespace() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
+    out
+}
+
+/// How documents are split into tokens.
+#[derive(Debug, Clone)]
+pub enum Tokenizer {
+    /// Runs of two or more word characters (letters, digits, `_`): scikit-learn's default
+    /// `(?u)\b\w\w+\b`, without a regex engine.
+    Words,
+    /// Every match of a regular expression.
+    Pattern(regex::Regex),
+}
+
+pub const DEFAULT_TOKEN_PATTERN: &str = r"(?u)\b\w\w+\b";
+
+impl Tokenizer {
+    pub fn new(pattern: &str) -> Result<Tokenizer, regex::Error> {
+        if pattern == DEFAULT_TOKEN_PATTERN {
+            Ok(Tokenizer::Words)
+        } else {
+            regex::Regex::new(pattern).map(Tokenizer::Pattern)
+        }
+    }
+
+    pub fn tokens<'a>(&self, text: &'a str, out: &mut Vec<&'a str>) {
+        out.clear();
+        match self {
+            Tokenizer::Words => {
+                let mut start = None;
+                let mut chars = 0;
+                for (i, c) in text.char_indices() {
+                    if c.is_alphanumeric() || c == '_' {
+                        if start.is_none() {
+                            start = Some(i);
+                            chars = 0;
+                        }
+                        chars += 1;
+                    } else if let Some(s) = start.take() {
+                        if chars >= 2 {
+                            out.push(&text[s..i]);
+                        }
+                    }
+                }
+                if let Some(s) = start {
+                    if chars >= 2 {
+                        out.push(&text[s..]);
+                    }
+                }
+            }
+            Tokenizer::Pattern(re) => out.extend(re.find_iter(text).map(|m| m.as_str())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalizes_html_entities_unicode_and_space() {
+        let raw = "Great<br /><br />film &amp; cast &lt;3  \u{FB01}ne\tend";
+        assert_eq!(normalize(raw, false), "Great film & cast <3 fine end");
+        assert_eq!(normalize(raw, true), "great film & cast <3 fine end");
+        let once = normalize(raw, true);
+        assert_eq!(normalize(&once, true), once);
+        assert_eq!(normalize("a < b and c > d", false), "a < b and c > d");
+    }
+
+    #[test]
+    fn word_tokens_match_the_default_pattern() {
+        let text = "it's a 10/10 film, naïve_fun x";
+        let mut fast = Vec::new();
+        Tokenizer::Words.tokens(text, &mut fast);
+        let re = Tokenizer::Pattern(regex::Regex::new(DEFAULT_TOKEN_PATTERN).unwrap());
+        let mut slow = Vec::new();
+        re.tokens(text, &mut slow);
+        assert_eq!(fast, slow);
+        assert_eq!(fast, vec!["it", "10", "10", "film", "naïve_fun"]);
+    }
+}
