@@ -147,42 +147,28 @@ impl LinearModel {
     /// Fits the model on the rows `rows` of `x`, with labels `y` (1 positive, 0 negative; one
     /// per row of `x`).
     pub fn fit(spec: &ModelSpec, x: &Csr, y: &[u8], rows: &[usize], seed: u64) -> LinearModel {
-        let signs: Vec<f64> = rows
-            .iter()
-            .map(|&i| if y[i] == 1 { 1.0 } else { -1.0 })
-            .collect();
-        let plain = View {
-            x,
-            rows,
-            scale: None,
-        };
+        let signs: Vec<f64> = rows.iter().map(|&i| if y[i] == 1 { 1.0 } else { -1.0 }).collect();
+        // A contiguous copy of the rows: the solvers sweep it many times.
+        let x = x.select(rows);
         let (weights, bias, platt) = match spec {
             ModelSpec::Logreg { c } => {
-                let (w, b) = dual_cd(&plain, &signs, *c, Loss::Log, seed);
+                let (w, b) = dual_cd(&x, &signs, *c, Loss::Log, seed);
                 (w, b, (1.0, 0.0))
             }
             ModelSpec::Svm { c } => {
-                let (w, b) = dual_cd(&plain, &signs, *c, Loss::Hinge, seed);
-                let platt = platt_scale(&plain, &signs, &w, b);
+                let (w, b) = dual_cd(&x, &signs, *c, Loss::Hinge, seed);
+                let platt = platt_scale(&x, &signs, &w, b);
                 (w, b, platt)
             }
             ModelSpec::Nbsvm { c, alpha, loss } => {
-                let r = nb_ratio(&plain, &signs, *alpha);
-                let scaled = View {
-                    x,
-                    rows,
-                    scale: Some(&r),
-                };
+                let r = nb_ratio(&x, &signs, *alpha);
+                let scaled = x.scale_columns(&r.iter().map(|&v| v as f32).collect::<Vec<_>>());
                 let (w, b) = dual_cd(&scaled, &signs, *c, *loss, seed);
-                let platt = if *loss == Loss::Hinge {
-                    platt_scale(&scaled, &signs, &w, b)
-                } else {
-                    (1.0, 0.0)
-                };
+                let platt = if *loss == Loss::Hinge { platt_scale(&scaled, &signs, &w, b) } else { (1.0, 0.0) };
                 (w.iter().zip(&r).map(|(w, r)| w * r).collect(), b, platt)
             }
             ModelSpec::Elasticnet { c, l1_ratio } => {
-                let (w, b) = fista(&x.select(rows), &signs, *c, *l1_ratio);
+                let (w, b) = fista(&x, &signs, *c, *l1_ratio);
                 (w, b, (1.0, 0.0))
             }
         };
@@ -195,50 +181,17 @@ impl LinearModel {
     }
 }
 
-/// Rows `rows` of a matrix, each column optionally scaled, without copying it.
-struct View<'a> {
-    x: &'a Csr,
-    rows: &'a [usize],
-    scale: Option<&'a [f64]>,
-}
-
-impl View<'_> {
-    fn len(&self) -> usize {
-        self.rows.len()
-    }
-
-    fn cols(&self) -> usize {
-        self.x.cols
-    }
-
-    /// (column, value) pairs of the k-th row of the view.
-    fn row(&self, k: usize) -> impl Iterator<Item = (usize, f64)> + '_ {
-        let (c, v) = self.x.row(self.rows[k]);
-        c.iter().zip(v).map(move |(&j, &x)| {
-            let j = j as usize;
-            (j, x as f64 * self.scale.map_or(1.0, |s| s[j]))
-        })
-    }
-
-    fn dot(&self, k: usize, w: &[f64]) -> f64 {
-        self.row(k).map(|(j, x)| w[j] * x).sum()
-    }
-
-    fn sq_norm(&self, k: usize) -> f64 {
-        self.row(k).map(|(_, x)| x * x).sum()
-    }
-}
-
 /// Naive-Bayes log-count ratio r = ln((p/|p|₁) / (q/|q|₁)), p and q the smoothed counts of
 /// positive and negative rows in which each feature occurs (binarised, as in Wang & Manning).
-fn nb_ratio(x: &View, y: &[f64], alpha: f64) -> Vec<f64> {
-    let mut p = vec![alpha; x.cols()];
-    let mut q = vec![alpha; x.cols()];
+fn nb_ratio(x: &Csr, y: &[f64], alpha: f64) -> Vec<f64> {
+    let mut p = vec![alpha; x.cols];
+    let mut q = vec![alpha; x.cols];
     for (k, &yk) in y.iter().enumerate() {
         let target = if yk > 0.0 { &mut p } else { &mut q };
-        for (j, val) in x.row(k) {
+        let (cols, vals) = x.row(k);
+        for (&j, &val) in cols.iter().zip(vals) {
             if val != 0.0 {
-                target[j] += 1.0;
+                target[j as usize] += 1.0;
             }
         }
     }
@@ -251,17 +204,18 @@ fn nb_ratio(x: &View, y: &[f64], alpha: f64) -> Vec<f64> {
 
 /// Dual coordinate descent for L2-regularised logistic regression (`Log`) or squared-hinge SVM
 /// (`Hinge`). A constant feature of value 1 provides the bias. Returns (weights, bias).
-fn dual_cd(x: &View, y: &[f64], c: f64, loss: Loss, seed: u64) -> (Vec<f64>, f64) {
-    let n = x.len();
-    let mut w = vec![0.0f64; x.cols()];
+fn dual_cd(x: &Csr, y: &[f64], c: f64, loss: Loss, seed: u64) -> (Vec<f64>, f64) {
+    let n = x.rows();
+    let mut w = vec![0.0f64; x.cols];
     let mut b = 0.0f64;
-    let qd: Vec<f64> = (0..n).map(|k| x.sq_norm(k) + 1.0).collect();
+    let qd: Vec<f64> = (0..n).map(|k| x.row_sq_norm(k) + 1.0).collect();
     let mut order: Vec<usize> = (0..n).collect();
     let mut rng = Rng::new(seed);
     let dot = |w: &[f64], b: f64, k: usize| x.dot(k, w) + b;
     let update = |w: &mut [f64], b: &mut f64, k: usize, delta: f64| {
-        for (j, v) in x.row(k) {
-            w[j] += delta * v;
+        let (cols, vals) = x.row(k);
+        for (&j, &v) in cols.iter().zip(vals) {
+            w[j as usize] += delta * v as f64;
         }
         *b += delta;
     };
@@ -345,8 +299,8 @@ fn dual_cd(x: &View, y: &[f64], c: f64, loss: Loss, seed: u64) -> (Vec<f64>, f64
 
 /// Fits P = sigmoid(a·d + c) to decision values d by Newton's method, with Platt's smoothed
 /// targets.
-fn platt_scale(x: &View, y: &[f64], w: &[f64], b: f64) -> (f64, f64) {
-    let d: Vec<f64> = (0..x.len()).map(|k| x.dot(k, w) + b).collect();
+fn platt_scale(x: &Csr, y: &[f64], w: &[f64], b: f64) -> (f64, f64) {
+    let d: Vec<f64> = (0..x.rows()).map(|k| x.dot(k, w) + b).collect();
     let pos = y.iter().filter(|&&v| v > 0.0).count() as f64;
     let neg = y.len() as f64 - pos;
     let t: Vec<f64> = y
