@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The main job: builds sentiflow, trains the IMDB pipeline (pipelines/imdb.yaml) and scores two
+# reviews with the exported model.
+#
+#   ./quickstart.sh [PATH/TO/aclImdb_v1.tar.gz]      (or SENTIFLOW_IMDB=PATH ./quickstart.sh)
+#
+# Without a path it uses data/aclImdb_v1.tar.gz, downloading the official archive there when it
+# is missing.
+set -euo pipefail
+
+archive="${1:-${SENTIFLOW_IMDB:-}}"
+if [ -n "$archive" ]; then
+  if [ ! -f "$archive" ]; then
+    echo "error: $archive: no such file (give the IMDB archive, e.g. aclImdb_v1.tar.gz)" >&2
+    exit 2
+  fi
+  archive="$(cd "$(dirname "$archive")" && pwd)/$(basename "$archive")"
+fi
+cd "$(dirname "$0")"
+
+cargo build --release --quiet
+sentiflow=target/release/sentiflow
+
+set_data=()
+if [ -n "$archive" ]; then
+  echo "Using the IMDB archive at $archive"
+  set_data=(--set "data=$archive")
+elif [ -f data/aclImdb_v1.tar.gz ]; then
+  echo "Using the IMDB archive at data/aclImdb_v1.tar.gz"
+else
+  echo "No IMDB archive given (argument or SENTIFLOW_IMDB) and none at data/aclImdb_v1.tar.gz:"
+  echo "downloading the official archive."
+fi
+
+"$sentiflow" run pipelines/imdb.yaml "${set_data[@]}"
+echo
+echo "Predictions of models/tfidf:"
+"$sentiflow" predict --model models/tfidf \
+  "One of the best films I have seen in years: moving, funny and beautifully acted." \
+  "A boring, badly written mess. I want my two hours back."
