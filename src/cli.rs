@@ -84,6 +84,16 @@ enum Command {
     },
     /// Print the JSON Schema of pipeline files.
     Schema,
+    /// Serve predictions, the model registry and training over HTTP.
+    Serve {
+        #[command(flatten)]
+        config: crate::serve::Config,
+    },
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
     /// Score reviews with a model bundle; prints one JSON object per line.
     Predict {
         /// The bundle directory (e.g. models/tfidf).
@@ -99,6 +109,20 @@ enum Command {
     Cache {
         #[command(subcommand)]
         command: CacheCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key; it is printed once and only its hash is stored.
+    Create {
+        #[arg(long, value_enum)]
+        role: crate::serve::Role,
+        /// A note on who or what the key is for.
+        #[arg(long)]
+        label: Option<String>,
+        #[command(flatten)]
+        config: crate::serve::Config,
     },
 }
 
@@ -266,6 +290,38 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             input,
             texts,
         } => predict(&model, input.as_deref(), &texts),
+        Command::Serve { config } => {
+            let cache_dir = cli
+                .cache_dir
+                .clone()
+                .unwrap_or_else(|| config.root().join("cache"));
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let app = crate::serve::App::new(config, cache_dir)?;
+                crate::serve::serve(app).await
+            })?;
+            Ok(exit::OK)
+        }
+        Command::Keys {
+            command:
+                KeysCommand::Create {
+                    role,
+                    label,
+                    config,
+                },
+        } => {
+            let store = crate::store::Store::open(&config.db_path())?;
+            let key = crate::serve::create_key(&store, role, label.as_deref())?;
+            eprintln!(
+                "created a `{}` key in {}; it is shown only now:",
+                role.as_str(),
+                config.db_path().display()
+            );
+            println!("{key}");
+            Ok(exit::OK)
+        }
         Command::Schema => {
             print!("{}", spec::json_schema());
             Ok(exit::OK)

@@ -5,5 +5,7 @@ pub mod cli;
 pub mod data;
 pub mod models;
 pub mod pipeline;
+pub mod serve;
 pub mod stages;
+pub mod store;
 pub mod text;

@@ -5,23 +5,10 @@ mod common;
 
 use std::path::Path;
 
-use common::Project;
+use common::{quickstart, Project};
 use serde_json::Value;
 
 const FIXTURE: &str = "tests/fixtures/imdb_sample.tar.gz";
-
-/// A scratch project holding the quickstart pipeline and the review sample.
-fn quickstart() -> Project {
-    let p = Project::new();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    p.write(
-        "pipelines/quickstart.yaml",
-        &std::fs::read_to_string(repo.join("pipelines/quickstart.yaml")).unwrap(),
-    );
-    std::fs::create_dir_all(p.path("tests/fixtures")).unwrap();
-    std::fs::copy(repo.join(FIXTURE), p.path(FIXTURE)).unwrap();
-    p
-}
 
 fn stage<'a>(report: &'a Value, name: &str) -> &'a Value {
     report["stages"]

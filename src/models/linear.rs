@@ -147,7 +147,10 @@ impl LinearModel {
     /// Fits the model on the rows `rows` of `x`, with labels `y` (1 positive, 0 negative; one
     /// per row of `x`).
     pub fn fit(spec: &ModelSpec, x: &Csr, y: &[u8], rows: &[usize], seed: u64) -> LinearModel {
-        let signs: Vec<f64> = rows.iter().map(|&i| if y[i] == 1 { 1.0 } else { -1.0 }).collect();
+        let signs: Vec<f64> = rows
+            .iter()
+            .map(|&i| if y[i] == 1 { 1.0 } else { -1.0 })
+            .collect();
         // A contiguous copy of the rows: the solvers sweep it many times.
         let x = x.select(rows);
         let (weights, bias, platt) = match spec {
@@ -164,7 +167,11 @@ impl LinearModel {
                 let r = nb_ratio(&x, &signs, *alpha);
                 let scaled = x.scale_columns(&r.iter().map(|&v| v as f32).collect::<Vec<_>>());
                 let (w, b) = dual_cd(&scaled, &signs, *c, *loss, seed);
-                let platt = if *loss == Loss::Hinge { platt_scale(&scaled, &signs, &w, b) } else { (1.0, 0.0) };
+                let platt = if *loss == Loss::Hinge {
+                    platt_scale(&scaled, &signs, &w, b)
+                } else {
+                    (1.0, 0.0)
+                };
                 (w.iter().zip(&r).map(|(w, r)| w * r).collect(), b, platt)
             }
             ModelSpec::Elasticnet { c, l1_ratio } => {

@@ -1,0 +1,763 @@
+//! `sentiflow serve`: the HTTP API (warp on tokio) over the model registry, the bundles and the
+//! pipeline engine.
+//!
+//! Every request goes through one handler that assigns a request id, authenticates, rate-limits,
+//! dispatches and records metrics; every error leaves as `{"error": {code, message, request_id}}`.
+
+mod auth;
+mod metrics;
+mod openapi;
+mod training;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+use warp::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use warp::hyper::body::Bytes;
+use warp::reply::Response;
+use warp::Filter;
+
+pub use auth::{create_key, KeyError, Role};
+
+use crate::models::bundle::{Bundle, LABELS};
+use crate::store::{ModelRow, Store, StoreError};
+use metrics::Metrics;
+
+/// Server settings; every flag is also an environment variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "SENTIFLOW_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// SQLite database [default: <project root>/sentiflow.db].
+    #[arg(long, env = "SENTIFLOW_DB")]
+    pub db: Option<PathBuf>,
+    /// Directory of the pipelines `POST /training` may run; its parent is the project root.
+    #[arg(long, env = "SENTIFLOW_PIPELINES", default_value = "pipelines")]
+    pub pipelines: PathBuf,
+    /// Requests per second (and burst) for each `predict` key.
+    #[arg(long, env = "SENTIFLOW_PREDICT_RPS", default_value_t = 1000)]
+    pub predict_rps: u32,
+    /// Requests per second (and burst) for each `admin` key.
+    #[arg(long, env = "SENTIFLOW_ADMIN_RPS", default_value_t = 50)]
+    pub admin_rps: u32,
+    /// Let `POST /prediction` through without a key (for demos); rate-limited as one key.
+    #[arg(long, env = "SENTIFLOW_OPEN_PREDICTION")]
+    pub open_prediction: bool,
+    /// Do not promote a newly trained model automatically when it beats production.
+    #[arg(long, env = "SENTIFLOW_NO_AUTO_PROMOTE")]
+    pub no_auto_promote: bool,
+    /// Most texts in one `POST /prediction`.
+    #[arg(long, env = "SENTIFLOW_MAX_BATCH", default_value_t = 64)]
+    pub max_batch: usize,
+    /// Longest text accepted, in bytes.
+    #[arg(long, env = "SENTIFLOW_MAX_TEXT_BYTES", default_value_t = 100_000)]
+    pub max_text_bytes: usize,
+}
+
+impl Config {
+    pub fn root(&self) -> PathBuf {
+        let abs = std::path::absolute(&self.pipelines).unwrap_or_else(|_| self.pipelines.clone());
+        abs.parent().map(Path::to_path_buf).unwrap_or(abs)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.db
+            .clone()
+            .unwrap_or_else(|| self.root().join("sentiflow.db"))
+    }
+}
+
+/// A model being served.
+pub struct Serving {
+    pub row: ModelRow,
+    pub bundle: Bundle,
+}
+
+pub struct App {
+    pub config: Config,
+    pub cache_dir: PathBuf,
+    pub store: Store,
+    models: RwLock<HashMap<String, Arc<Serving>>>,
+    keys: auth::Keys,
+    limiter: auth::Limiter,
+    pub metrics: Metrics,
+    pub training: training::Trainer,
+    request_seq: AtomicU64,
+    started: u64,
+}
+
+/// An error answered to a client.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    headers: Vec<(&'static str, String)>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            headers: Vec::new(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        tracing::error!("{e}");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the database failed; the error is logged",
+        )
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn json_response(status: StatusCode, body: &Value) -> Response {
+    let mut r = Response::new(body.to_string().into());
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/json"));
+    r
+}
+
+impl App {
+    pub fn new(config: Config, cache_dir: PathBuf) -> anyhow::Result<Arc<App>> {
+        let store = Store::open(&config.db_path())?;
+        let interrupted = store.interrupt_unfinished()?;
+        if interrupted > 0 {
+            tracing::warn!(
+                "{interrupted} training run(s) were cut short by a stop; recorded as interrupted"
+            );
+        }
+        let app = Arc::new(App {
+            cache_dir,
+            store,
+            models: RwLock::new(HashMap::new()),
+            keys: auth::Keys::default(),
+            limiter: auth::Limiter::new(),
+            metrics: Metrics::default(),
+            training: training::Trainer::default(),
+            request_seq: AtomicU64::new(0),
+            started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            config,
+        });
+        app.load_models()?;
+        Ok(app)
+    }
+
+    /// Serves the production version of each model; with an empty registry, registers and
+    /// promotes the bundles found in `<root>/models/*/`.
+    fn load_models(&self) -> anyhow::Result<()> {
+        if self.store.models()?.is_empty() {
+            let dir = self.config.root().join("models");
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if entry.path().join("manifest.json").is_file() {
+                    match self.register(&entry.path(), None) {
+                        Ok(row) => {
+                            self.store.promote(&row.version)?;
+                        }
+                        Err(e) => tracing::warn!("{}: {e}", entry.path().display()),
+                    }
+                }
+            }
+        }
+        for row in self.store.production()? {
+            match Bundle::load(Path::new(&row.path)) {
+                Ok(bundle) => {
+                    tracing::info!("serving {} version {}", row.name, row.version);
+                    self.swap(row, bundle);
+                }
+                Err(e) => tracing::warn!("production model {} {}: {e}", row.name, row.version),
+            }
+        }
+        Ok(())
+    }
+
+    /// Records the bundle at `dir` in the registry (once per version).
+    pub fn register(&self, dir: &Path, run_id: Option<&str>) -> anyhow::Result<ModelRow> {
+        let bundle = Bundle::load(dir)?;
+        let m = &bundle.manifest;
+        let row = ModelRow {
+            version: m.version.clone(),
+            name: m.name.clone(),
+            kind: m.kind.clone(),
+            pipeline: m.pipeline.clone(),
+            path: std::path::absolute(dir)?.display().to_string(),
+            params: json!({"model": m.model.spec, "vectorizer": m.vectorizer}),
+            metrics: m.metrics.clone(),
+            tuning: m.tuning.clone(),
+            accuracy: m.metrics["accuracy"].as_f64(),
+            run_id: run_id.map(str::to_string),
+            status: "candidate".into(),
+            created_at: String::new(),
+            promoted_at: None,
+        };
+        self.store.register_model(&row)?;
+        Ok(self.store.model(&row.version)?.unwrap_or(row))
+    }
+
+    /// Makes `bundle` the served model of its name; requests in flight finish on the old one.
+    fn swap(&self, row: ModelRow, bundle: Bundle) {
+        let name = row.name.clone();
+        let serving = Arc::new(Serving { row, bundle });
+        self.models
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, serving);
+    }
+
+    /// Promotes `version`: loads its bundle first, so a broken bundle never replaces a working one.
+    pub fn promote(&self, version: &str) -> Result<ModelRow, ApiError> {
+        let row = self.store.model(version)?.ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no model version `{version}`"),
+            )
+        })?;
+        let bundle = Bundle::load(Path::new(&row.path)).map_err(|e| {
+            ApiError::new(
+                StatusCode::CONFLICT,
+                "bundle_unavailable",
+                format!("model version `{version}` cannot be loaded: {e}"),
+            )
+        })?;
+        self.store.promote(version)?;
+        let row = self.store.model(version)?.unwrap_or(row);
+        self.swap(row.clone(), bundle);
+        Ok(row)
+    }
+
+    /// Promotes a newly registered model when it beats the production one of its name.
+    pub fn maybe_promote(&self, row: &ModelRow) -> Result<bool, ApiError> {
+        if self.config.no_auto_promote {
+            return Ok(false);
+        }
+        let current = self.serving(&row.name);
+        let better = match (&current, row.accuracy) {
+            (None, _) => true,
+            (Some(c), Some(new)) => {
+                c.row.version != row.version && new > c.row.accuracy.unwrap_or(f64::NEG_INFINITY)
+            }
+            (Some(_), None) => false,
+        };
+        if better {
+            self.promote(&row.version)?;
+        }
+        Ok(better)
+    }
+
+    pub fn serving(&self, name: &str) -> Option<Arc<Serving>> {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn model_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Checks the request's key for `need` and takes a rate-limit token; returns the quota.
+    fn authorize(
+        &self,
+        headers: &HeaderMap,
+        need: Role,
+        open: bool,
+    ) -> Result<auth::Quota, ApiError> {
+        let key = headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        let (id, role) = match key {
+            None if open => (0, Role::Predict),
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "missing API key: send `Authorization: Bearer <key>` (create one with `sentiflow keys create`)",
+                ))
+            }
+            Some(k) => self
+                .keys
+                .lookup(&self.store, k)?
+                .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown API key"))?,
+        };
+        if !role.allows(need) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                format!(
+                    "this needs a key with the `{}` role; yours has `{}`",
+                    need.as_str(),
+                    role.as_str()
+                ),
+            ));
+        }
+        let rate = if role == Role::Admin {
+            self.config.admin_rps
+        } else {
+            self.config.predict_rps
+        };
+        let quota = self.limiter.take(id, rate);
+        if !quota.allowed {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "rate limit of {rate} requests per second exceeded; retry in {} s",
+                    quota.retry_after
+                ),
+            );
+            e.headers
+                .push(("retry-after", quota.retry_after.to_string()));
+            e.headers
+                .push(("x-ratelimit-limit", quota.limit.to_string()));
+            e.headers.push(("x-ratelimit-remaining", "0".into()));
+            return Err(e);
+        }
+        Ok(quota)
+    }
+}
+
+/// The route label of a path, for metrics (ids replaced by placeholders).
+fn route_of(method: &Method, path: &str) -> String {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let shape = match parts.as_slice() {
+        ["training", _] => "/training/{id}".to_string(),
+        ["training", _, "logs"] => "/training/{id}/logs".to_string(),
+        ["models", _, "promote"] => "/models/{version}/promote".to_string(),
+        _ if openapi::PATHS.contains(&path) => path.to_string(),
+        _ => "other".to_string(),
+    };
+    format!("{method} {shape}")
+}
+
+fn parse_json(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
+    let ctype = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !ctype
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .eq_ignore_ascii_case("application/json")
+    {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!("send `Content-Type: application/json` (got `{ctype}`)"),
+        ));
+    }
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("the body is not valid JSON: {e}"),
+        )
+    })?;
+    if !value.is_object() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            "the body must be a JSON object",
+        ));
+    }
+    Ok(value)
+}
+
+fn bad_field(field: &str, message: impl Into<String>) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "invalid_field",
+        format!("`{field}`: {}", message.into()),
+    )
+}
+
+impl App {
+    async fn dispatch(
+        self: &Arc<Self>,
+        method: &Method,
+        path: &str,
+        query: &str,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> ApiResult {
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let ok = |v: Value| Ok(json_response(StatusCode::OK, &v));
+        match (method, parts.as_slice()) {
+            (&Method::GET, ["health"]) => ok(json!({"status": "ok", "started_at": self.started})),
+            (&Method::GET, ["ready"]) => {
+                let names = self.model_names();
+                let status = if names.is_empty() {
+                    StatusCode::SERVICE_UNAVAILABLE
+                } else {
+                    StatusCode::OK
+                };
+                Ok(json_response(
+                    status,
+                    &json!({"ready": !names.is_empty(), "models": names}),
+                ))
+            }
+            (&Method::GET, ["metrics"]) => {
+                let mut r = Response::new(self.metrics.render().into());
+                r.headers_mut().insert(
+                    "content-type",
+                    HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                Ok(r)
+            }
+            (&Method::GET, ["openapi.json"]) => ok(openapi::document()),
+            (&Method::GET, ["best_model_parameter"]) => {
+                let quota = self.authorize(headers, Role::Predict, false)?;
+                self.best_model_parameter(query).map(|r| quota.annotate(r))
+            }
+            (&Method::POST, ["prediction"]) => {
+                let quota = self.authorize(headers, Role::Predict, self.config.open_prediction)?;
+                self.predict(headers, body).map(|r| quota.annotate(r))
+            }
+            (&Method::GET, ["models"]) => {
+                let quota = self.authorize(headers, Role::Predict, false)?;
+                ok(json!({"models": self.store.models()?})).map(|r| quota.annotate(r))
+            }
+            (&Method::POST, ["models", version, "promote"]) => {
+                let quota = self.authorize(headers, Role::Admin, false)?;
+                let row = self.promote(version)?;
+                ok(json!({"promoted": row})).map(|r| quota.annotate(r))
+            }
+            (&Method::POST, ["training"]) => {
+                let quota = self.authorize(headers, Role::Admin, false)?;
+                let request = parse_json(headers, body)?;
+                training::start(self, &request).map(|r| quota.annotate(r))
+            }
+            (&Method::GET, ["training", id]) => {
+                let quota = self.authorize(headers, Role::Admin, false)?;
+                training::status(self, id).map(|r| quota.annotate(r))
+            }
+            (&Method::GET, ["training", id, "logs"]) => {
+                let quota = self.authorize(headers, Role::Admin, false)?;
+                if self.store.run(id)?.is_none() {
+                    return Err(ApiError::new(
+                        StatusCode::NOT_FOUND,
+                        "not_found",
+                        format!("no training run `{id}`"),
+                    ));
+                }
+                ok(json!({"id": id, "lines": self.store.logs(id)?})).map(|r| quota.annotate(r))
+            }
+            (_, p)
+                if openapi::PATHS.contains(&path)
+                    || matches!(p, ["training", ..] | ["models", ..]) =>
+            {
+                Err(ApiError::new(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    format!("{method} is not allowed on {path}"),
+                ))
+            }
+            _ => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route {path}; see /openapi.json"),
+            )),
+        }
+    }
+
+    fn best_model_parameter(&self, query: &str) -> ApiResult {
+        let name = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("model="))
+            .unwrap_or("tfidf");
+        let serving = self.serving(name).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!(
+                    "no model `{name}` is served; served: {:?}",
+                    self.model_names()
+                ),
+            )
+        })?;
+        let m = &serving.bundle.manifest;
+        let tuning = &m.tuning;
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({
+                "model": m.name,
+                "version": m.version,
+                "pipeline": m.pipeline,
+                "run_id": serving.row.run_id,
+                "parameters": {"model": m.model.spec, "vectorizer": m.vectorizer},
+                "cv": if tuning.is_null() { Value::Null } else {
+                    json!({"metric": tuning["metric"], "mean": tuning["mean"], "std": tuning["std"], "folds": tuning["folds"], "vectorizer_stage": tuning["vectorizer"]})
+                },
+                "validation": m.metrics,
+            }),
+        ))
+    }
+
+    fn predict(&self, headers: &HeaderMap, body: &Bytes) -> ApiResult {
+        let request = parse_json(headers, body)?;
+        let texts: Vec<String> = match (&request["text"], &request["texts"]) {
+            (Value::Null, Value::Null) => {
+                return Err(bad_field("text", "missing: send `text` or `texts`"))
+            }
+            (Value::String(t), Value::Null) => vec![t.clone()],
+            (Value::Null, Value::Array(items)) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| bad_field(&format!("texts[{i}]"), "must be a string"))
+                })
+                .collect::<Result<_, _>>()?,
+            (Value::Null, _) => return Err(bad_field("texts", "must be an array of strings")),
+            (_, Value::Null) => return Err(bad_field("text", "must be a string")),
+            _ => return Err(bad_field("text", "send either `text` or `texts`, not both")),
+        };
+        if texts.is_empty() || texts.len() > self.config.max_batch {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_batch",
+                format!(
+                    "`texts` must hold 1 to {} texts, got {}",
+                    self.config.max_batch,
+                    texts.len()
+                ),
+            ));
+        }
+        for (i, t) in texts.iter().enumerate() {
+            let field = if request["text"].is_string() {
+                "text".to_string()
+            } else {
+                format!("texts[{i}]")
+            };
+            if t.trim().is_empty() {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "empty_text",
+                    format!("`{field}` is empty"),
+                ));
+            }
+            if t.len() > self.config.max_text_bytes {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "text_too_long",
+                    format!(
+                        "`{field}` has {} bytes; the limit is {}",
+                        t.len(),
+                        self.config.max_text_bytes
+                    ),
+                ));
+            }
+        }
+        let name = match &request["model"] {
+            Value::Null => "tfidf",
+            Value::String(s) => s.as_str(),
+            _ => return Err(bad_field("model", "must be a string")),
+        };
+        let serving = self.serving(name).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!(
+                    "no model `{name}` is served; served: {:?}",
+                    self.model_names()
+                ),
+            )
+        })?;
+        let version = &serving.row.version;
+        let predictions: Vec<Value> = texts
+            .iter()
+            .map(|t| {
+                let p = serving.bundle.model.predict(t);
+                self.metrics.prediction(name, version, p.label);
+                json!({"label": p.label, "score": p.score,
+                       "probabilities": {LABELS[0]: 1.0 - p.score, LABELS[1]: p.score}})
+            })
+            .collect();
+        let body = if request["text"].is_string() {
+            let mut single = predictions.into_iter().next().expect("one text");
+            single["model"] = name.into();
+            single["version"] = version.clone().into();
+            single
+        } else {
+            json!({"model": name, "version": version, "predictions": predictions})
+        };
+        Ok(json_response(StatusCode::OK, &body))
+    }
+}
+
+async fn handle(
+    app: Arc<App>,
+    method: Method,
+    path: warp::path::FullPath,
+    query: String,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, Infallible> {
+    let clock = Instant::now();
+    let id = format!(
+        "{:x}-{:x}",
+        app.started,
+        app.request_seq.fetch_add(1, Ordering::Relaxed)
+    );
+    let path = path.as_str().to_string();
+    let mut response = match app.dispatch(&method, &path, &query, &headers, &body).await {
+        Ok(r) => r,
+        Err(e) => error_response(e, &id),
+    };
+    response.headers_mut().insert(
+        "x-request-id",
+        HeaderValue::from_str(&id).expect("ids are ASCII"),
+    );
+    app.metrics.request(
+        &route_of(&method, &path),
+        response.status().as_u16(),
+        clock.elapsed().as_secs_f64(),
+    );
+    Ok(response)
+}
+
+fn error_response(e: ApiError, request_id: &str) -> Response {
+    let mut r = json_response(
+        e.status,
+        &json!({"error": {"code": e.code, "message": e.message, "request_id": request_id}}),
+    );
+    for (k, v) in e.headers {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            r.headers_mut().insert(k, v);
+        }
+    }
+    r
+}
+
+/// Rejections warp produces before the handler runs (oversized bodies, unknown methods).
+async fn recover(app: Arc<App>, rejection: warp::Rejection) -> Result<Response, warp::Rejection> {
+    let id = format!(
+        "{:x}-{:x}",
+        app.started,
+        app.request_seq.fetch_add(1, Ordering::Relaxed)
+    );
+    let e = if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the body is larger than {MAX_BODY} bytes"),
+        )
+    } else if rejection.find::<warp::reject::LengthRequired>().is_some() {
+        ApiError::new(
+            StatusCode::LENGTH_REQUIRED,
+            "length_required",
+            "send a Content-Length header",
+        )
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed; see /openapi.json",
+        )
+    } else {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such route; see /openapi.json",
+        )
+    };
+    let status = e.status.as_u16();
+    let mut r = error_response(e, &id);
+    r.headers_mut().insert(
+        "x-request-id",
+        HeaderValue::from_str(&id).expect("ids are ASCII"),
+    );
+    app.metrics.request("rejected", status, 0.0);
+    Ok(r)
+}
+
+/// Largest request body accepted.
+const MAX_BODY: u64 = 8 * 1024 * 1024;
+
+/// Runs the server until SIGINT or SIGTERM, then lets requests in flight finish and records a
+/// running training as interrupted.
+pub async fn serve(app: Arc<App>) -> anyhow::Result<()> {
+    let with_app = {
+        let app = app.clone();
+        warp::any().map(move || app.clone())
+    };
+    let query = warp::query::raw().or(warp::any().map(String::new)).unify();
+    let get = warp::get()
+        .and(with_app.clone())
+        .and(warp::method())
+        .and(warp::path::full())
+        .and(query)
+        .and(warp::header::headers_cloned())
+        .and(warp::any().map(Bytes::new))
+        .and_then(handle);
+    let post = warp::post()
+        .and(with_app.clone())
+        .and(warp::method())
+        .and(warp::path::full())
+        .and(query)
+        .and(warp::header::headers_cloned())
+        .and(warp::body::content_length_limit(MAX_BODY))
+        .and(warp::body::bytes())
+        .and_then(handle);
+    let recover_app = app.clone();
+    let routes = get
+        .or(post)
+        .unify()
+        .recover(move |r| recover(recover_app.clone(), r))
+        .unify();
+
+    let (addr, server) =
+        warp::serve(routes).try_bind_with_graceful_shutdown(app.config.addr, shutdown_signal())?;
+    tracing::info!("listening on http://{addr}");
+    eprintln!(
+        "sentiflow serving on http://{addr} (models: {:?})",
+        app.model_names()
+    );
+    server.await;
+    app.training.stop_all();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = int.recv() => {},
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}

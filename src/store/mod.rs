@@ -1,0 +1,412 @@
+//! The SQLite database: model versions, training runs with their stage events and log lines,
+//! and API keys. WAL mode, schema migrations by `user_version`, every write in a transaction, so
+//! a process killed at any moment loses no committed record.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::Serialize;
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("database: {0}")]
+    Sql(#[from] rusqlite::Error),
+}
+
+/// Schema versions, applied in order; the database's `user_version` says how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE models (
+    version     TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    pipeline    TEXT NOT NULL,
+    path        TEXT NOT NULL,
+    params      TEXT NOT NULL,
+    metrics     TEXT NOT NULL,
+    tuning      TEXT NOT NULL,
+    accuracy    REAL,
+    run_id      TEXT,
+    status      TEXT NOT NULL DEFAULT 'candidate',
+    created_at  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    promoted_at TEXT
+);
+CREATE TABLE runs (
+    id          TEXT PRIMARY KEY,
+    pipeline    TEXT NOT NULL,
+    params      TEXT NOT NULL,
+    stages      TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    error       TEXT,
+    created_at  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    finished_at TEXT
+);
+CREATE TABLE run_events (
+    run_id      TEXT NOT NULL REFERENCES runs(id),
+    stage       TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    duration_ms INTEGER,
+    metrics     TEXT,
+    error       TEXT,
+    at          TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE INDEX run_events_run ON run_events(run_id);
+CREATE TABLE run_logs (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    seq    INTEGER NOT NULL,
+    stage  TEXT NOT NULL,
+    line   TEXT NOT NULL,
+    at     TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    PRIMARY KEY (run_id, seq)
+);
+CREATE TABLE api_keys (
+    id         INTEGER PRIMARY KEY,
+    hash       TEXT NOT NULL UNIQUE,
+    role       TEXT NOT NULL,
+    label      TEXT,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+"#];
+
+/// A registered model version.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelRow {
+    pub version: String,
+    pub name: String,
+    pub kind: String,
+    pub pipeline: String,
+    pub path: String,
+    pub params: Value,
+    pub metrics: Value,
+    pub tuning: Value,
+    pub accuracy: Option<f64>,
+    pub run_id: Option<String>,
+    pub status: String,
+    pub created_at: String,
+    pub promoted_at: Option<String>,
+}
+
+/// A training run and what happened in it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRow {
+    pub id: String,
+    pub pipeline: String,
+    pub params: Value,
+    pub stages: Value,
+    pub status: String,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    pub events: Vec<Value>,
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+fn json(text: String) -> Value {
+    serde_json::from_str(&text).unwrap_or(Value::Null)
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let err = |source| StoreError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(parent) = path.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let mut conn = Connection::open(path).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
+        let applied: usize = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(err)?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+            let tx = conn.transaction().map_err(err)?;
+            tx.execute_batch(sql).map_err(err)?;
+            tx.pragma_update(None, "user_version", i + 1).map_err(err)?;
+            tx.commit().map_err(err)?;
+        }
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(f(&conn)?)
+    }
+
+    // --- API keys ---
+
+    pub fn add_key(&self, hash: &str, role: &str, label: Option<&str>) -> Result<i64, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO api_keys (hash, role, label) VALUES (?1, ?2, ?3)",
+                params![hash, role, label],
+            )?;
+            Ok(c.last_insert_rowid())
+        })
+    }
+
+    /// The role of the key whose SHA-256 is `hash`, with the key's id.
+    pub fn key_role(&self, hash: &str) -> Result<Option<(i64, String)>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id, role FROM api_keys WHERE hash = ?1",
+                [hash],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+        })
+    }
+
+    // --- models ---
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn register_model(&self, m: &ModelRow) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT OR IGNORE INTO models (version, name, kind, pipeline, path, params, metrics, tuning, accuracy, run_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                params![
+                    m.version,
+                    m.name,
+                    m.kind,
+                    m.pipeline,
+                    m.path,
+                    m.params.to_string(),
+                    m.metrics.to_string(),
+                    m.tuning.to_string(),
+                    m.accuracy,
+                    m.run_id
+                ],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    /// Marks `version` as the production model of its name; the previous one is archived.
+    pub fn promote(&self, version: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction()?;
+        let name: Option<String> = tx
+            .query_row(
+                "SELECT name FROM models WHERE version = ?1",
+                [version],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(name) = name else { return Ok(false) };
+        tx.execute(
+            "UPDATE models SET status = 'archived' WHERE name = ?1 AND status = 'production'",
+            [&name],
+        )?;
+        tx.execute(
+            "UPDATE models SET status = 'production', promoted_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE version = ?1",
+            [version],
+        )?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    const MODEL_COLUMNS: &'static str =
+        "version, name, kind, pipeline, path, params, metrics, tuning, accuracy, run_id, status, created_at, promoted_at";
+
+    fn model_row(r: &rusqlite::Row) -> rusqlite::Result<ModelRow> {
+        Ok(ModelRow {
+            version: r.get(0)?,
+            name: r.get(1)?,
+            kind: r.get(2)?,
+            pipeline: r.get(3)?,
+            path: r.get(4)?,
+            params: json(r.get(5)?),
+            metrics: json(r.get(6)?),
+            tuning: json(r.get(7)?),
+            accuracy: r.get(8)?,
+            run_id: r.get(9)?,
+            status: r.get(10)?,
+            created_at: r.get(11)?,
+            promoted_at: r.get(12)?,
+        })
+    }
+
+    pub fn models(&self) -> Result<Vec<ModelRow>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {} FROM models ORDER BY created_at DESC, version",
+                Self::MODEL_COLUMNS
+            ))?;
+            let rows = st.query_map([], Self::model_row)?.collect();
+            rows
+        })
+    }
+
+    pub fn model(&self, version: &str) -> Result<Option<ModelRow>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                &format!(
+                    "SELECT {} FROM models WHERE version = ?1",
+                    Self::MODEL_COLUMNS
+                ),
+                [version],
+                Self::model_row,
+            )
+            .optional()
+        })
+    }
+
+    /// The production version of each model name.
+    pub fn production(&self) -> Result<Vec<ModelRow>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!(
+                "SELECT {} FROM models WHERE status = 'production' ORDER BY name",
+                Self::MODEL_COLUMNS
+            ))?;
+            let rows = st.query_map([], Self::model_row)?.collect();
+            rows
+        })
+    }
+
+    // --- training runs ---
+
+    pub fn create_run(
+        &self,
+        id: &str,
+        pipeline: &str,
+        params: &Value,
+        stages: &Value,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO runs (id, pipeline, params, stages, status) VALUES (?1, ?2, ?3, ?4, 'running')",
+                params![id, pipeline, params.to_string(), stages.to_string()],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn finish_run(
+        &self,
+        id: &str,
+        status: &str,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE runs SET status = ?2, error = ?3, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?1",
+                params![id, status, error],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Runs left `running` by a process that died: they are recorded as interrupted.
+    pub fn interrupt_unfinished(&self) -> Result<usize, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE runs SET status = 'interrupted', error = 'the server stopped during the run',
+                 finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE status = 'running'",
+                [],
+            )
+        })
+    }
+
+    pub fn add_event(
+        &self,
+        run: &str,
+        stage: &str,
+        state: &str,
+        duration_ms: u64,
+        metrics: &Value,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO run_events (run_id, stage, state, duration_ms, metrics, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![run, stage, state, duration_ms as i64, metrics.to_string(), error],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn add_log(&self, run: &str, stage: &str, line: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO run_logs (run_id, seq, stage, line)
+                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM run_logs WHERE run_id = ?1), ?2, ?3)",
+                params![run, stage, line],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn run(&self, id: &str) -> Result<Option<RunRow>, StoreError> {
+        self.with(|c| {
+            let row = c
+                .query_row(
+                    "SELECT id, pipeline, params, stages, status, error, created_at, finished_at FROM runs WHERE id = ?1",
+                    [id],
+                    |r| {
+                        Ok(RunRow {
+                            id: r.get(0)?,
+                            pipeline: r.get(1)?,
+                            params: json(r.get(2)?),
+                            stages: json(r.get(3)?),
+                            status: r.get(4)?,
+                            error: r.get(5)?,
+                            created_at: r.get(6)?,
+                            finished_at: r.get(7)?,
+                            events: Vec::new(),
+                        })
+                    },
+                )
+                .optional()?;
+            let Some(mut row) = row else { return Ok(None) };
+            let mut st = c.prepare(
+                "SELECT stage, state, duration_ms, metrics, error, at FROM run_events WHERE run_id = ?1 ORDER BY rowid",
+            )?;
+            row.events = st
+                .query_map([id], |r| {
+                    Ok(serde_json::json!({
+                        "stage": r.get::<_, String>(0)?,
+                        "state": r.get::<_, String>(1)?,
+                        "duration_ms": r.get::<_, Option<i64>>(2)?,
+                        "metrics": json(r.get::<_, Option<String>>(3)?.unwrap_or_default()),
+                        "error": r.get::<_, Option<String>>(4)?,
+                        "at": r.get::<_, String>(5)?,
+                    }))
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(Some(row))
+        })
+    }
+
+    pub fn logs(&self, id: &str) -> Result<Vec<Value>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT seq, stage, line, at FROM run_logs WHERE run_id = ?1 ORDER BY seq")?;
+            let rows = st
+                .query_map([id], |r| {
+                    Ok(serde_json::json!({"seq": r.get::<_, i64>(0)?, "stage": r.get::<_, String>(1)?,
+                                          "line": r.get::<_, String>(2)?, "at": r.get::<_, String>(3)?}))
+                })?
+                .collect();
+            rows
+        })
+    }
+}
