@@ -31,7 +31,9 @@ REVIEW = ("I went into this film expecting very little, having been burned by th
           "to stay silent. It is not perfect: the middle act drags a little, and one subplot about the family "
           "business goes nowhere. But the final twenty minutes are as good as anything I have seen this year, "
           "and the last scene stayed with me for days. Highly recommended for anyone who likes character-driven "
-          "drama with a real heart; bring tissues.")
+          "drama with a real heart; bring tissues. I have already recommended it to half of my friends, and the two "
+          "who have seen it so far came back just as enthusiastic. See it on the biggest screen you can find: the "
+          "landscapes in the second half deserve it, and so does the sound design, which is subtle and precise. Ten out of ten from me, and a film I will happily watch again.")
 
 TRAIN_SKLEARN = r'''
 import sys, joblib, pyarrow.parquet as pq

@@ -35,6 +35,10 @@ pub mod exit {
     about = "Train, tune, track and serve sentiment models from YAML pipelines"
 )]
 struct Cli {
+    /// YAML file of settings (`addr: …`, `db: …`, `predict_rps: …`); flags and environment
+    /// variables take precedence.
+    #[arg(long, global = true, env = "SENTIFLOW_CONFIG")]
+    config: Option<PathBuf>,
     /// Cache directory [default: <project root>/cache, or ./cache outside a pipeline].
     #[arg(long, global = true, env = "SENTIFLOW_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
@@ -144,17 +148,31 @@ pub fn main() -> i32 {
         .with_target(false)
         .without_time()
         .init();
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e) => {
+    let parse = || {
+        Cli::try_parse().map_err(|e| {
             let _ = e.print();
-            return if e.use_stderr() {
+            if e.use_stderr() {
                 exit::INVALID
             } else {
                 exit::OK
-            };
-        }
+            }
+        })
     };
+    let mut cli = match parse() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    if let Some(path) = cli.config.clone() {
+        if let Err(e) = apply_config_file(&path) {
+            eprintln!("error: {e:#}");
+            return exit::INVALID;
+        }
+        // Settings from the file arrive through the environment: parse again to see them.
+        cli = match parse() {
+            Ok(cli) => cli,
+            Err(code) => return code,
+        };
+    }
     match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -162,6 +180,33 @@ pub fn main() -> i32 {
             exit::FAILED
         }
     }
+}
+
+/// `--config FILE` (or `SENTIFLOW_CONFIG`): a YAML mapping of setting names to values, e.g.
+/// `addr: 0.0.0.0:8080`. Each setting becomes the environment variable `SENTIFLOW_<NAME>` unless
+/// that is already set, so flags win over the environment, which wins over the file.
+fn apply_config_file(path: &Path) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading the config file {}", path.display()))?;
+    let doc = crate::pipeline::yaml::parse(&text)
+        .map_err(|e| anyhow::anyhow!("{}:{}:{}: {}", path.display(), e.pos.line, e.pos.col, e.message))?;
+    let serde_json::Value::Object(settings) = doc.value else {
+        anyhow::bail!(
+            "{}: expected a mapping of settings, e.g. `addr: 127.0.0.1:8080`",
+            path.display()
+        );
+    };
+    for (name, value) in settings {
+        let var = format!("SENTIFLOW_{}", name.to_ascii_uppercase().replace('-', "_"));
+        let value = match value {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        if std::env::var_os(&var).is_none() {
+            // Single-threaded here: nothing else reads the environment yet.
+            std::env::set_var(var, value);
+        }
+    }
+    Ok(())
 }
 
 fn load(file: &Path, set: &[String]) -> Result<Pipeline, i32> {
@@ -197,11 +242,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 }
             })?;
             let opts = Options {
-                jobs: jobs.unwrap_or_else(|| {
-                    std::thread::available_parallelism()
-                        .map(|n| n.get())
-                        .unwrap_or(1)
-                }),
+                jobs: jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
                 force,
                 targets: stages,
             };
@@ -210,7 +251,10 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let report = match exec::run(&p, &cache, &opts, &CANCEL, &console) {
                 Ok(r) => r,
                 Err(exec::ExecError::UnknownStage(s, known)) => {
-                    eprintln!("error: {}: unknown stage `{s}`\n  = hint: stages in this pipeline: {known}", file.display());
+                    eprintln!(
+                        "error: {}: unknown stage `{s}`\n  = hint: stages in this pipeline: {known}",
+                        file.display()
+                    );
                     return Ok(exit::INVALID);
                 }
                 Err(e) => return Err(e.into()),
@@ -274,30 +318,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let mut code = exit::OK;
             for file in &files {
                 match load(file, &[]) {
-                    Ok(p) => println!(
-                        "ok: {} ({}, {} stages)",
-                        file.display(),
-                        p.name,
-                        p.stages.len()
-                    ),
+                    Ok(p) => println!("ok: {} ({}, {} stages)", file.display(), p.name, p.stages.len()),
                     Err(c) => code = c,
                 }
             }
             Ok(code)
         }
-        Command::Predict {
-            model,
-            input,
-            texts,
-        } => predict(&model, input.as_deref(), &texts),
+        Command::Predict { model, input, texts } => predict(&model, input.as_deref(), &texts),
         Command::Serve { config } => {
-            let cache_dir = cli
-                .cache_dir
-                .clone()
-                .unwrap_or_else(|| config.root().join("cache"));
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let cache_dir = cli.cache_dir.clone().unwrap_or_else(|| config.root().join("cache"));
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(async {
                 let app = crate::serve::App::new(config, cache_dir)?;
                 crate::serve::serve(app).await
@@ -305,12 +335,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(exit::OK)
         }
         Command::Keys {
-            command:
-                KeysCommand::Create {
-                    role,
-                    label,
-                    config,
-                },
+            command: KeysCommand::Create { role, label, config },
         } => {
             let store = crate::store::Store::open(&config.db_path())?;
             let key = crate::serve::create_key(&store, role, label.as_deref())?;
@@ -384,11 +409,7 @@ fn predict(model: &Path, input: Option<&Path>, texts: &[String]) -> anyhow::Resu
                 }
             };
             let Some(text) = parsed["text"].as_str() else {
-                eprintln!(
-                    "error: {}:{}: missing string field `text`",
-                    path.display(),
-                    n + 1
-                );
+                eprintln!("error: {}:{}: missing string field `text`", path.display(), n + 1);
                 return Ok(exit::INVALID);
             };
             let id = if parsed["id"].is_null() {
@@ -466,11 +487,7 @@ impl Observer for Console {
     fn finished(&self, r: &StageReport) {
         self.running.lock().unwrap().retain(|s| s != &r.name);
         let text = match r.state {
-            State::Ran => format!(
-                "ran      {} ({:.2}s)",
-                r.name,
-                r.duration_ms as f64 / 1000.0
-            ),
+            State::Ran => format!("ran      {} ({:.2}s)", r.name, r.duration_ms as f64 / 1000.0),
             State::Cached => format!("cached   {}", r.name),
             State::Failed => format!("FAILED   {}: {}", r.name, r.error.as_deref().unwrap_or("")),
             State::Skipped => format!("skipped  {}: {}", r.name, r.error.as_deref().unwrap_or("")),

@@ -39,10 +39,7 @@ fn strip_tags(text: &str) -> String {
         let after = &rest[open..];
         match after.find('>') {
             // A tag starts with a letter, `/` or `!`; `a < b` is text.
-            Some(close)
-                if after[1..]
-                    .starts_with(|c: char| c.is_ascii_alphabetic() || c == '/' || c == '!') =>
-            {
+            Some(close) if after[1..].starts_with(|c: char| c.is_ascii_alphabetic() || c == '/' || c == '!') => {
                 out.push(' ');
                 rest = &after[close + 1..];
             }

@@ -19,10 +19,7 @@ fn post(s: &Server, path: &str, key: &str, body: &Value) -> Response {
         &s.addr,
         "POST",
         path,
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/json"),
-        ],
+        &[("Authorization", &auth), ("Content-Type", "application/json")],
         body.to_string().as_bytes(),
     )
 }
@@ -73,23 +70,14 @@ fn train_predict_and_inspect_over_http() {
         200,
         "health needs no key"
     );
-    assert_eq!(
-        http(&s.addr, "GET", "/ready", &[], b"").status,
-        503,
-        "no model yet"
-    );
+    assert_eq!(http(&s.addr, "GET", "/ready", &[], b"").status, 503, "no model yet");
     let r = post(&s, "/prediction", &predictor, &json!({"text": REVIEW}));
     assert_error(&r, 404, "model_not_found");
 
     let run = train(&s, &admin, json!({"pipeline": "quickstart"}));
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(run["stages"]["export_tfidf"]["state"], "ran");
-    assert!(
-        run["stages"]["train"]["metrics"]["accuracy"]
-            .as_f64()
-            .unwrap()
-            > 0.5
-    );
+    assert!(run["stages"]["train"]["metrics"]["accuracy"].as_f64().unwrap() > 0.5);
     let id = run["id"].as_str().unwrap();
     let logs = get(&s, &format!("/training/{id}/logs"), &admin).json();
     assert!(
@@ -143,9 +131,7 @@ fn train_predict_and_inspect_over_http() {
         "{metrics}"
     );
     assert!(
-        metrics.contains(
-            "sentiflow_request_duration_seconds_bucket{route=\"POST /prediction\",le=\"+Inf\"} 3"
-        ),
+        metrics.contains("sentiflow_request_duration_seconds_bucket{route=\"POST /prediction\",le=\"+Inf\"} 3"),
         "{metrics}"
     );
 
@@ -160,7 +146,7 @@ fn train_predict_and_inspect_over_http() {
 fn bad_requests_get_clear_json_errors_and_the_server_keeps_serving() {
     let p = quickstart();
     let (admin, predictor) = (key(&p, "admin"), key(&p, "predict"));
-    let s = Server::start(&p, &["--max-text-bytes", "2000"]);
+    let s = Server::start(&p, &["--max-text-chars", "2000"]);
     assert_eq!(
         train(&s, &admin, json!({"pipeline": "quickstart"}))["status"],
         "succeeded"
@@ -183,12 +169,7 @@ fn bad_requests_get_clear_json_errors_and_the_server_keeps_serving() {
         "unauthorized",
     );
     assert_error(
-        &post(
-            &s,
-            "/training",
-            &predictor,
-            &json!({"pipeline": "quickstart"}),
-        ),
+        &post(&s, "/training", &predictor, &json!({"pipeline": "quickstart"})),
         403,
         "forbidden",
     );
@@ -207,10 +188,7 @@ fn bad_requests_get_clear_json_errors_and_the_server_keeps_serving() {
         &s.addr,
         "POST",
         "/prediction",
-        &[
-            ("Authorization", &auth),
-            ("Content-Type", "application/json"),
-        ],
+        &[("Authorization", &auth), ("Content-Type", "application/json")],
         b"{\"text\": ",
     );
     assert_error(&r, 400, "malformed_json");
@@ -219,60 +197,31 @@ fn bad_requests_get_clear_json_errors_and_the_server_keeps_serving() {
         400,
         "invalid_field",
     );
-    let r = post(
-        &s,
-        "/prediction",
-        &predictor,
-        &json!({"texts": ["fine", 3]}),
-    );
+    let r = post(&s, "/prediction", &predictor, &json!({"texts": ["fine", 3]}));
     assert_error(&r, 400, "invalid_field");
-    assert!(
-        r.body.contains("texts[1]"),
-        "the field is named: {}",
-        r.body
-    );
+    assert!(r.body.contains("texts[1]"), "the field is named: {}", r.body);
     assert_error(
         &post(&s, "/prediction", &predictor, &json!({"text": "   "})),
         422,
         "empty_text",
     );
     assert_error(
-        &post(
-            &s,
-            "/prediction",
-            &predictor,
-            &json!({"text": "long ".repeat(500)}),
-        ),
+        &post(&s, "/prediction", &predictor, &json!({"text": "long ".repeat(500)})),
         422,
         "text_too_long",
     );
     assert_error(
-        &post(
-            &s,
-            "/prediction",
-            &predictor,
-            &json!({"texts": vec!["ok"; 65]}),
-        ),
+        &post(&s, "/prediction", &predictor, &json!({"texts": vec!["ok"; 65]})),
         422,
         "invalid_batch",
     );
     assert_error(
-        &post(
-            &s,
-            "/prediction",
-            &predictor,
-            &json!({"text": "ok", "model": "nope"}),
-        ),
+        &post(&s, "/prediction", &predictor, &json!({"text": "ok", "model": "nope"})),
         404,
         "model_not_found",
     );
     assert_error(
-        &post(
-            &s,
-            "/training",
-            &admin,
-            &json!({"pipeline": "../pipelines/quickstart"}),
-        ),
+        &post(&s, "/training", &admin, &json!({"pipeline": "../pipelines/quickstart"})),
         404,
         "pipeline_not_found",
     );
@@ -283,9 +232,38 @@ fn bad_requests_get_clear_json_errors_and_the_server_keeps_serving() {
             &admin,
             &json!({"pipeline": "quickstart", "params": {"nope": 1}}),
         ),
-        422,
-        "invalid_pipeline",
+        404,
+        "unknown_parameter",
     );
+    assert_error(
+        &post(
+            &s,
+            "/training",
+            &admin,
+            &json!({"pipeline": "quickstart", "stages": ["nope"]}),
+        ),
+        404,
+        "unknown_stage",
+    );
+    assert_error(
+        &post(&s, "/prediction", &predictor, &json!({"text": "ok", "extra": 1})),
+        400,
+        "invalid_field",
+    );
+    assert_error(
+        &post(&s, "/prediction", &predictor, &json!({"text": "ok", "model": null})),
+        400,
+        "invalid_field",
+    );
+    let r = http(
+        &s.addr,
+        "DELETE",
+        "/prediction",
+        &[("Authorization", &bearer(&admin))],
+        b"",
+    );
+    assert_error(&r, 405, "method_not_allowed");
+    assert_eq!(r.header("allow"), Some("POST"));
     assert_error(&get(&s, "/training/run-unknown", &admin), 404, "not_found");
     assert_error(&get(&s, "/nowhere", &admin), 404, "not_found");
     let r = http(
@@ -302,11 +280,7 @@ fn bad_requests_get_clear_json_errors_and_the_server_keeps_serving() {
     assert_error(&r, 413, "payload_too_large");
 
     let r = post(&s, "/prediction", &predictor, &json!({"text": REVIEW}));
-    assert_eq!(
-        r.status, 200,
-        "still serving after bad requests: {}",
-        r.body
-    );
+    assert_eq!(r.status, 200, "still serving after bad requests: {}", r.body);
 }
 
 #[test]
@@ -315,23 +289,13 @@ fn rate_limits_answer_429_with_retry_after() {
     let predictor = key(&p, "predict");
     let s = Server::start(&p, &["--predict-rps", "5"]);
     let statuses: Vec<Response> = (0..8).map(|_| get(&s, "/models", &predictor)).collect();
-    assert!(
-        statuses[..5].iter().all(|r| r.status == 200),
-        "the burst is the rate"
-    );
+    assert!(statuses[..5].iter().all(|r| r.status == 200), "the burst is the rate");
     let limited = statuses
         .iter()
         .find(|r| r.status == 429)
         .expect("a request over the limit");
     assert_error(limited, 429, "rate_limited");
-    assert!(
-        limited
-            .header("retry-after")
-            .unwrap()
-            .parse::<u64>()
-            .unwrap()
-            >= 1
-    );
+    assert!(limited.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
     assert_eq!(limited.header("x-ratelimit-limit"), Some("5"));
     assert_eq!(
         http(&s.addr, "GET", "/health", &[], b"").status,
@@ -369,10 +333,7 @@ fn one_run_per_pipeline_and_state_survives_restarts() {
     let s = Server::start(&p, &[]);
     let run = get(&s, &format!("/training/{id}"), &admin).json();
     assert_eq!(run["status"], "interrupted", "{run}");
-    assert_eq!(
-        get(&s, "/models", &admin).json()["models"][0]["version"],
-        version
-    );
+    assert_eq!(get(&s, "/models", &admin).json()["models"][0]["version"], version);
     assert_eq!(
         http(&s.addr, "GET", "/ready", &[], b"").status,
         200,
@@ -388,29 +349,15 @@ fn promotion_under_load_fails_no_request() {
     let admin = key(&p, "admin");
     let s = Server::start(
         &p,
-        &[
-            "--no-auto-promote",
-            "--predict-rps",
-            "100000",
-            "--admin-rps",
-            "100000",
-        ],
+        &["--no-auto-promote", "--predict-rps", "100000", "--admin-rps", "100000"],
     );
     // Two versions: the same pipeline with two seeds; the first is promoted by hand.
     assert_eq!(
-        train(
-            &s,
-            &admin,
-            json!({"pipeline": "quickstart", "params": {"seed": 1}})
-        )["status"],
+        train(&s, &admin, json!({"pipeline": "quickstart", "params": {"seed": 1}}))["status"],
         "succeeded"
     );
     assert_eq!(
-        train(
-            &s,
-            &admin,
-            json!({"pipeline": "quickstart", "params": {"seed": 2}})
-        )["status"],
+        train(&s, &admin, json!({"pipeline": "quickstart", "params": {"seed": 2}}))["status"],
         "succeeded"
     );
     let models = get(&s, "/models", &admin).json();
@@ -422,13 +369,7 @@ fn promotion_under_load_fails_no_request() {
         .collect();
     assert_eq!(versions.len(), 2, "{models}");
     assert_eq!(
-        post(
-            &s,
-            &format!("/models/{}/promote", versions[0]),
-            &admin,
-            &json!({})
-        )
-        .status,
+        post(&s, &format!("/models/{}/promote", versions[0]), &admin, &json!({})).status,
         200
     );
 
@@ -453,10 +394,7 @@ fn promotion_under_load_fails_no_request() {
                         &addr,
                         "POST",
                         "/prediction",
-                        &[
-                            ("Authorization", &auth),
-                            ("Content-Type", "application/json"),
-                        ],
+                        &[("Authorization", &auth), ("Content-Type", "application/json")],
                         body.as_bytes(),
                     );
                     if r.status != 200 {
@@ -490,9 +428,38 @@ fn promotion_under_load_fails_no_request() {
         0,
         "no request failed during promotions"
     );
-    assert_eq!(
-        seen.lock().unwrap().len(),
-        2,
-        "both versions served during the test"
+    assert_eq!(seen.lock().unwrap().len(), 2, "both versions served during the test");
+}
+
+#[test]
+fn a_killed_server_loses_nothing_committed() {
+    let p = quickstart();
+    p.write(
+        "pipelines/slow.yaml",
+        "name: slow\nstages:\n  wait: {uses: command, with: {run: 'sleep 5; echo done > out/w', outs: [out/w]}}\n",
     );
+    let admin = key(&p, "admin");
+    // Settings can come from a config file.
+    p.write("sentiflow.yaml", "admin_rps: 500\nmax_batch: 3\n");
+    let mut s = Server::start(&p, &["--config", "sentiflow.yaml"]);
+    assert_eq!(
+        train(&s, &admin, json!({"pipeline": "quickstart"}))["status"],
+        "succeeded"
+    );
+    assert_error(
+        &post(&s, "/prediction", &admin, &json!({"texts": ["a", "b", "c", "d"]})),
+        422,
+        "invalid_batch",
+    );
+    assert_eq!(get(&s, "/models", &admin).header("x-ratelimit-limit"), Some("500"));
+    let r = post(&s, "/training", &admin, &json!({"pipeline": "slow"}));
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    s.child.kill().unwrap(); // SIGKILL: no shutdown code runs
+    s.child.wait().unwrap();
+
+    let s = Server::start(&p, &[]);
+    let run = get(&s, &format!("/training/{id}"), &admin).json();
+    assert_eq!(run["status"], "interrupted", "{run}");
+    assert_eq!(get(&s, "/models", &admin).json()["models"].as_array().unwrap().len(), 1);
+    assert_eq!(post(&s, "/prediction", &admin, &json!({"text": REVIEW})).status, 200);
 }

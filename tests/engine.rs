@@ -33,10 +33,7 @@ fn states(report: &Value) -> Vec<(String, String)> {
 }
 
 fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
-    let mut v: Vec<(String, String)> = list
-        .iter()
-        .map(|(a, b)| (a.to_string(), b.to_string()))
-        .collect();
+    let mut v: Vec<(String, String)> = list.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
     v.sort();
     v
 }
@@ -79,10 +76,7 @@ fn cache_hits_do_not_run_stages() {
 
     let r = p.sentiflow(&["run", &f, "--json"]);
     assert_eq!(r.code, 0);
-    assert_eq!(
-        states(&r.json()),
-        pairs(&[("a", "cached"), ("b", "cached")])
-    );
+    assert_eq!(states(&r.json()), pairs(&[("a", "cached"), ("b", "cached")]));
     assert_eq!((p.count("runs/a"), p.count("runs/b")), (1, 1));
 
     // Cosmetic edits (description, layout) keep the cache.
@@ -91,18 +85,12 @@ fn cache_hits_do_not_run_stages() {
         .replace("\n  b:", "\n\n  b:");
     p.pipeline(&reformatted);
     let r = p.sentiflow(&["run", &f, "--json"]);
-    assert_eq!(
-        states(&r.json()),
-        pairs(&[("a", "cached"), ("b", "cached")])
-    );
+    assert_eq!(states(&r.json()), pairs(&[("a", "cached"), ("b", "cached")]));
 
     // A deleted output is restored from the cache, not recomputed.
     std::fs::remove_file(p.path("out/b.txt")).unwrap();
     let r = p.sentiflow(&["run", &f, "--json"]);
-    assert_eq!(
-        states(&r.json()),
-        pairs(&[("a", "cached"), ("b", "cached")])
-    );
+    assert_eq!(states(&r.json()), pairs(&[("a", "cached"), ("b", "cached")]));
     assert_eq!(p.read("out/b.txt"), "hello\nhello\n");
     assert_eq!(p.count("runs/b"), 1);
 
@@ -124,10 +112,7 @@ fn params_and_inputs_invalidate_exactly_what_they_reach() {
 
     // Back to the old value: both results come from the cache.
     let r = p.sentiflow(&["run", &f, "--json"]);
-    assert_eq!(
-        states(&r.json()),
-        pairs(&[("a", "cached"), ("b", "cached")])
-    );
+    assert_eq!(states(&r.json()), pairs(&[("a", "cached"), ("b", "cached")]));
     assert_eq!((p.count("runs/a"), p.count("runs/b")), (2, 2));
 
     // A changed input reruns a; its output is unchanged, so b stays cached.
@@ -171,9 +156,7 @@ fn a_stage_starts_when_its_own_needs_are_done() {
         .into_owned();
     let r = p.sentiflow(&["run", &f, "--jobs", "2", "--json"]);
     let report = r.json();
-    assert!(
-        stage(&report, "c")["finished_at"].as_f64() < stage(&report, "b")["finished_at"].as_f64()
-    );
+    assert!(stage(&report, "c")["finished_at"].as_f64() < stage(&report, "b")["finished_at"].as_f64());
 }
 
 #[test]
@@ -202,11 +185,7 @@ fn a_failure_skips_exactly_its_dependents() {
         .as_str()
         .unwrap()
         .contains("exit status: 3"));
-    assert!(
-        r.stderr.contains("[bad] oops"),
-        "stage output is shown: {}",
-        r.stderr
-    );
+    assert!(r.stderr.contains("[bad] oops"), "stage output is shown: {}", r.stderr);
 }
 
 #[test]
@@ -219,11 +198,7 @@ fn a_killed_run_resumes_from_finished_stages_and_never_uses_partial_outputs() {
         )
         .to_string_lossy()
         .into_owned();
-    let mut child = p
-        .cmd(&["run", &f])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = p.cmd(&["run", &f]).stderr(std::process::Stdio::null()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while !p.path("out/b").exists() {
         assert!(Instant::now() < deadline, "stage b never started");
@@ -233,17 +208,10 @@ fn a_killed_run_resumes_from_finished_stages_and_never_uses_partial_outputs() {
     child.kill().unwrap(); // SIGKILL: no chance to clean up
     child.wait().unwrap();
     let pid = p.read("runs/b.pid").trim().to_string();
-    let _ = std::process::Command::new("kill")
-        .arg("-9")
-        .arg(&pid)
-        .status();
+    let _ = std::process::Command::new("kill").arg("-9").arg(&pid).status();
 
     let r = p.sentiflow(&["status", &f]);
-    assert!(
-        r.stdout.contains("a  up to date\nb  stale: never run"),
-        "{}",
-        r.stdout
-    );
+    assert!(r.stdout.contains("a  up to date\nb  stale: never run"), "{}", r.stdout);
 
     p.write("release", "");
     let r = p.sentiflow(&["run", &f, "--json"]);
@@ -266,19 +234,12 @@ fn a_corrupt_cache_object_is_discarded_and_recomputed() {
     std::fs::remove_dir_all(p.path("out")).unwrap();
     let r = p.sentiflow(&["run", &f, "--json"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(
-        r.stderr.contains("discarding corrupt cache entry"),
-        "{}",
-        r.stderr
-    );
+    assert!(r.stderr.contains("discarding corrupt cache entry"), "{}", r.stderr);
     assert_eq!(states(&r.json()), pairs(&[("a", "ran"), ("b", "ran")]));
     assert_eq!(p.read("out/b.txt"), "hello\nhello\n");
     // The fresh entries are sound again.
     let r = p.sentiflow(&["run", &f, "--json"]);
-    assert_eq!(
-        states(&r.json()),
-        pairs(&[("a", "cached"), ("b", "cached")])
-    );
+    assert_eq!(states(&r.json()), pairs(&[("a", "cached"), ("b", "cached")]));
 }
 
 #[test]
@@ -307,10 +268,7 @@ fn status_names_why_each_stage_is_stale() {
     assert!(status(&[]).contains("a  stale: never run"));
     assert_eq!(p.sentiflow(&["run", &f]).code, 0);
     let s = status(&[]);
-    assert!(
-        s.contains("a  up to date") && s.contains("b  up to date"),
-        "{s}"
-    );
+    assert!(s.contains("a  up to date") && s.contains("b  up to date"), "{s}");
 
     let s = status(&["--set", "greeting=yo"]);
     assert!(s.contains("a  stale: params changed (run)"), "{s}");
@@ -325,9 +283,7 @@ fn status_names_why_each_stage_is_stale() {
     std::fs::remove_file(p.path("out/b.txt")).unwrap();
     assert!(status(&[]).contains("b  stale: output missing (out/b.txt)"));
 
-    let lock = p
-        .read("pipelines/p.lock")
-        .replacen("version: 1", "version: 0", 1);
+    let lock = p.read("pipelines/p.lock").replacen("version: 1", "version: 0", 1);
     p.write("pipelines/p.lock", &lock);
     assert!(status(&[]).contains("a  stale: code changed (version 0 -> 1)"));
 
@@ -359,11 +315,7 @@ fn the_lock_file_is_stable_and_records_each_stage() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(p.sentiflow(&["run", &f]).code, 0);
-    assert_eq!(
-        p.read("pipelines/p.lock"),
-        first,
-        "an unchanged run rewrites nothing"
-    );
+    assert_eq!(p.read("pipelines/p.lock"), first, "an unchanged run rewrites nothing");
     assert_eq!(
         std::fs::metadata(p.path("pipelines/p.lock"))
             .unwrap()
@@ -413,10 +365,7 @@ fn gc_keeps_what_the_latest_run_uses() {
     assert!(r.stdout.contains("kept 2 run entries"), "{}", r.stdout);
     std::fs::remove_dir_all(p.path("out")).unwrap();
     let r = p.sentiflow(&["run", &f, "--json"]);
-    assert_eq!(
-        states(&r.json()),
-        pairs(&[("a", "cached"), ("b", "cached")])
-    );
+    assert_eq!(states(&r.json()), pairs(&[("a", "cached"), ("b", "cached")]));
     let r = p.sentiflow(&["run", &f, "--set", "greeting=old", "--json"]);
     assert_eq!(states(&r.json()), pairs(&[("a", "ran"), ("b", "ran")]));
 }
@@ -449,8 +398,5 @@ fn interrupt_stops_running_stages_and_exits_130() {
     );
     assert_eq!(out.status.code(), Some(130));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(
-        states(&report),
-        pairs(&[("next", "skipped"), ("slow", "interrupted")])
-    );
+    assert_eq!(states(&report), pairs(&[("next", "skipped"), ("slow", "interrupted")]));
 }

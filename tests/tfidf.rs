@@ -42,9 +42,7 @@ fn quickstart_trains_exports_and_predicts() {
     let report = r.json();
     assert_eq!(stage(&report, "load")["metrics"]["rows"], 400);
     assert_eq!(stage(&report, "split")["metrics"]["valid_rows"], 80);
-    let acc = stage(&report, "train")["metrics"]["accuracy"]
-        .as_f64()
-        .unwrap();
+    let acc = stage(&report, "train")["metrics"]["accuracy"].as_f64().unwrap();
     assert!(
         acc > 0.7,
         "a model trained on 320 real reviews should beat chance clearly: {acc}"
@@ -52,13 +50,9 @@ fn quickstart_trains_exports_and_predicts() {
     assert_eq!(stage(&report, "tune")["metrics"]["trials"], 4);
 
     let bundle = p.path("models/quickstart/tfidf");
-    let manifest: Value =
-        serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap();
+    let manifest: Value = serde_json::from_slice(&std::fs::read(bundle.join("manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["format"], "sentiflow-bundle/1");
-    assert_eq!(
-        manifest["labels"],
-        serde_json::json!(["negative", "positive"])
-    );
+    assert_eq!(manifest["labels"], serde_json::json!(["negative", "positive"]));
     assert_eq!(manifest["metrics"]["accuracy"].as_f64().unwrap(), acc);
     assert!(manifest["files"]["weights.bin"].is_string());
     assert!(
@@ -74,11 +68,7 @@ fn quickstart_trains_exports_and_predicts() {
         "Awful. Boring plot, terrible acting, a complete waste of time.",
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let lines: Vec<Value> = r
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<Value> = r.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[0]["id"], 1);
     assert_eq!(lines[0]["label"], "positive");
@@ -86,20 +76,13 @@ fn quickstart_trains_exports_and_predicts() {
     let s0 = lines[0]["score"].as_f64().unwrap();
     assert!(s0 > 0.5 && s0 <= 1.0);
 
-    p.write("in.jsonl", "{\"id\": \"a\", \"text\": \"great film, loved it\"}\n\n{\"id\": 7, \"text\": \"worst movie ever, awful\"}\n");
-    let r = p.sentiflow(&[
-        "predict",
-        "--model",
-        "models/quickstart/tfidf",
-        "--input",
+    p.write(
         "in.jsonl",
-    ]);
+        "{\"id\": \"a\", \"text\": \"great film, loved it\"}\n\n{\"id\": 7, \"text\": \"worst movie ever, awful\"}\n",
+    );
+    let r = p.sentiflow(&["predict", "--model", "models/quickstart/tfidf", "--input", "in.jsonl"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    let lines: Vec<Value> = r
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines: Vec<Value> = r.stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(
         (lines[0]["id"].clone(), lines[1]["id"].clone()),
         (Value::from("a"), Value::from(7))
@@ -120,13 +103,11 @@ fn bundles_are_byte_identical_whatever_the_parallelism() {
     let a = quickstart();
     let b = quickstart();
     assert_eq!(
-        a.sentiflow(&["run", "pipelines/quickstart.yaml", "--jobs", "1"])
-            .code,
+        a.sentiflow(&["run", "pipelines/quickstart.yaml", "--jobs", "1"]).code,
         0
     );
     assert_eq!(
-        b.sentiflow(&["run", "pipelines/quickstart.yaml", "--jobs", "2"])
-            .code,
+        b.sentiflow(&["run", "pipelines/quickstart.yaml", "--jobs", "2"]).code,
         0
     );
     let (fa, fb) = (
@@ -156,42 +137,18 @@ fn predict_reports_bad_input_clearly() {
     assert_eq!(p.sentiflow(&["run", "pipelines/quickstart.yaml"]).code, 0);
     let r = p.sentiflow(&["predict", "--model", "nowhere", "text"]);
     assert_eq!(r.code, 2);
-    assert!(
-        r.stderr.contains("nowhere: not a model bundle"),
-        "{}",
-        r.stderr
-    );
-    p.write(
-        "bad.jsonl",
-        "{\"id\": 1, \"text\": \"fine\"}\n{\"id\": 2}\n",
-    );
-    let r = p.sentiflow(&[
-        "predict",
-        "--model",
-        "models/quickstart/tfidf",
-        "--input",
-        "bad.jsonl",
-    ]);
+    assert!(r.stderr.contains("nowhere: not a model bundle"), "{}", r.stderr);
+    p.write("bad.jsonl", "{\"id\": 1, \"text\": \"fine\"}\n{\"id\": 2}\n");
+    let r = p.sentiflow(&["predict", "--model", "models/quickstart/tfidf", "--input", "bad.jsonl"]);
     assert_eq!(r.code, 2);
     assert!(
-        r.stderr
-            .contains("bad.jsonl:2: missing string field `text`"),
+        r.stderr.contains("bad.jsonl:2: missing string field `text`"),
         "{}",
         r.stderr
     );
     p.write("bad.jsonl", "not json\n");
-    let r = p.sentiflow(&[
-        "predict",
-        "--model",
-        "models/quickstart/tfidf",
-        "--input",
-        "bad.jsonl",
-    ]);
-    assert!(
-        r.stderr.contains("bad.jsonl:1: invalid JSON"),
-        "{}",
-        r.stderr
-    );
+    let r = p.sentiflow(&["predict", "--model", "models/quickstart/tfidf", "--input", "bad.jsonl"]);
+    assert!(r.stderr.contains("bad.jsonl:1: invalid JSON"), "{}", r.stderr);
 }
 
 /// Runs a load → clean → split → vectorize → tune pipeline over `data` (a path in the project).
@@ -205,10 +162,7 @@ fn run_small(p: &Project, data: &str, load_extra: &str, folds: usize) -> (i32, V
 }
 
 fn error_of(report: &Value, name: &str) -> String {
-    stage(report, name)["error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+    stage(report, name)["error"].as_str().unwrap_or_default().to_string()
 }
 
 fn csv_rows(n: usize) -> String {
@@ -276,11 +230,7 @@ fn imdb_directories_and_archives_load_alike() {
         }
     }
     p.write("imdb/aclImdb/train/unsup/0_0.txt", "unlabelled, ignored");
-    std::fs::write(
-        p.path("imdb/aclImdb/train/pos/99_10.txt"),
-        b"bad \xff bytes",
-    )
-    .unwrap();
+    std::fs::write(p.path("imdb/aclImdb/train/pos/99_10.txt"), b"bad \xff bytes").unwrap();
     p.write("imdb/aclImdb/train/neg/98_1.txt", "   ");
     let (code, report) = run_small(&p, "imdb", "", 2);
     assert_eq!(code, 0, "{report}");
@@ -307,10 +257,7 @@ fn bad_inputs_fail_with_clear_errors() {
     p.write("empty.csv", "");
     let (code, report) = run_small(&p, "empty.csv", "", 2);
     assert_eq!(code, 1);
-    assert!(
-        error_of(&report, "load").contains("no column `review`"),
-        "{report}"
-    );
+    assert!(error_of(&report, "load").contains("no column `review`"), "{report}");
 
     p.write("cols.csv", "text,label\nhello,positive\n");
     let (_, report) = run_small(&p, "cols.csv", "", 2);
@@ -321,10 +268,7 @@ fn bad_inputs_fail_with_clear_errors() {
 
     p.write("headeronly.csv", "review,sentiment\n");
     let (_, report) = run_small(&p, "headeronly.csv", "", 2);
-    assert!(
-        error_of(&report, "load").contains("no reviews loaded"),
-        "{report}"
-    );
+    assert!(error_of(&report, "load").contains("no reviews loaded"), "{report}");
 
     let mut bytes = b"review,sentiment\n".to_vec();
     bytes.extend_from_slice(b"\"caf\xe9 latin-1\",positive\n");
@@ -348,9 +292,8 @@ fn bad_inputs_fail_with_clear_errors() {
     p.write("tiny.csv", &csv_rows(12));
     let (_, report) = run_small(&p, "tiny.csv", "", 5);
     assert!(
-        error_of(&report, "tune").contains(
-            "5-fold cross-validation needs at least 5 negative training reviews, found 4"
-        ),
+        error_of(&report, "tune")
+            .contains("5-fold cross-validation needs at least 5 negative training reviews, found 4"),
         "{report}"
     );
 
@@ -372,10 +315,7 @@ fn missing_data_with_an_unreachable_url_says_where_to_put_it() {
         e.contains("downloading http://127.0.0.1:9/aclImdb_v1.tar.gz failed"),
         "{e}"
     );
-    assert!(
-        e.contains("put the file at") && e.contains("--set data=PATH"),
-        "{e}"
-    );
+    assert!(e.contains("put the file at") && e.contains("--set data=PATH"), "{e}");
 }
 
 #[test]
@@ -408,9 +348,9 @@ fn random_search_draws_the_requested_trials() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let trials: Vec<Value> = serde_json::from_str(&p.read("out/t/trials.json")).unwrap();
     assert_eq!(trials.len(), 5);
-    assert!(trials.iter().all(
-        |t| t["accuracy_mean"].as_f64().is_some() && t["folds"].as_array().unwrap().len() == 3
-    ));
+    assert!(trials
+        .iter()
+        .all(|t| t["accuracy_mean"].as_f64().is_some() && t["folds"].as_array().unwrap().len() == 3));
     assert_eq!(p.read("out/t/trials.csv").lines().count(), 6);
     let best: Value = serde_json::from_str(&p.read("out/t/best.json")).unwrap();
     assert_eq!(best["vectorizer"], "vec");

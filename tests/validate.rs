@@ -25,10 +25,7 @@ fn validate(args: &[&str]) -> (i32, String, String) {
 #[test]
 fn broken_pipelines_exit_2_with_their_location() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/pipelines/invalid");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
+    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
     files.sort();
     assert!(files.len() >= 20, "only {} broken pipelines", files.len());
     for file in files {
@@ -90,8 +87,7 @@ fn several_problems_are_reported_together() {
         r.stderr
     );
     assert!(
-        r.stderr
-            .contains("p.yaml:4:30: stage `b` needs unknown stage `zz`"),
+        r.stderr.contains("p.yaml:4:30: stage `b` needs unknown stage `zz`"),
         "{}",
         r.stderr
     );
@@ -100,14 +96,15 @@ fn several_problems_are_reported_together() {
 #[test]
 fn bad_set_overrides_exit_2() {
     let p = Project::new();
-    let file = p.pipeline("name: demo\nparams: {greeting: hi}\nstages:\n  a: {uses: command, with: {run: 'echo ${params.greeting}'}}\n");
+    let file = p.pipeline(
+        "name: demo\nparams: {greeting: hi}\nstages:\n  a: {uses: command, with: {run: 'echo ${params.greeting}'}}\n",
+    );
     let f = file.to_str().unwrap();
     let r = p.sentiflow(&["run", f, "--set", "greting=yo"]);
     assert_eq!(r.code, 2);
     assert!(
-        r.stderr.contains(
-            "p.yaml:2:1: bad --set `greting=yo`: the pipeline declares no parameter `greting`"
-        ),
+        r.stderr
+            .contains("p.yaml:2:1: bad --set `greting=yo`: the pipeline declares no parameter `greting`"),
         "{}",
         r.stderr
     );
@@ -115,8 +112,7 @@ fn bad_set_overrides_exit_2() {
     let r = p.sentiflow(&["run", f, "--set", "greeting"]);
     assert_eq!(r.code, 2);
     assert!(
-        r.stderr
-            .contains("bad --set `greeting`: expected NAME=VALUE"),
+        r.stderr.contains("bad --set `greeting`: expected NAME=VALUE"),
         "{}",
         r.stderr
     );
@@ -132,8 +128,7 @@ fn unknown_target_stage_and_missing_file_exit_2() {
     let r = p.sentiflow(&["validate", "pipelines/missing.yaml"]);
     assert_eq!(r.code, 2);
     assert!(
-        r.stderr
-            .contains("pipelines/missing.yaml:1:1: cannot read file"),
+        r.stderr.contains("pipelines/missing.yaml:1:1: cannot read file"),
         "{}",
         r.stderr
     );
@@ -143,19 +138,11 @@ fn unknown_target_stage_and_missing_file_exit_2() {
 
 #[test]
 fn committed_schema_matches_the_types() {
-    let out = std::process::Command::new(BIN)
-        .arg("schema")
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(BIN).arg("schema").output().unwrap();
     let generated = String::from_utf8(out.stdout).unwrap();
-    let committed = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/schema.json"),
-    )
-    .unwrap();
-    assert_eq!(
-        generated, committed,
-        "run `sentiflow schema > pipelines/schema.json`"
-    );
+    let committed =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/schema.json")).unwrap();
+    assert_eq!(generated, committed, "run `sentiflow schema > pipelines/schema.json`");
     let schema: serde_json::Value = serde_json::from_str(&generated).unwrap();
     assert!(schema["properties"]["stages"].is_object());
 }

@@ -108,13 +108,7 @@ impl Hasher {
             let mut files = BTreeMap::new();
             walk(&abs, &abs, &mut |rel_in_dir, path, meta| {
                 let hash = self.file_hash(path, meta)?;
-                files.insert(
-                    rel_in_dir,
-                    FileEntry {
-                        hash,
-                        size: meta.len(),
-                    },
-                );
+                files.insert(rel_in_dir, FileEntry { hash, size: meta.len() });
                 Ok(())
             })?;
             Ok(dir_artifact(rel, files))
@@ -135,11 +129,8 @@ impl Hasher {
                 return Ok(h.clone());
             }
         }
-        let hash = hash_reader(
-            fs::File::open(path).map_err(|e| CacheError::io(path, e))?,
-            None,
-        )
-        .map_err(|e| CacheError::io(path, e))?;
+        let hash = hash_reader(fs::File::open(path).map_err(|e| CacheError::io(path, e))?, None)
+            .map_err(|e| CacheError::io(path, e))?;
         self.remember(path, meta, &hash);
         Ok(hash)
     }
@@ -176,10 +167,7 @@ pub fn dir_artifact(rel: &str, files: BTreeMap<String, FileEntry>) -> Artifact {
 }
 
 /// Streams `reader` through SHA-256, copying it to `copy` when given.
-pub fn hash_reader(
-    mut reader: impl Read,
-    mut copy: Option<&mut dyn Write>,
-) -> std::io::Result<String> {
+pub fn hash_reader(mut reader: impl Read, mut copy: Option<&mut dyn Write>) -> std::io::Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {

@@ -85,10 +85,7 @@ impl Cache {
     }
 
     fn run_path(&self, key: &str) -> PathBuf {
-        self.dir
-            .join("runs")
-            .join(&key[..2])
-            .join(format!("{key}.json"))
+        self.dir.join("runs").join(&key[..2]).join(format!("{key}.json"))
     }
 
     fn object_path(&self, hash: &str) -> PathBuf {
@@ -151,10 +148,8 @@ impl Cache {
     fn store_file(&self, path: &Path, meta: &fs::Metadata) -> Result<(String, u64), CacheError> {
         let src = fs::File::open(path).map_err(|e| CacheError::io(path, e))?;
         let tmp_dir = self.dir.join("tmp");
-        let mut tmp =
-            tempfile::NamedTempFile::new_in(&tmp_dir).map_err(|e| CacheError::io(&tmp_dir, e))?;
-        let hash =
-            hash_reader(src, Some(tmp.as_file_mut())).map_err(|e| CacheError::io(path, e))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(|e| CacheError::io(&tmp_dir, e))?;
+        let hash = hash_reader(src, Some(tmp.as_file_mut())).map_err(|e| CacheError::io(path, e))?;
         let dest = self.object_path(&hash);
         if !dest.exists() {
             persist(tmp, &dest)?;
@@ -194,10 +189,8 @@ impl Cache {
         })?;
         let parent = dest.parent().expect("outputs live under the root");
         fs::create_dir_all(parent).map_err(|e| CacheError::io(parent, e))?;
-        let mut tmp =
-            tempfile::NamedTempFile::new_in(parent).map_err(|e| CacheError::io(parent, e))?;
-        let got =
-            hash_reader(src, Some(tmp.as_file_mut())).map_err(|e| CacheError::io(&src_path, e))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(parent).map_err(|e| CacheError::io(parent, e))?;
+        let got = hash_reader(src, Some(tmp.as_file_mut())).map_err(|e| CacheError::io(&src_path, e))?;
         if got != hash {
             let _ = fs::remove_file(&src_path);
             return Err(CacheError::Corrupt {
@@ -213,9 +206,7 @@ impl Cache {
 
     fn usage_path(&self, pipeline: &Path) -> PathBuf {
         let id = sha256_hex(pipeline.to_string_lossy().as_bytes());
-        self.dir
-            .join("pipelines")
-            .join(format!("{}.json", &id[..16]))
+        self.dir.join("pipelines").join(format!("{}.json", &id[..16]))
     }
 
     /// Records which keys the latest run of `pipeline` uses, so `gc` keeps them.
@@ -244,15 +235,8 @@ impl Cache {
         let mut report = GcReport::default();
         let mut objects = BTreeSet::new();
         for file in list_files(&self.dir.join("runs"))? {
-            let key = file
-                .file_stem()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
-            let entry = keys
-                .contains(&key)
-                .then(|| self.lookup(&key).ok().flatten())
-                .flatten();
+            let key = file.file_stem().unwrap_or_default().to_string_lossy().into_owned();
+            let entry = keys.contains(&key).then(|| self.lookup(&key).ok().flatten()).flatten();
             match entry {
                 Some(entry) => {
                     report.runs_kept += 1;
@@ -272,11 +256,7 @@ impl Cache {
             }
         }
         for file in list_files(&self.dir.join("objects"))? {
-            let hash = file
-                .file_name()
-                .unwrap_or_default()
-                .to_string_lossy()
-                .into_owned();
+            let hash = file.file_name().unwrap_or_default().to_string_lossy().into_owned();
             if objects.contains(&hash) {
                 report.objects_kept += 1;
             } else {
@@ -332,8 +312,7 @@ fn persist(mut tmp: tempfile::NamedTempFile, dest: &Path) -> Result<(), CacheErr
     if let Some(parent) = dest.parent() {
         fs::create_dir_all(parent).map_err(|e| CacheError::io(parent, e))?;
     }
-    tmp.persist(dest)
-        .map_err(|e| CacheError::io(dest, e.error))?;
+    tmp.persist(dest).map_err(|e| CacheError::io(dest, e.error))?;
     Ok(())
 }
 

@@ -69,10 +69,7 @@ impl Reviews {
             text: indices.iter().map(|&i| self.text[i].clone()).collect(),
             label: indices.iter().map(|&i| self.label[i]).collect(),
             rating: indices.iter().map(|&i| self.rating[i]).collect(),
-            source_split: indices
-                .iter()
-                .map(|&i| self.source_split[i].clone())
-                .collect(),
+            source_split: indices.iter().map(|&i| self.source_split[i].clone()).collect(),
         }
     }
 

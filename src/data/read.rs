@@ -93,12 +93,7 @@ impl ImdbCollector {
             .sort_by(|a, b| (&a.0.split, b.0.label, a.0.id).cmp(&(&b.0.split, a.0.label, b.0.id)));
         let mut r = Reviews::default();
         for (m, text) in self.rows {
-            let id = format!(
-                "{}_{}_{}",
-                m.split,
-                if m.label == 1 { "pos" } else { "neg" },
-                m.id
-            );
+            let id = format!("{}_{}_{}", m.split, if m.label == 1 { "pos" } else { "neg" }, m.id);
             r.push(id, text, m.label, m.rating, &m.split);
         }
         (r, self.rejected)
@@ -108,10 +103,7 @@ impl ImdbCollector {
 /// Reads the IMDB layout from a `.tar.gz`, streaming it without extracting.
 pub fn imdb_archive(path: &Path) -> Result<(Reviews, Rejected), DataError> {
     let file = File::open(path).map_err(io(path))?;
-    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(BufReader::with_capacity(
-        1 << 20,
-        file,
-    )));
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(BufReader::with_capacity(1 << 20, file)));
     let mut c = ImdbCollector {
         rows: Vec::new(),
         rejected: Rejected::new(),
@@ -120,8 +112,7 @@ pub fn imdb_archive(path: &Path) -> Result<(Reviews, Rejected), DataError> {
         .entries()
         .map_err(|e| DataError::format(path, format!("not a .tar.gz archive: {e}")))?;
     for entry in entries {
-        let mut entry =
-            entry.map_err(|e| DataError::format(path, format!("corrupt archive: {e}")))?;
+        let mut entry = entry.map_err(|e| DataError::format(path, format!("corrupt archive: {e}")))?;
         if !entry.header().entry_type().is_file() {
             continue;
         }
@@ -241,15 +232,9 @@ pub fn csv(
             *c.rejected.entry("unreadable").or_default() += 1;
             continue;
         };
-        let field = |k: usize| {
-            record
-                .get(k)
-                .map(|b| std::str::from_utf8(b).map(str::to_string))
-        };
+        let field = |k: usize| record.get(k).map(|b| std::str::from_utf8(b).map(str::to_string));
         match (field(t), field(l)) {
-            (Some(Err(_)), _) | (_, Some(Err(_))) => {
-                *c.rejected.entry("non_utf8").or_default() += 1
-            }
+            (Some(Err(_)), _) | (_, Some(Err(_))) => *c.rejected.entry("non_utf8").or_default() += 1,
             (text, label) => {
                 let id = i.and_then(field).and_then(Result::ok);
                 c.add(id, text.and_then(Result::ok), label.and_then(Result::ok));
@@ -307,26 +292,14 @@ pub fn parquet(
     };
     let file = File::open(path).map_err(io(path))?;
     let df = ParquetReader::new(file).finish().map_err(perr)?;
-    let names: Vec<String> = df
-        .get_column_names()
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let names: Vec<String> = df.get_column_names().iter().map(|s| s.to_string()).collect();
     let col = |name: &str| {
-        df.column(name).map_err(|_| {
-            DataError::format(
-                path,
-                format!("no column `{name}`; columns are: {}", names.join(", ")),
-            )
-        })
+        df.column(name)
+            .map_err(|_| DataError::format(path, format!("no column `{name}`; columns are: {}", names.join(", "))))
     };
     let as_strings = |c: &Column| -> Result<Vec<Option<String>>, DataError> {
         let s = c.cast(&DataType::String).map_err(perr)?;
-        Ok(s.str()
-            .map_err(perr)?
-            .iter()
-            .map(|v| v.map(str::to_string))
-            .collect())
+        Ok(s.str().map_err(perr)?.iter().map(|v| v.map(str::to_string)).collect())
     };
     let texts = as_strings(col(text_col)?)?;
     let labels = as_strings(col(label_col)?)?;
@@ -337,11 +310,7 @@ pub fn parquet(
     let ratings: Option<Vec<Option<i32>>> = names
         .iter()
         .any(|n| n == "rating")
-        .then(|| {
-            df.column("rating")
-                .and_then(|c| c.cast(&DataType::Int32))
-                .ok()
-        })
+        .then(|| df.column("rating").and_then(|c| c.cast(&DataType::Int32)).ok())
         .flatten()
         .and_then(|c| c.i32().ok().map(|ca| ca.iter().collect()));
     let splits: Option<Vec<Option<String>>> = names

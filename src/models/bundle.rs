@@ -93,16 +93,13 @@ impl TfidfModel {
         let vectorizer = Tfidf::load(dir)?;
         let path = dir.join("model.json");
         let mut model: LinearModel =
-            serde_json::from_slice(&std::fs::read(&path).map_err(io(&path))?).map_err(|e| {
-                BundleError::Invalid {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                }
+            serde_json::from_slice(&std::fs::read(&path).map_err(io(&path))?).map_err(|e| BundleError::Invalid {
+                path: path.display().to_string(),
+                reason: e.to_string(),
             })?;
         let path = dir.join("weights.bin");
         let mut r = BufReader::new(std::fs::File::open(&path).map_err(io(&path))?);
-        model.weights = read_vec(&mut r, vectorizer.vocabulary_size(), f32::from_le_bytes)
-            .map_err(io(&path))?;
+        model.weights = read_vec(&mut r, vectorizer.vocabulary_size(), f32::from_le_bytes).map_err(io(&path))?;
         Ok(TfidfModel { vectorizer, model })
     }
 
@@ -130,11 +127,10 @@ impl Bundle {
             path: dir.display().to_string(),
             reason: format!("cannot read manifest.json ({e})"),
         })?;
-        let manifest: Manifest =
-            serde_json::from_slice(&bytes).map_err(|e| BundleError::Invalid {
-                path: path.display().to_string(),
-                reason: e.to_string(),
-            })?;
+        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| BundleError::Invalid {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         if manifest.format != FORMAT || manifest.kind != "tfidf" {
             return Err(BundleError::Invalid {
                 path: path.display().to_string(),

@@ -81,9 +81,7 @@ impl ModelSpec {
             ModelSpec::Elasticnet { l1_ratio, .. } if !(0.0..=1.0).contains(l1_ratio) => {
                 Err(format!("l1_ratio must be in [0, 1], got {l1_ratio}"))
             }
-            ModelSpec::Nbsvm { alpha, .. } if *alpha <= 0.0 => {
-                Err(format!("alpha must be positive, got {alpha}"))
-            }
+            ModelSpec::Nbsvm { alpha, .. } if *alpha <= 0.0 => Err(format!("alpha must be positive, got {alpha}")),
             _ => Ok(()),
         }
     }
@@ -147,10 +145,7 @@ impl LinearModel {
     /// Fits the model on the rows `rows` of `x`, with labels `y` (1 positive, 0 negative; one
     /// per row of `x`).
     pub fn fit(spec: &ModelSpec, x: &Csr, y: &[u8], rows: &[usize], seed: u64) -> LinearModel {
-        let signs: Vec<f64> = rows
-            .iter()
-            .map(|&i| if y[i] == 1 { 1.0 } else { -1.0 })
-            .collect();
+        let signs: Vec<f64> = rows.iter().map(|&i| if y[i] == 1 { 1.0 } else { -1.0 }).collect();
         // A contiguous copy of the rows: the solvers sweep it many times.
         let x = x.select(rows);
         let (weights, bias, platt) = match spec {
@@ -203,10 +198,7 @@ fn nb_ratio(x: &Csr, y: &[f64], alpha: f64) -> Vec<f64> {
         }
     }
     let (sp, sq): (f64, f64) = (p.iter().sum(), q.iter().sum());
-    p.iter()
-        .zip(&q)
-        .map(|(p, q)| ((p / sp) / (q / sq)).ln())
-        .collect()
+    p.iter().zip(&q).map(|(p, q)| ((p / sp) / (q / sq)).ln()).collect()
 }
 
 /// Dual coordinate descent for L2-regularised logistic regression (`Log`) or squared-hinge SVM
@@ -365,9 +357,7 @@ fn fista(x: &Csr, y: &[f64], c: f64, rho: f64) -> (Vec<f64>, f64) {
                 z.exp().ln_1p()
             }
         }) / n as f64;
-        let r: Vec<f64> = (0..n)
-            .map(|i| -y[i] * sigmoid(-y[i] * margins[i]) / n as f64)
-            .collect();
+        let r: Vec<f64> = (0..n).map(|i| -y[i] * sigmoid(-y[i] * margins[i]) / n as f64).collect();
         let l2: f64 = w.iter().map(|v| v * v).sum::<f64>() * 0.5 * lambda * (1.0 - rho);
         (loss + l2, r)
     };
@@ -408,26 +398,11 @@ fn fista(x: &Csr, y: &[f64], c: f64, rho: f64) -> (Vec<f64>, f64) {
         let (gw, gb) = grad(&zw, &r);
         let (nw, nb, fnew) = loop {
             let step = 1.0 / lip;
-            let nw: Vec<f64> = zw
-                .iter()
-                .zip(&gw)
-                .map(|(z, g)| prox(z - step * g, step))
-                .collect();
+            let nw: Vec<f64> = zw.iter().zip(&gw).map(|(z, g)| prox(z - step * g, step)).collect();
             let nb = zb - step * gb;
             let (fnew, _) = smooth(&nw, nb);
-            let diff_sq: f64 = nw
-                .iter()
-                .zip(&zw)
-                .map(|(a, b)| (a - b) * (a - b))
-                .sum::<f64>()
-                + (nb - zb) * (nb - zb);
-            let lin: f64 = nw
-                .iter()
-                .zip(&zw)
-                .zip(&gw)
-                .map(|((a, b), g)| g * (a - b))
-                .sum::<f64>()
-                + gb * (nb - zb);
+            let diff_sq: f64 = nw.iter().zip(&zw).map(|(a, b)| (a - b) * (a - b)).sum::<f64>() + (nb - zb) * (nb - zb);
+            let lin: f64 = nw.iter().zip(&zw).zip(&gw).map(|((a, b), g)| g * (a - b)).sum::<f64>() + gb * (nb - zb);
             if fnew <= fz + lin + 0.5 * lip * diff_sq + 1e-12 || lip > 1e12 {
                 break (nw, nb, fnew);
             }
@@ -435,11 +410,7 @@ fn fista(x: &Csr, y: &[f64], c: f64, rho: f64) -> (Vec<f64>, f64) {
         };
         let t_next = (1.0 + (1.0 + 4.0 * t * t).sqrt()) / 2.0;
         let momentum = (t - 1.0) / t_next;
-        zw = nw
-            .iter()
-            .zip(&w)
-            .map(|(a, b)| a + momentum * (a - b))
-            .collect();
+        zw = nw.iter().zip(&w).map(|(a, b)| a + momentum * (a - b)).collect();
         zb = nb + momentum * (nb - b);
         w = nw;
         b = nb;
@@ -481,10 +452,7 @@ mod tests {
         for spec in [
             ModelSpec::Logreg { c: 10.0 },
             ModelSpec::Svm { c: 1.0 },
-            ModelSpec::Elasticnet {
-                c: 10.0,
-                l1_ratio: 0.5,
-            },
+            ModelSpec::Elasticnet { c: 10.0, l1_ratio: 0.5 },
             ModelSpec::Nbsvm {
                 c: 1.0,
                 alpha: 1.0,
@@ -499,17 +467,9 @@ mod tests {
             let all: Vec<usize> = (0..x.rows()).collect();
             let m = LinearModel::fit(&spec, &x, &y, &all, 1);
             let p = m.predict_proba(&x);
-            let correct = p
-                .iter()
-                .zip(&y)
-                .filter(|(p, &l)| (**p > 0.5) == (l == 1))
-                .count();
+            let correct = p.iter().zip(&y).filter(|(p, &l)| (**p > 0.5) == (l == 1)).count();
             assert_eq!(correct, 200, "{spec:?}");
-            assert!(
-                m.weights[0] > 0.0 && m.weights[1] < 0.0,
-                "{spec:?}: {:?}",
-                m.weights
-            );
+            assert!(m.weights[0] > 0.0 && m.weights[1] < 0.0, "{spec:?}: {:?}", m.weights);
         }
     }
 
@@ -537,18 +497,9 @@ mod tests {
     #[test]
     fn fits_do_not_depend_on_thread_count() {
         let (x, y) = data();
-        let spec = ModelSpec::Elasticnet {
-            c: 5.0,
-            l1_ratio: 0.3,
-        };
-        let one = rayon::ThreadPoolBuilder::new()
-            .num_threads(1)
-            .build()
-            .unwrap();
-        let three = rayon::ThreadPoolBuilder::new()
-            .num_threads(3)
-            .build()
-            .unwrap();
+        let spec = ModelSpec::Elasticnet { c: 5.0, l1_ratio: 0.3 };
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let three = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
         let all: Vec<usize> = (0..x.rows()).collect();
         let a = one.install(|| LinearModel::fit(&spec, &x, &y, &all, 1));
         let b = three.install(|| LinearModel::fit(&spec, &x, &y, &all, 1));

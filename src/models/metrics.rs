@@ -98,8 +98,7 @@ mod tests {
         assert!((s.recall - 2.0 / 3.0).abs() < 1e-12);
         // Positive/negative pairs ranked right: (0.9,0.6) (0.9,0.2) (0.8,0.6) (0.8,0.2) (0.3,0.2) = 5 of 6.
         assert!((s.roc_auc - 5.0 / 6.0).abs() < 1e-12);
-        let expected_ll =
-            -(0.9f64.ln() + 0.8f64.ln() + 0.3f64.ln() + 0.4f64.ln() + 0.8f64.ln()) / 5.0;
+        let expected_ll = -(0.9f64.ln() + 0.8f64.ln() + 0.3f64.ln() + 0.4f64.ln() + 0.8f64.ln()) / 5.0;
         assert!((s.log_loss - expected_ll).abs() < 1e-12);
         assert!((roc_auc(&[0.5, 0.5], &[1, 0]) - 0.5).abs() < 1e-12);
     }

@@ -76,10 +76,7 @@ impl Csr {
     #[inline]
     pub fn dot(&self, i: usize, w: &[f64]) -> f64 {
         let (c, v) = self.row(i);
-        c.iter()
-            .zip(v)
-            .map(|(&j, &x)| w[j as usize] * x as f64)
-            .sum()
+        c.iter().zip(v).map(|(&j, &x)| w[j as usize] * x as f64).sum()
     }
 
     /// Squared norm of row `i`.

@@ -75,14 +75,8 @@ pub enum TfidfError {
     Config(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
-    #[error(
-        "no term is left in the vocabulary (min_df {min_df}, max_df {max_df}, {docs} documents)"
-    )]
-    EmptyVocabulary {
-        min_df: u32,
-        max_df: f64,
-        docs: usize,
-    },
+    #[error("no term is left in the vocabulary (min_df {min_df}, max_df {max_df}, {docs} documents)")]
+    EmptyVocabulary { min_df: u32, max_df: f64, docs: usize },
 }
 
 const ID_BITS: u32 = 21;
@@ -130,29 +124,19 @@ impl TfidfConfig {
             )));
         }
         if !(0.0..=1.0).contains(&self.max_df) || self.max_df == 0.0 {
-            return Err(TfidfError::Config(format!(
-                "max_df {}: must be in (0, 1]",
-                self.max_df
-            )));
+            return Err(TfidfError::Config(format!("max_df {}: must be in (0, 1]", self.max_df)));
         }
-        Tokenizer::new(&self.token_pattern)
-            .map_err(|e| TfidfError::Config(format!("token_pattern: {e}")))
+        Tokenizer::new(&self.token_pattern).map_err(|e| TfidfError::Config(format!("token_pattern: {e}")))
     }
 }
 
 impl Tfidf {
     /// Fits the vocabulary and idf on `texts` and returns their matrix.
-    pub fn fit_transform(
-        config: &TfidfConfig,
-        texts: &[String],
-    ) -> Result<(Tfidf, Csr), TfidfError> {
+    pub fn fit_transform(config: &TfidfConfig, texts: &[String]) -> Result<(Tfidf, Csr), TfidfError> {
         let tokenizer = config.check()?;
         let [lo, hi] = config.ngram;
         let clock = std::time::Instant::now();
-        let normalized: Vec<String> = texts
-            .par_iter()
-            .map(|t| normalize(t, config.lowercase))
-            .collect();
+        let normalized: Vec<String> = texts.par_iter().map(|t| normalize(t, config.lowercase)).collect();
         let tokens: Vec<Vec<&str>> = normalized
             .par_iter()
             .map(|t| {
@@ -199,12 +183,7 @@ impl Tfidf {
         let counts: FxHashMap<u64, (u32, u64)> = ids
             .par_chunks(slice)
             .fold(
-                || {
-                    FxHashMap::with_capacity_and_hasher(
-                        expected / rayon::current_num_threads(),
-                        Default::default(),
-                    )
-                },
+                || FxHashMap::with_capacity_and_hasher(expected / rayon::current_num_threads(), Default::default()),
                 |mut local: FxHashMap<u64, (u32, u64)>, chunk| {
                     let mut keys = Vec::new();
                     for doc in chunk {
@@ -228,11 +207,7 @@ impl Tfidf {
                 }
                 big
             });
-        tracing::debug!(
-            "counted {} distinct n-grams in {:?}",
-            counts.len(),
-            clock.elapsed()
-        );
+        tracing::debug!("counted {} distinct n-grams in {:?}", counts.len(), clock.elapsed());
         let n_docs = texts.len();
         let max_df = (config.max_df * n_docs as f64).floor() as u32;
         let term_of = |k: u64| -> String {
@@ -250,15 +225,10 @@ impl Tfidf {
             .collect();
         if let Some(max) = config.max_features {
             // Most frequent first; ties broken by term so the choice is deterministic.
-            kept.par_sort_unstable_by(|a, b| {
-                b.2.cmp(&a.2).then_with(|| term_of(a.0).cmp(&term_of(b.0)))
-            });
+            kept.par_sort_unstable_by(|a, b| b.2.cmp(&a.2).then_with(|| term_of(a.0).cmp(&term_of(b.0))));
             kept.truncate(max);
         }
-        let mut vocab: Vec<(String, u64, u32)> = kept
-            .into_par_iter()
-            .map(|(k, df, _)| (term_of(k), k, df))
-            .collect();
+        let mut vocab: Vec<(String, u64, u32)> = kept.into_par_iter().map(|(k, df, _)| (term_of(k), k, df)).collect();
         vocab.par_sort_unstable_by(|a, b| a.0.cmp(&b.0));
         if vocab.is_empty() {
             return Err(TfidfError::EmptyVocabulary {
@@ -267,18 +237,13 @@ impl Tfidf {
                 docs: n_docs,
             });
         }
-        let index: FxHashMap<u64, u32> = vocab
-            .iter()
-            .enumerate()
-            .map(|(c, (_, k, _))| (*k, c as u32))
-            .collect();
+        let index: FxHashMap<u64, u32> = vocab.iter().enumerate().map(|(c, (_, k, _))| (*k, c as u32)).collect();
         let idf: Vec<f32> = vocab
             .iter()
             .map(|(_, _, df)| (((1 + n_docs) as f64 / (1 + *df) as f64).ln() + 1.0) as f32)
             .collect();
         let terms: Vec<String> = vocab.into_iter().map(|(t, _, _)| t).collect();
-        let owned_unigrams: FxHashMap<String, u32> =
-            unigrams.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let owned_unigrams: FxHashMap<String, u32> = unigrams.iter().map(|(k, v)| (k.to_string(), *v)).collect();
 
         let model = Tfidf {
             config: config.clone(),
@@ -304,10 +269,7 @@ impl Tfidf {
         let [lo, hi] = self.config.ngram;
         let mut keys = Vec::new();
         ngrams(ids, lo, hi, &mut keys);
-        let mut cols: Vec<u32> = keys
-            .iter()
-            .filter_map(|k| self.index.get(k).copied())
-            .collect();
+        let mut cols: Vec<u32> = keys.iter().filter_map(|k| self.index.get(k).copied()).collect();
         cols.sort_unstable();
         let mut row: Vec<(u32, f32)> = cols
             .chunk_by(|a, b| a == b)
@@ -323,14 +285,9 @@ impl Tfidf {
             })
             .collect();
         if self.config.l2_norm {
-            let norm = row
-                .iter()
-                .map(|(_, v)| (*v as f64) * (*v as f64))
-                .sum::<f64>()
-                .sqrt();
+            let norm = row.iter().map(|(_, v)| (*v as f64) * (*v as f64)).sum::<f64>().sqrt();
             if norm > 0.0 {
-                row.iter_mut()
-                    .for_each(|(_, v)| *v = (*v as f64 / norm) as f32);
+                row.iter_mut().for_each(|(_, v)| *v = (*v as f64 / norm) as f32);
             }
         }
         row
@@ -386,9 +343,8 @@ impl Tfidf {
     }
 
     pub fn load(dir: &Path) -> Result<Tfidf, TfidfError> {
-        let config: TfidfConfig =
-            serde_json::from_slice(&std::fs::read(dir.join("vectorizer.json"))?)
-                .map_err(|e| TfidfError::Config(format!("vectorizer.json: {e}")))?;
+        let config: TfidfConfig = serde_json::from_slice(&std::fs::read(dir.join("vectorizer.json"))?)
+            .map_err(|e| TfidfError::Config(format!("vectorizer.json: {e}")))?;
         let tokenizer = config.check()?;
         let terms: Vec<String> = BufReader::new(std::fs::File::open(dir.join("terms.txt"))?)
             .lines()

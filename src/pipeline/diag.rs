@@ -74,10 +74,7 @@ impl Diagnostics {
     }
 
     pub fn render(&self) -> String {
-        self.items
-            .iter()
-            .map(|d| d.render(self.text.as_deref()))
-            .collect()
+        self.items.iter().map(|d| d.render(self.text.as_deref())).collect()
     }
 }
 

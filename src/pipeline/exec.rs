@@ -109,9 +109,7 @@ pub fn stage_inputs(
         }
     }
     for dep in p.stages[i].kind.stage().deps() {
-        let a = hasher
-            .artifact(&p.root, &dep)
-            .map_err(|e| (dep.clone(), e))?;
+        let a = hasher.artifact(&p.root, &dep).map_err(|e| (dep.clone(), e))?;
         inputs.insert(a.path, a.hash);
     }
     Ok(inputs)
@@ -119,31 +117,21 @@ pub fn stage_inputs(
 
 /// The cache key of a stage: a hash of its kind, the kind's implementation version, its
 /// parameters (key order ignored) and its inputs' hashes.
-pub fn cache_key(
-    kind: &str,
-    version: u32,
-    params: &Value,
-    inputs: &BTreeMap<String, String>,
-) -> String {
+pub fn cache_key(kind: &str, version: u32, params: &Value, inputs: &BTreeMap<String, String>) -> String {
     let material = json!({
         "kind": kind,
         "version": version,
         "params": canonical(params),
         "inputs": inputs,
     });
-    sha256_hex(
-        serde_json::to_string(&material)
-            .expect("keys serialize")
-            .as_bytes(),
-    )
+    sha256_hex(serde_json::to_string(&material).expect("keys serialize").as_bytes())
 }
 
 /// `value` with every object's keys sorted, so equal parameters hash equally.
 pub fn canonical(value: &Value) -> Value {
     match value {
         Value::Object(m) => {
-            let sorted: BTreeMap<&String, Value> =
-                m.iter().map(|(k, v)| (k, canonical(v))).collect();
+            let sorted: BTreeMap<&String, Value> = m.iter().map(|(k, v)| (k, canonical(v))).collect();
             Value::Object(sorted.into_iter().map(|(k, v)| (k.clone(), v)).collect())
         }
         Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
@@ -177,11 +165,7 @@ pub fn run(
         .iter()
         .map(|&i| (i, p.dag.needs(i).filter(|n| selected.contains(n)).count()))
         .collect();
-    let mut ready: VecDeque<usize> = waiting
-        .iter()
-        .filter(|(_, &n)| n == 0)
-        .map(|(&i, _)| i)
-        .collect();
+    let mut ready: VecDeque<usize> = waiting.iter().filter(|(_, &n)| n == 0).map(|(&i, _)| i).collect();
     let mut reports: Vec<Option<StageReport>> = vec![None; p.stages.len()];
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(opts.jobs.max(1))
@@ -227,12 +211,7 @@ pub fn run(
             let name = report.name.clone();
             reports[i] = Some(report);
             if failed {
-                for d in p
-                    .dag
-                    .dependents(i)
-                    .into_iter()
-                    .filter(|d| selected.contains(d))
-                {
+                for d in p.dag.dependents(i).into_iter().filter(|d| selected.contains(d)) {
                     if reports[d].is_none() {
                         waiting.remove(&d);
                         ready.retain(|&r| r != d);
@@ -266,9 +245,7 @@ pub fn run(
     let stages: Vec<StageReport> = reports.into_iter().flatten().collect();
     let report = Report {
         pipeline: p.name.clone(),
-        ok: stages
-            .iter()
-            .all(|s| matches!(s.state, State::Ran | State::Cached)),
+        ok: stages.iter().all(|s| matches!(s.state, State::Ran | State::Cached)),
         interrupted,
         stages,
     };
@@ -343,7 +320,10 @@ fn run_stage(
                     return report;
                 }
                 Err(CacheError::Corrupt { what, reason }) => {
-                    obs.warn(&format!("{}: discarding corrupt cache entry {what} ({reason}); running the stage again", stage.name));
+                    obs.warn(&format!(
+                        "{}: discarding corrupt cache entry {what} ({reason}); running the stage again",
+                        stage.name
+                    ));
                     cache.discard(&key);
                 }
                 Err(e) => return fail(report, State::Failed, format!("restoring outputs: {e}")),
@@ -365,10 +345,7 @@ fn run_stage(
             Upstream {
                 name: s.name.clone(),
                 kind: s.kind.name(),
-                outs: upstream[&s.name]
-                    .iter()
-                    .map(|a| p.root.join(&a.path))
-                    .collect(),
+                outs: upstream[&s.name].iter().map(|a| p.root.join(&a.path)).collect(),
             }
         })
         .collect();
@@ -386,9 +363,7 @@ fn run_stage(
     report.duration_ms = clock.elapsed().as_millis() as u64;
     let metrics = match result {
         Ok(m) => m,
-        Err(StageError::Cancelled) => {
-            return fail(report, State::Interrupted, "interrupted".into())
-        }
+        Err(StageError::Cancelled) => return fail(report, State::Interrupted, "interrupted".into()),
         Err(e) => return fail(report, State::Failed, e.to_string()),
     };
     if let Some(missing) = outs.iter().find(|o| !p.root.join(o).exists()) {
@@ -410,11 +385,7 @@ fn run_stage(
         duration_ms: report.duration_ms,
     };
     if let Err(e) = cache.record(&key, &entry) {
-        return fail(
-            report,
-            State::Failed,
-            format!("recording the cache entry: {e}"),
-        );
+        return fail(report, State::Failed, format!("recording the cache entry: {e}"));
     }
     report.state = State::Ran;
     report.outs = entry.outs;
@@ -445,23 +416,13 @@ mod tests {
         let base = cache_key("command", 1, &params, &inputs);
         assert_eq!(
             base,
-            cache_key(
-                "command",
-                1,
-                &json!({"outs": ["a", "b"], "run": "echo"}),
-                &inputs
-            )
+            cache_key("command", 1, &json!({"outs": ["a", "b"], "run": "echo"}), &inputs)
         );
         assert_ne!(base, cache_key("train", 1, &params, &inputs));
         assert_ne!(base, cache_key("command", 2, &params, &inputs));
         assert_ne!(
             base,
-            cache_key(
-                "command",
-                1,
-                &json!({"run": "echo", "outs": ["b", "a"]}),
-                &inputs
-            )
+            cache_key("command", 1, &json!({"run": "echo", "outs": ["b", "a"]}), &inputs)
         );
         let changed: BTreeMap<String, String> = [("data/x".to_string(), "ab".to_string())].into();
         assert_ne!(base, cache_key("command", 1, &params, &changed));

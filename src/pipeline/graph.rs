@@ -128,11 +128,7 @@ impl Dag {
             DagFormat::Dot => {
                 out.push_str("digraph pipeline {\n    rankdir=TB;\n");
                 for s in stages {
-                    out.push_str(&format!(
-                        "    \"{0}\" [label=\"{0}\\n{1}\"];\n",
-                        s.name,
-                        s.kind.name()
-                    ));
+                    out.push_str(&format!("    \"{0}\" [label=\"{0}\\n{1}\"];\n", s.name, s.kind.name()));
                 }
                 for (a, b) in edges {
                     out.push_str(&format!("    \"{a}\" -> \"{b}\";\n"));

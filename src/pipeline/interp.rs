@@ -123,10 +123,7 @@ mod tests {
     use serde_json::json;
 
     fn params() -> Map<String, Value> {
-        json!({"greeting": "hi", "seed": 42})
-            .as_object()
-            .unwrap()
-            .clone()
+        json!({"greeting": "hi", "seed": 42}).as_object().unwrap().clone()
     }
 
     fn env(name: &str) -> Option<String> {
@@ -135,8 +132,7 @@ mod tests {
 
     #[test]
     fn whole_string_keeps_type() {
-        let mut v =
-            json!({"seed": "${params.seed}", "msg": "say ${params.greeting} ${params.seed}"});
+        let mut v = json!({"seed": "${params.seed}", "msg": "say ${params.greeting} ${params.seed}"});
         interpolate(&mut v, "with", &params(), &env).unwrap();
         assert_eq!(v, json!({"seed": 42, "msg": "say hi 42"}));
     }

@@ -32,8 +32,7 @@ pub struct LockedStage {
     pub metrics: Metrics,
 }
 
-const HEADER: &str =
-    "# Written by `sentiflow run`: the inputs, parameters and outputs of each stage's last run.\n";
+const HEADER: &str = "# Written by `sentiflow run`: the inputs, parameters and outputs of each stage's last run.\n";
 
 /// The pipeline's lock file, or an empty one when there is none or it cannot be read.
 pub fn read(p: &Pipeline) -> LockFile {
@@ -60,11 +59,7 @@ impl Writer {
         let mut lock = read(p);
         lock.pipeline = p.name.clone();
         lock.stages.retain(|name, _| p.stage(name).is_some());
-        Writer {
-            path,
-            lock,
-            written,
-        }
+        Writer { path, lock, written }
     }
 
     /// Records a stage that ran or was restored (others keep their last entry), and writes the
@@ -80,11 +75,7 @@ impl Writer {
                     key: r.key.clone().unwrap_or_default(),
                     params: canonical(&kind.params()),
                     inputs: r.inputs.clone(),
-                    outs: r
-                        .outs
-                        .iter()
-                        .map(|a| (a.path.clone(), a.hash.clone()))
-                        .collect(),
+                    outs: r.outs.iter().map(|a| (a.path.clone(), a.hash.clone())).collect(),
                     duration_ms: r.duration_ms,
                     metrics: r.metrics.clone(),
                 },
@@ -168,11 +159,7 @@ pub fn status(p: &Pipeline, hasher: &Hasher) -> Vec<(String, Staleness)> {
                     params: changed_keys(&locked.params, &params),
                 };
             }
-            if let Some(n) = p
-                .dag
-                .needs(i)
-                .find(|n| result.get(n) != Some(&Staleness::UpToDate))
-            {
+            if let Some(n) = p.dag.needs(i).find(|n| result.get(n) != Some(&Staleness::UpToDate)) {
                 return Staleness::UpstreamStale {
                     stage: p.stages[n].name.clone(),
                 };
@@ -203,22 +190,14 @@ pub fn status(p: &Pipeline, hasher: &Hasher) -> Vec<(String, Staleness)> {
                 .iter()
                 .find(|(k, v)| locked.inputs.get(*k) != Some(v))
                 .map(|(k, _)| k.clone())
-                .or_else(|| {
-                    locked
-                        .inputs
-                        .keys()
-                        .find(|k| !inputs.contains_key(*k))
-                        .cloned()
-                })
+                .or_else(|| locked.inputs.keys().find(|k| !inputs.contains_key(*k)).cloned())
             {
                 return Staleness::InputChanged { path };
             }
             for (path, hash) in &locked.outs {
                 match hasher.artifact(&p.root, path) {
                     Err(_) => return Staleness::OutputMissing { path: path.clone() },
-                    Ok(a) if &a.hash != hash => {
-                        return Staleness::OutputModified { path: path.clone() }
-                    }
+                    Ok(a) if &a.hash != hash => return Staleness::OutputModified { path: path.clone() },
                     Ok(_) => {}
                 }
             }

@@ -70,11 +70,7 @@ impl Pipeline {
     pub fn load(file: &Path, overrides: &[String]) -> Result<Pipeline, Diagnostics> {
         let source = std::fs::read_to_string(file).map_err(|e| {
             Diagnostics::one(
-                Diagnostic::new(
-                    file,
-                    yaml::Pos { line: 1, col: 1 },
-                    format!("cannot read file: {e}"),
-                ),
+                Diagnostic::new(file, yaml::Pos { line: 1, col: 1 }, format!("cannot read file: {e}")),
                 None,
             )
         })?;
@@ -93,8 +89,14 @@ impl Pipeline {
             text: Some(source.to_string()),
         };
         let doc = yaml::parse(source).map_err(|e| {
-            fail(vec![Diagnostic::new(file, e.pos, format!("invalid YAML: {}", e.message))
-                .hint("check indentation, and quote strings that contain `: ` or start with `{`, `[`, `*` or `&`")])
+            fail(vec![Diagnostic::new(
+                file,
+                e.pos,
+                format!("invalid YAML: {}", e.message),
+            )
+            .hint(
+                "check indentation, and quote strings that contain `: ` or start with `{`, `[`, `*` or `&`",
+            )])
         })?;
         let checker = Checker { file, doc: &doc };
         if !doc.value.is_object() {
@@ -104,9 +106,7 @@ impl Pipeline {
                 "a pipeline must be a mapping with `name` and `stages`",
             )]));
         }
-        let head: PipelineFile = checker
-            .typed(doc.value.clone(), "")
-            .map_err(|d| fail(vec![d]))?;
+        let head: PipelineFile = checker.typed(doc.value.clone(), "").map_err(|d| fail(vec![d]))?;
         let mut diags = Vec::new();
         if !valid_name(&head.name) {
             diags.push(
@@ -151,19 +151,14 @@ impl Pipeline {
             // Point at the `needs` entry that closes the cycle.
             let last = &cycle[cycle.len() - 2];
             let next = &cycle[cycle.len() - 1];
-            let stage = stages
-                .iter()
-                .find(|s| &s.name == last)
-                .expect("cycle names stages");
+            let stage = stages.iter().find(|s| &s.name == last).expect("cycle names stages");
             let i = stage.needs.iter().position(|n| n == next).unwrap_or(0);
             fail(vec![Diagnostic::new(
                 file,
                 doc.value_pos(&format!("stages.{last}.needs[{i}]")),
                 format!("dependency cycle: {}", cycle.join(" -> ")),
             )
-            .hint(
-                "a stage cannot need itself, directly or through other stages",
-            )])
+            .hint("a stage cannot need itself, directly or through other stages")])
         })?;
         Ok(Pipeline {
             name: head.name,
@@ -177,10 +172,7 @@ impl Pipeline {
 }
 
 fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 /// Normalises a relative output path so `./out//a` and `out/a` compare equal.
@@ -203,12 +195,9 @@ impl Checker<'_> {
             let mut path = base.to_string();
             for seg in err.path().iter() {
                 match seg {
-                    serde_path_to_error::Segment::Seq { index } => {
-                        path = yaml::index_path(&path, *index)
-                    }
+                    serde_path_to_error::Segment::Seq { index } => path = yaml::index_path(&path, *index),
                     serde_path_to_error::Segment::Map { key } => path = child_path(&path, key),
-                    serde_path_to_error::Segment::Enum { .. }
-                    | serde_path_to_error::Segment::Unknown => {}
+                    serde_path_to_error::Segment::Enum { .. } | serde_path_to_error::Segment::Unknown => {}
                 }
             }
             let inner = err.into_inner().to_string();
@@ -217,23 +206,12 @@ impl Checker<'_> {
     }
 
     fn serde_diagnostic(&self, path: &str, message: &str) -> Diagnostic {
-        let field = if path.is_empty() {
-            "the pipeline"
-        } else {
-            path
-        };
+        let field = if path.is_empty() { "the pipeline" } else { path };
         if let Some(rest) = message.strip_prefix("unknown field `") {
             let key = rest.split('`').next().unwrap_or_default();
             // The error's path may already end at the unknown key; name its parent.
-            let parent = path
-                .strip_suffix(key)
-                .map(|p| p.trim_end_matches('.'))
-                .unwrap_or(path);
-            let field = if parent.is_empty() {
-                "the pipeline"
-            } else {
-                parent
-            };
+            let parent = path.strip_suffix(key).map(|p| p.trim_end_matches('.')).unwrap_or(path);
+            let field = if parent.is_empty() { "the pipeline" } else { parent };
             let expected = rest.split_once(", expected ").map(|x| x.1).unwrap_or("");
             let hint = if expected.is_empty() {
                 "remove it".to_string()
@@ -255,11 +233,7 @@ impl Checker<'_> {
                 format!("missing field `{key}` in {field}"),
             );
         }
-        Diagnostic::new(
-            self.file,
-            self.doc.value_pos(path),
-            format!("{field}: {message}"),
-        )
+        Diagnostic::new(self.file, self.doc.value_pos(path), format!("{field}: {message}"))
     }
 
     fn apply_override(&self, params: &mut Map<String, Value>, o: &str) -> Result<(), Diagnostic> {
@@ -322,26 +296,21 @@ impl Checker<'_> {
         for (i, need) in raw.needs.iter().enumerate() {
             let at = self.doc.value_pos(&format!("{path}.needs[{i}]"));
             if need == name {
-                return Err(
-                    Diagnostic::new(self.file, at, format!("stage `{name}` needs itself"))
-                        .hint("remove it from `needs`"),
-                );
+                return Err(Diagnostic::new(self.file, at, format!("stage `{name}` needs itself"))
+                    .hint("remove it from `needs`"));
             }
             if !head.stages.contains_key(need) {
                 let known: Vec<&str> = head.stages.keys().map(String::as_str).collect();
-                return Err(Diagnostic::new(
-                    self.file,
-                    at,
-                    format!("stage `{name}` needs unknown stage `{need}`"),
-                )
-                .hint(format!("stages in this pipeline: {}", known.join(", "))));
+                return Err(
+                    Diagnostic::new(self.file, at, format!("stage `{name}` needs unknown stage `{need}`"))
+                        .hint(format!("stages in this pipeline: {}", known.join(", "))),
+                );
             }
         }
         let mut with = raw.with;
         let with_path = child_path(path, "with");
-        interp::interpolate(&mut with, &with_path, params, env).map_err(|e| {
-            Diagnostic::new(self.file, self.doc.value_pos(&e.path), e.message).hint(e.hint)
-        })?;
+        interp::interpolate(&mut with, &with_path, params, env)
+            .map_err(|e| Diagnostic::new(self.file, self.doc.value_pos(&e.path), e.message).hint(e.hint))?;
         let tagged = serde_json::json!({"uses": raw.uses, "with": with.clone()});
         let kind: StageKind = self.typed(tagged, path).map_err(|mut d| {
             if d.message.contains("unknown variant") {
@@ -357,11 +326,7 @@ impl Checker<'_> {
             if let Some(key) = given.keys().find(|k| !known.contains_key(*k)) {
                 let mut fields: Vec<&String> = known.keys().collect();
                 fields.sort();
-                let list = fields
-                    .iter()
-                    .map(|f| format!("`{f}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                let list = fields.iter().map(|f| format!("`{f}`")).collect::<Vec<_>>().join(", ");
                 return Err(Diagnostic::new(
                     self.file,
                     self.doc.key_pos(&child_path(&with_path, key)),
@@ -370,13 +335,9 @@ impl Checker<'_> {
                 .hint(format!("expected one of {list}")));
             }
         }
-        kind.stage().check().map_err(|e| {
-            Diagnostic::new(
-                self.file,
-                self.doc.key_pos(&with_path),
-                format!("stage `{name}`: {e}"),
-            )
-        })?;
+        kind.stage()
+            .check()
+            .map_err(|e| Diagnostic::new(self.file, self.doc.key_pos(&with_path), format!("stage `{name}`: {e}")))?;
         Ok(Stage {
             name: name.to_string(),
             needs: raw.needs,
@@ -391,19 +352,14 @@ impl Checker<'_> {
         let mut writers: HashMap<String, &str> = HashMap::new();
         for s in stages {
             for (i, out) in s.kind.stage().outs().iter().enumerate() {
-                let at = self
-                    .doc
-                    .value_pos(&format!("stages.{}.with.outs[{i}]", s.name));
+                let at = self.doc.value_pos(&format!("stages.{}.with.outs[{i}]", s.name));
                 let norm = normalize(out);
                 if out.starts_with('/') || norm.split('/').any(|p| p == "..") || norm.is_empty() {
                     diags.push(
                         Diagnostic::new(
                             self.file,
                             at,
-                            format!(
-                                "output `{out}` of stage `{}` is outside the project",
-                                s.name
-                            ),
+                            format!("output `{out}` of stage `{}` is outside the project", s.name),
                         )
                         .hint("outputs are paths relative to the project root, without `..`"),
                     );
@@ -412,10 +368,7 @@ impl Checker<'_> {
                         Diagnostic::new(
                             self.file,
                             at,
-                            format!(
-                                "output `{out}` is written by both `{first}` and `{}`",
-                                s.name
-                            ),
+                            format!("output `{out}` is written by both `{first}` and `{}`", s.name),
                         )
                         .hint("each output must have exactly one stage writing it"),
                     );
@@ -430,7 +383,10 @@ impl Checker<'_> {
                             Diagnostic::new(
                                 self.file,
                                 self.doc.value_pos(&format!("stages.{}.with.deps[{i}]", s.name)),
-                                format!("stage `{}` reads `{dep}`, written by `{writer}`, but does not need `{writer}`", s.name),
+                                format!(
+                                    "stage `{}` reads `{dep}`, written by `{writer}`, but does not need `{writer}`",
+                                    s.name
+                                ),
                             )
                             .hint(format!("add `{writer}` to the `needs` of `{}`", s.name)),
                         );

@@ -107,13 +107,7 @@ pub fn parse(src: &str) -> Result<Document, SyntaxError> {
             .filter_map(|k| spans.get(k.as_str()).and_then(|s| s.key))
             .min_by_key(|p| (p.line, p.col));
         if let Some(pos) = first {
-            spans.insert(
-                String::new(),
-                Span {
-                    key: None,
-                    value: pos,
-                },
-            );
+            spans.insert(String::new(), Span { key: None, value: pos });
         }
     }
     Ok(Document { value, spans })
@@ -239,18 +233,12 @@ impl MarkedEventReceiver for Builder {
             Event::SequenceEnd | Event::MappingEnd => {
                 let (value, anchor) = match self.stack.pop() {
                     Some(Frame::Seq { items, anchor, .. }) => (Value::Array(items), anchor),
-                    Some(Frame::Map {
-                        entries, anchor, ..
-                    }) => (Value::Object(entries), anchor),
+                    Some(Frame::Map { entries, anchor, .. }) => (Value::Object(entries), anchor),
                     None => return,
                 };
                 self.push_value(value, anchor);
             }
-            Event::Nothing
-            | Event::StreamStart
-            | Event::StreamEnd
-            | Event::DocumentStart
-            | Event::DocumentEnd => {}
+            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentStart | Event::DocumentEnd => {}
         }
     }
 }

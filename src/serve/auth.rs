@@ -73,22 +73,14 @@ impl Keys {
     /// The id and role of `key`, or `None` for an unknown key.
     pub fn lookup(&self, store: &Store, key: &str) -> Result<Option<(i64, Role)>, StoreError> {
         let hash = sha256_hex(key.as_bytes());
-        if let Some(found) = self
-            .known
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&hash)
-        {
+        if let Some(found) = self.known.lock().unwrap_or_else(|p| p.into_inner()).get(&hash) {
             return Ok(Some(*found));
         }
         let found = store
             .key_role(&hash)?
             .and_then(|(id, role)| Role::parse(&role).map(|r| (id, r)));
         if let Some(f) = found {
-            self.known
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(hash, f);
+            self.known.lock().unwrap_or_else(|p| p.into_inner()).insert(hash, f);
         }
         Ok(found)
     }
@@ -163,10 +155,7 @@ mod tests {
         assert!(!q.allowed && q.retry_after >= 1);
         assert!(l.take(2, 5).allowed, "keys have their own buckets");
         std::thread::sleep(std::time::Duration::from_millis(250));
-        assert!(
-            l.take(1, 5).allowed,
-            "a token comes back after 1/rate seconds"
-        );
+        assert!(l.take(1, 5).allowed, "a token comes back after 1/rate seconds");
     }
 
     #[test]

@@ -30,9 +30,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Metrics {
     pub fn request(&self, route: &str, status: u16, seconds: f64) {
-        *lock(&self.requests)
-            .entry((route.to_string(), status))
-            .or_default() += 1;
+        *lock(&self.requests).entry((route.to_string(), status)).or_default() += 1;
         let mut latency = lock(&self.latency);
         let h = latency.entry(route.to_string()).or_default();
         for (i, bound) in BUCKETS.iter().enumerate() {
@@ -66,7 +64,10 @@ impl Metrics {
         out.push_str("# HELP sentiflow_request_duration_seconds HTTP request latency by route.\n# TYPE sentiflow_request_duration_seconds histogram\n");
         for (route, h) in lock(&self.latency).iter() {
             for (bound, n) in BUCKETS.iter().zip(h.counts) {
-                let _ = writeln!(out, "sentiflow_request_duration_seconds_bucket{{route=\"{route}\",le=\"{bound}\"}} {n}");
+                let _ = writeln!(
+                    out,
+                    "sentiflow_request_duration_seconds_bucket{{route=\"{route}\",le=\"{bound}\"}} {n}"
+                );
             }
             let _ = writeln!(
                 out,
@@ -86,14 +87,14 @@ impl Metrics {
         }
         out.push_str("# HELP sentiflow_predictions_total Predictions by model, version and label.\n# TYPE sentiflow_predictions_total counter\n");
         for ((model, version, label), n) in lock(&self.predictions).iter() {
-            let _ = writeln!(out, "sentiflow_predictions_total{{model=\"{model}\",version=\"{version}\",label=\"{label}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "sentiflow_predictions_total{{model=\"{model}\",version=\"{version}\",label=\"{label}\"}} {n}"
+            );
         }
         out.push_str("# HELP sentiflow_training_runs_total Training runs by outcome.\n# TYPE sentiflow_training_runs_total counter\n");
         for (outcome, n) in lock(&self.training).iter() {
-            let _ = writeln!(
-                out,
-                "sentiflow_training_runs_total{{outcome=\"{outcome}\"}} {n}"
-            );
+            let _ = writeln!(out, "sentiflow_training_runs_total{{outcome=\"{outcome}\"}} {n}");
         }
         out
     }

@@ -56,9 +56,9 @@ pub struct Config {
     /// Most texts in one `POST /prediction`.
     #[arg(long, env = "SENTIFLOW_MAX_BATCH", default_value_t = 64)]
     pub max_batch: usize,
-    /// Longest text accepted, in bytes.
-    #[arg(long, env = "SENTIFLOW_MAX_TEXT_BYTES", default_value_t = 100_000)]
-    pub max_text_bytes: usize,
+    /// Longest text accepted, in characters.
+    #[arg(long, env = "SENTIFLOW_MAX_TEXT_CHARS", default_value_t = 100_000)]
+    pub max_text_chars: usize,
 }
 
 impl Config {
@@ -68,9 +68,7 @@ impl Config {
     }
 
     pub fn db_path(&self) -> PathBuf {
-        self.db
-            .clone()
-            .unwrap_or_else(|| self.root().join("sentiflow.db"))
+        self.db.clone().unwrap_or_else(|| self.root().join("sentiflow.db"))
     }
 }
 
@@ -139,9 +137,7 @@ impl App {
         let store = Store::open(&config.db_path())?;
         let interrupted = store.interrupt_unfinished()?;
         if interrupted > 0 {
-            tracing::warn!(
-                "{interrupted} training run(s) were cut short by a stop; recorded as interrupted"
-            );
+            tracing::warn!("{interrupted} training run(s) were cut short by a stop; recorded as interrupted");
         }
         let app = Arc::new(App {
             cache_dir,
@@ -253,9 +249,7 @@ impl App {
         let current = self.serving(&row.name);
         let better = match (&current, row.accuracy) {
             (None, _) => true,
-            (Some(c), Some(new)) => {
-                c.row.version != row.version && new > c.row.accuracy.unwrap_or(f64::NEG_INFINITY)
-            }
+            (Some(c), Some(new)) => c.row.version != row.version && new > c.row.accuracy.unwrap_or(f64::NEG_INFINITY),
             (Some(_), None) => false,
         };
         if better {
@@ -265,11 +259,7 @@ impl App {
     }
 
     pub fn serving(&self, name: &str) -> Option<Arc<Serving>> {
-        self.models
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(name)
-            .cloned()
+        self.models.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
     }
 
     fn model_names(&self) -> Vec<String> {
@@ -285,12 +275,7 @@ impl App {
     }
 
     /// Checks the request's key for `need` and takes a rate-limit token; returns the quota.
-    fn authorize(
-        &self,
-        headers: &HeaderMap,
-        need: Role,
-        open: bool,
-    ) -> Result<auth::Quota, ApiError> {
+    fn authorize(&self, headers: &HeaderMap, need: Role, open: bool) -> Result<auth::Quota, ApiError> {
         let key = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -336,14 +321,36 @@ impl App {
                     quota.retry_after
                 ),
             );
-            e.headers
-                .push(("retry-after", quota.retry_after.to_string()));
-            e.headers
-                .push(("x-ratelimit-limit", quota.limit.to_string()));
+            e.headers.push(("retry-after", quota.retry_after.to_string()));
+            e.headers.push(("x-ratelimit-limit", quota.limit.to_string()));
             e.headers.push(("x-ratelimit-remaining", "0".into()));
             return Err(e);
         }
         Ok(quota)
+    }
+}
+
+/// The methods a path answers, for `405` responses.
+fn allowed_methods(parts: &[&str]) -> Option<&'static str> {
+    match parts {
+        ["health"] | ["ready"] | ["metrics"] | ["openapi.json"] | ["best_model_parameter"] | ["models"] => Some("GET"),
+        ["training", _] | ["training", _, "logs"] => Some("GET"),
+        ["prediction"] | ["training"] | ["models", _, "promote"] => Some("POST"),
+        _ => None,
+    }
+}
+
+/// Rejects fields a request body does not define.
+fn only_fields(request: &Value, known: &[&str]) -> Result<(), ApiError> {
+    match request
+        .as_object()
+        .and_then(|m| m.keys().find(|k| !known.contains(&k.as_str())))
+    {
+        Some(unknown) => Err(bad_field(
+            unknown,
+            format!("unknown field; expected one of {}", known.join(", ")),
+        )),
+        None => Ok(()),
     }
 }
 
@@ -361,10 +368,7 @@ fn route_of(method: &Method, path: &str) -> String {
 }
 
 fn parse_json(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
-    let ctype = headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let ctype = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
     if !ctype
         .split(';')
         .next()
@@ -430,13 +434,11 @@ impl App {
             }
             (&Method::GET, ["metrics"]) => {
                 let mut r = Response::new(self.metrics.render().into());
-                r.headers_mut().insert(
-                    "content-type",
-                    HeaderValue::from_static("text/plain; version=0.0.4"),
-                );
+                r.headers_mut()
+                    .insert("content-type", HeaderValue::from_static("text/plain; version=0.0.4"));
                 Ok(r)
             }
-            (&Method::GET, ["openapi.json"]) => ok(openapi::document()),
+            (&Method::GET, ["openapi.json"]) => ok(openapi::document(&self.config)),
             (&Method::GET, ["best_model_parameter"]) => {
                 let quota = self.authorize(headers, Role::Predict, false)?;
                 self.best_model_parameter(query).map(|r| quota.annotate(r))
@@ -457,6 +459,7 @@ impl App {
             (&Method::POST, ["training"]) => {
                 let quota = self.authorize(headers, Role::Admin, false)?;
                 let request = parse_json(headers, body)?;
+                only_fields(&request, &["pipeline", "params", "stages"])?;
                 training::start(self, &request).map(|r| quota.annotate(r))
             }
             (&Method::GET, ["training", id]) => {
@@ -474,21 +477,22 @@ impl App {
                 }
                 ok(json!({"id": id, "lines": self.store.logs(id)?})).map(|r| quota.annotate(r))
             }
-            (_, p)
-                if openapi::PATHS.contains(&path)
-                    || matches!(p, ["training", ..] | ["models", ..]) =>
-            {
-                Err(ApiError::new(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    format!("{method} is not allowed on {path}"),
-                ))
-            }
-            _ => Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no route {path}; see /openapi.json"),
-            )),
+            (_, p) => match allowed_methods(p) {
+                Some(allow) => {
+                    let mut e = ApiError::new(
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        "method_not_allowed",
+                        format!("{method} is not allowed on {path}; use {allow}"),
+                    );
+                    e.headers.push(("allow", allow.to_string()));
+                    Err(e)
+                }
+                None => Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    format!("no route {path}; see /openapi.json"),
+                )),
+            },
         }
     }
 
@@ -501,10 +505,7 @@ impl App {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "model_not_found",
-                format!(
-                    "no model `{name}` is served; served: {:?}",
-                    self.model_names()
-                ),
+                format!("no model `{name}` is served; served: {:?}", self.model_names()),
             )
         })?;
         let m = &serving.bundle.manifest;
@@ -527,12 +528,11 @@ impl App {
 
     fn predict(&self, headers: &HeaderMap, body: &Bytes) -> ApiResult {
         let request = parse_json(headers, body)?;
-        let texts: Vec<String> = match (&request["text"], &request["texts"]) {
-            (Value::Null, Value::Null) => {
-                return Err(bad_field("text", "missing: send `text` or `texts`"))
-            }
-            (Value::String(t), Value::Null) => vec![t.clone()],
-            (Value::Null, Value::Array(items)) => items
+        only_fields(&request, &["text", "texts", "model"])?;
+        let texts: Vec<String> = match (request.get("text"), request.get("texts")) {
+            (None, None) => return Err(bad_field("text", "missing: send `text` or `texts`")),
+            (Some(Value::String(t)), None) => vec![t.clone()],
+            (None, Some(Value::Array(items))) => items
                 .iter()
                 .enumerate()
                 .map(|(i, v)| {
@@ -541,8 +541,8 @@ impl App {
                         .ok_or_else(|| bad_field(&format!("texts[{i}]"), "must be a string"))
                 })
                 .collect::<Result<_, _>>()?,
-            (Value::Null, _) => return Err(bad_field("texts", "must be an array of strings")),
-            (_, Value::Null) => return Err(bad_field("text", "must be a string")),
+            (None, Some(_)) => return Err(bad_field("texts", "must be an array of strings")),
+            (Some(_), None) => return Err(bad_field("text", "must be a string")),
             _ => return Err(bad_field("text", "send either `text` or `texts`, not both")),
         };
         if texts.is_empty() || texts.len() > self.config.max_batch {
@@ -569,31 +569,28 @@ impl App {
                     format!("`{field}` is empty"),
                 ));
             }
-            if t.len() > self.config.max_text_bytes {
+            let chars = t.chars().count();
+            if chars > self.config.max_text_chars {
                 return Err(ApiError::new(
                     StatusCode::UNPROCESSABLE_ENTITY,
                     "text_too_long",
                     format!(
-                        "`{field}` has {} bytes; the limit is {}",
-                        t.len(),
-                        self.config.max_text_bytes
+                        "`{field}` has {chars} characters; the limit is {}",
+                        self.config.max_text_chars
                     ),
                 ));
             }
         }
-        let name = match &request["model"] {
-            Value::Null => "tfidf",
-            Value::String(s) => s.as_str(),
-            _ => return Err(bad_field("model", "must be a string")),
+        let name = match request.get("model") {
+            None => "tfidf",
+            Some(Value::String(s)) => s.as_str(),
+            Some(_) => return Err(bad_field("model", "must be a string")),
         };
         let serving = self.serving(name).ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "model_not_found",
-                format!(
-                    "no model `{name}` is served; served: {:?}",
-                    self.model_names()
-                ),
+                format!("no model `{name}` is served; served: {:?}", self.model_names()),
             )
         })?;
         let version = &serving.row.version;
@@ -637,10 +634,9 @@ async fn handle(
         Ok(r) => r,
         Err(e) => error_response(e, &id),
     };
-    response.headers_mut().insert(
-        "x-request-id",
-        HeaderValue::from_str(&id).expect("ids are ASCII"),
-    );
+    response
+        .headers_mut()
+        .insert("x-request-id", HeaderValue::from_str(&id).expect("ids are ASCII"));
     app.metrics.request(
         &route_of(&method, &path),
         response.status().as_u16(),
@@ -688,18 +684,12 @@ async fn recover(app: Arc<App>, rejection: warp::Rejection) -> Result<Response, 
             "method not allowed; see /openapi.json",
         )
     } else {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no such route; see /openapi.json",
-        )
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see /openapi.json")
     };
     let status = e.status.as_u16();
     let mut r = error_response(e, &id);
-    r.headers_mut().insert(
-        "x-request-id",
-        HeaderValue::from_str(&id).expect("ids are ASCII"),
-    );
+    r.headers_mut()
+        .insert("x-request-id", HeaderValue::from_str(&id).expect("ids are ASCII"));
     app.metrics.request("rejected", status, 0.0);
     Ok(r)
 }
@@ -732,20 +722,34 @@ pub async fn serve(app: Arc<App>) -> anyhow::Result<()> {
         .and(warp::body::content_length_limit(MAX_BODY))
         .and(warp::body::bytes())
         .and_then(handle);
+    // Any other method reaches the handler too, which answers 405 with `Allow`.
+    let other_method = warp::method().and_then(|m: Method| async move {
+        if m == Method::GET || m == Method::POST {
+            Err(warp::reject::not_found())
+        } else {
+            Ok(m)
+        }
+    });
+    let other = with_app
+        .clone()
+        .and(other_method)
+        .and(warp::path::full())
+        .and(query)
+        .and(warp::header::headers_cloned())
+        .and(warp::any().map(Bytes::new))
+        .and_then(handle);
     let recover_app = app.clone();
     let routes = get
         .or(post)
         .unify()
+        .or(other)
+        .unify()
         .recover(move |r| recover(recover_app.clone(), r))
         .unify();
 
-    let (addr, server) =
-        warp::serve(routes).try_bind_with_graceful_shutdown(app.config.addr, shutdown_signal())?;
+    let (addr, server) = warp::serve(routes).try_bind_with_graceful_shutdown(app.config.addr, shutdown_signal())?;
     tracing::info!("listening on http://{addr}");
-    eprintln!(
-        "sentiflow serving on http://{addr} (models: {:?})",
-        app.model_names()
-    );
+    eprintln!("sentiflow serving on http://{addr} (models: {:?})", app.model_names());
     server.await;
     app.training.stop_all();
     Ok(())

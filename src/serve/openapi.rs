@@ -33,7 +33,8 @@ fn ok(schema: Value) -> Value {
     json!({"description": "OK", "content": {"application/json": {"schema": schema}}})
 }
 
-pub fn document() -> Value {
+/// The document, with the limits this server was started with.
+pub fn document(config: &super::Config) -> Value {
     let secured = json!([{"bearer": []}]);
     json!({
         "openapi": "3.1.0",
@@ -50,11 +51,18 @@ pub fn document() -> Value {
                     "score": {"type": "number", "minimum": 0, "maximum": 1},
                     "probabilities": {"type": "object", "properties": {"negative": {"type": "number"}, "positive": {"type": "number"}}},
                     "model": {"type": "string"}, "version": {"type": "string"}}},
-                "PredictionRequest": {"type": "object", "properties": {
-                    "text": {"type": "string", "minLength": 1},
-                    "texts": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 64},
-                    "model": {"type": "string"}}},
-                "TrainingRequest": {"type": "object", "required": ["pipeline"], "properties": {
+                "Text": {"type": "string", "pattern": "\\S", "maxLength": config.max_text_chars},
+                "PredictionRequest": {
+                    "type": "object",
+                    "additionalProperties": false,
+                    "properties": {
+                        "text": {"$ref": "#/components/schemas/Text"},
+                        "texts": {"type": "array", "items": {"$ref": "#/components/schemas/Text"}, "minItems": 1, "maxItems": config.max_batch},
+                        "model": {"type": "string"}
+                    },
+                    "oneOf": [{"required": ["text"]}, {"required": ["texts"]}]
+                },
+                "TrainingRequest": {"type": "object", "required": ["pipeline"], "additionalProperties": false, "properties": {
                     "pipeline": {"type": "string"},
                     "params": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}},
                     "stages": {"type": "array", "items": {"type": "string"}}}},

@@ -46,14 +46,9 @@ impl Trainer {
 /// Finds `name` among the pipeline files: names are matched against the directory listing and
 /// never used to build a path.
 fn find_pipeline(dir: &std::path::Path, name: &str) -> Option<PathBuf> {
-    std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| {
-            p.extension().is_some_and(|x| x == "yaml")
-                && p.file_stem().is_some_and(|s| s.to_string_lossy() == name)
-        })
+    std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| {
+        p.extension().is_some_and(|x| x == "yaml") && p.file_stem().is_some_and(|s| s.to_string_lossy() == name)
+    })
 }
 
 fn available(dir: &std::path::Path) -> Vec<String> {
@@ -99,10 +94,7 @@ pub fn start(app: &Arc<App>, request: &Value) -> ApiResult {
     })?;
     let overrides: Vec<String> = match &request["params"] {
         Value::Null => Vec::new(),
-        Value::Object(m) => m
-            .iter()
-            .map(|(k, v)| override_of(k, v))
-            .collect::<Result<_, _>>()?,
+        Value::Object(m) => m.iter().map(|(k, v)| override_of(k, v)).collect::<Result<_, _>>()?,
         _ => return Err(super::bad_field("params", "must be an object")),
     };
     let stages: Vec<String> = match &request["stages"] {
@@ -116,33 +108,32 @@ pub fn start(app: &Arc<App>, request: &Value) -> ApiResult {
                     .ok_or_else(|| super::bad_field(&format!("stages[{i}]"), "must be a string"))
             })
             .collect::<Result<_, _>>()?,
-        _ => {
-            return Err(super::bad_field(
-                "stages",
-                "must be an array of stage names",
-            ))
-        }
+        _ => return Err(super::bad_field("stages", "must be an array of stage names")),
     };
-    let pipeline = Pipeline::load(&file, &overrides).map_err(|d| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_pipeline",
-            d.to_string(),
-        )
-    })?;
-    if let Some(unknown) = stages.iter().find(|s| pipeline.stage(s).is_none()) {
+    // Unknown names are "not found", like an unknown pipeline; other problems make it invalid.
+    let declared = Pipeline::load(&file, &[])
+        .map_err(|d| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_pipeline", d.to_string()))?;
+    if let Some(unknown) = request["params"]
+        .as_object()
+        .and_then(|m| m.keys().find(|k| !declared.params.contains_key(*k)))
+    {
+        let known: Vec<&String> = declared.params.keys().collect();
         return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
+            StatusCode::NOT_FOUND,
+            "unknown_parameter",
+            format!("pipeline `{name}` declares no parameter `{unknown}`; it declares {known:?}"),
+        ));
+    }
+    if let Some(unknown) = stages.iter().find(|s| declared.stage(s).is_none()) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
             "unknown_stage",
             format!("pipeline `{name}` has no stage `{unknown}`"),
         ));
     }
-
-    let mut running = app
-        .training
-        .running
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
+    let pipeline = Pipeline::load(&file, &overrides)
+        .map_err(|d| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_pipeline", d.to_string()))?;
+    let mut running = app.training.running.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((id, _, _)) = running.get(name) {
         let mut e = ApiError::new(
             StatusCode::CONFLICT,
@@ -154,17 +145,10 @@ pub fn start(app: &Arc<App>, request: &Value) -> ApiResult {
     }
     let id = format!(
         "run-{}",
-        &crate::cache::sha256_hex(
-            format!(
-                "{name}{:?}{}",
-                std::time::SystemTime::now(),
-                std::process::id()
-            )
-            .as_bytes()
-        )[..16]
+        &crate::cache::sha256_hex(format!("{name}{:?}{}", std::time::SystemTime::now(), std::process::id()).as_bytes())
+            [..16]
     );
-    app.store
-        .create_run(&id, name, &request["params"], &json!(stages))?;
+    app.store.create_run(&id, name, &request["params"], &json!(stages))?;
     let cancel = Arc::new(AtomicBool::new(false));
     let handle = {
         let (app, id, cancel) = (app.clone(), id.clone(), cancel.clone());
@@ -240,33 +224,23 @@ fn run(app: &App, id: &str, pipeline: &Pipeline, stages: Vec<String>, cancel: &A
     let outcome = (|| -> Result<(&str, Option<String>), String> {
         let cache = Cache::open(&app.cache_dir).map_err(|e| e.to_string())?;
         let opts = Options {
-            jobs: std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             force: false,
             targets: stages,
         };
-        let report =
-            exec::run(pipeline, &cache, &opts, cancel, &recorder).map_err(|e| e.to_string())?;
+        let report = exec::run(pipeline, &cache, &opts, cancel, &recorder).map_err(|e| e.to_string())?;
         for s in &report.stages {
             let Some(stage) = pipeline.stage(&s.name) else {
                 continue;
             };
-            if let (StageKind::Export(export), State::Ran | State::Cached) = (&stage.kind, s.state)
-            {
+            if let (StageKind::Export(export), State::Ran | State::Cached) = (&stage.kind, s.state) {
                 match app.register(&pipeline.root.join(&export.out), Some(id)) {
                     Ok(row) => match app.maybe_promote(&row) {
-                        Ok(true) => recorder.log(
-                            "",
-                            &format!("model {} version {} promoted", row.name, row.version),
-                        ),
-                        Ok(false) => recorder.log(
-                            "",
-                            &format!("model {} version {} registered", row.name, row.version),
-                        ),
-                        Err(e) => {
-                            recorder.warn(&format!("promoting {}: {}", row.version, e.message))
+                        Ok(true) => recorder.log("", &format!("model {} version {} promoted", row.name, row.version)),
+                        Ok(false) => {
+                            recorder.log("", &format!("model {} version {} registered", row.name, row.version))
                         }
+                        Err(e) => recorder.warn(&format!("promoting {}: {}", row.version, e.message)),
                     },
                     Err(e) => recorder.warn(&format!("registering {}: {e}", export.out)),
                 }
@@ -294,17 +268,17 @@ fn run(app: &App, id: &str, pipeline: &Pipeline, stages: Vec<String>, cancel: &A
 }
 
 pub fn status(app: &App, id: &str) -> ApiResult {
-    let run = app.store.run(id)?.ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no training run `{id}`"),
-        )
-    })?;
+    let run = app
+        .store
+        .run(id)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no training run `{id}`")))?;
     let mut stages = serde_json::Map::new();
     for e in &run.events {
         let name = e["stage"].as_str().unwrap_or_default().to_string();
-        stages.insert(name, json!({"state": e["state"], "duration_ms": e["duration_ms"], "metrics": e["metrics"], "error": e["error"]}));
+        stages.insert(
+            name,
+            json!({"state": e["state"], "duration_ms": e["duration_ms"], "metrics": e["metrics"], "error": e["error"]}),
+        );
     }
     Ok(json_response(
         StatusCode::OK,

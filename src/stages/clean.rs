@@ -52,11 +52,7 @@ impl Stage for Clean {
         let input = ctx.input(&["load", "clean"])?;
         let mut reviews = Reviews::read_parquet(&input)?;
         let rows_in = reviews.len();
-        reviews.text = reviews
-            .text
-            .par_iter()
-            .map(|t| normalize(t, self.lowercase))
-            .collect();
+        reviews.text = reviews.text.par_iter().map(|t| normalize(t, self.lowercase)).collect();
 
         let (mut too_short, mut too_long, mut duplicates) = (0usize, 0usize, 0usize);
         let mut seen = FxHashSet::default();

@@ -82,10 +82,7 @@ impl Stage for Export {
         }
         let staged = staging.keep();
         std::fs::rename(&staged, &dest).map_err(|e| StageError::io(&dest, e))?;
-        ctx.info(&format!(
-            "bundle `{}` version {version} in {}",
-            self.name, self.out
-        ));
+        ctx.info(&format!("bundle `{}` version {version} in {}", self.name, self.out));
         let mut m = Metrics::new();
         m.insert("version".into(), version.into());
         m.insert("features".into(), manifest.features.into());

@@ -112,24 +112,9 @@ impl Stage for Load {
         let (mut reviews, rejected) = match self.format(&path) {
             Format::Imdb if path.is_dir() => read::imdb_dir(&path)?,
             Format::Imdb => read::imdb_archive(&path)?,
-            Format::Csv => read::csv(
-                &path,
-                &self.text_column,
-                &self.label_column,
-                self.id_column.as_deref(),
-            )?,
-            Format::Jsonl => read::jsonl(
-                &path,
-                &self.text_column,
-                &self.label_column,
-                self.id_column.as_deref(),
-            )?,
-            Format::Parquet => read::parquet(
-                &path,
-                &self.text_column,
-                &self.label_column,
-                self.id_column.as_deref(),
-            )?,
+            Format::Csv => read::csv(&path, &self.text_column, &self.label_column, self.id_column.as_deref())?,
+            Format::Jsonl => read::jsonl(&path, &self.text_column, &self.label_column, self.id_column.as_deref())?,
+            Format::Parquet => read::parquet(&path, &self.text_column, &self.label_column, self.id_column.as_deref())?,
         };
         if !self.splits.is_empty() {
             let keep: Vec<usize> = (0..reviews.len())
@@ -153,10 +138,7 @@ impl Stage for Load {
         let mut m = Metrics::new();
         m.insert("rows".into(), reviews.len().into());
         m.insert("positive".into(), reviews.positives().into());
-        m.insert(
-            "negative".into(),
-            (reviews.len() - reviews.positives()).into(),
-        );
+        m.insert("negative".into(), (reviews.len() - reviews.positives()).into());
         for (reason, n) in &rejected {
             m.insert(format!("rejected_{reason}"), (*n).into());
         }
@@ -185,12 +167,7 @@ fn report_rejected(ctx: &Context, rejected: &Rejected) {
 
 /// Downloads `url` to `dest` with a progress line every 10%, verifying its SHA-256 before the
 /// file takes its final name.
-fn download(
-    url: &str,
-    sha256: &str,
-    dest: &Path,
-    log: &(dyn Fn(&str) + Sync),
-) -> Result<(), String> {
+fn download(url: &str, sha256: &str, dest: &Path, log: &(dyn Fn(&str) + Sync)) -> Result<(), String> {
     let response = ureq::get(url).call().map_err(|e| e.to_string())?;
     let total: Option<u64> = response
         .headers()

@@ -63,10 +63,7 @@ impl Context<'_> {
 
     /// The needed stages of one of `kinds`.
     pub fn upstream_of(&self, kinds: &[&str]) -> Vec<&Upstream> {
-        self.upstream
-            .iter()
-            .filter(|u| kinds.contains(&u.kind))
-            .collect()
+        self.upstream.iter().filter(|u| kinds.contains(&u.kind)).collect()
     }
 
     /// The one needed stage of one of `kinds`; an error names what is missing or ambiguous.
@@ -82,10 +79,7 @@ impl Context<'_> {
                 "stage `{}` needs several stages of kind {} ({}); it takes exactly one",
                 self.stage,
                 kinds.join(" or "),
-                many.iter()
-                    .map(|u| u.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                many.iter().map(|u| u.name.as_str()).collect::<Vec<_>>().join(", ")
             ))),
         }
     }
@@ -242,6 +236,5 @@ pub fn write_json(path: &Path, value: &impl Serialize) -> Result<(), StageError>
 
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StageError> {
     let bytes = std::fs::read(path).map_err(|e| StageError::io(path, e))?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| StageError::Invalid(format!("{}: {e}", path.display())))
+    serde_json::from_slice(&bytes).map_err(|e| StageError::Invalid(format!("{}: {e}", path.display())))
 }

@@ -28,15 +28,9 @@ fn default_seed() -> u64 {
 }
 
 /// Row indices of the two parts, each class split in the same proportion.
-pub fn stratified(
-    labels: &[u8],
-    fraction: f64,
-    seed: u64,
-) -> Result<(Vec<usize>, Vec<usize>), String> {
+pub fn stratified(labels: &[u8], fraction: f64, seed: u64) -> Result<(Vec<usize>, Vec<usize>), String> {
     if !(fraction > 0.0 && fraction < 1.0) {
-        return Err(format!(
-            "validation fraction {fraction} must be between 0 and 1"
-        ));
+        return Err(format!("validation fraction {fraction} must be between 0 and 1"));
     }
     let mut rng = Rng::new(seed);
     let (mut train, mut valid) = (Vec::new(), Vec::new());
@@ -75,16 +69,11 @@ impl Stage for Split {
     fn run(&self, ctx: &Context) -> Result<Metrics, StageError> {
         let input = ctx.input(&["load", "clean"])?;
         let reviews = Reviews::read_parquet(&input)?;
-        let (train, valid) =
-            stratified(&reviews.label, self.validation, self.seed).map_err(StageError::Invalid)?;
+        let (train, valid) = stratified(&reviews.label, self.validation, self.seed).map_err(StageError::Invalid)?;
         let dir = ctx.path(&self.out);
         std::fs::create_dir_all(&dir).map_err(|e| StageError::io(&dir, e))?;
-        reviews
-            .select(&train)
-            .write_parquet(&dir.join("train.parquet"))?;
-        reviews
-            .select(&valid)
-            .write_parquet(&dir.join("valid.parquet"))?;
+        reviews.select(&train).write_parquet(&dir.join("train.parquet"))?;
+        reviews.select(&valid).write_parquet(&dir.join("valid.parquet"))?;
         ctx.info(&format!(
             "{} training and {} validation reviews",
             train.len(),

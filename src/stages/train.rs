@@ -62,9 +62,9 @@ impl Stage for Train {
                     .find(|u| u.kind == "vectorize" && u.name == best.vectorizer)
                     .ok_or_else(|| {
                         StageError::Invalid(format!(
-                        "the best trial used vectorize stage `{}`: add it to the `needs` of `{}`",
-                        best.vectorizer, ctx.stage
-                    ))
+                            "the best trial used vectorize stage `{}`: add it to the `needs` of `{}`",
+                            best.vectorizer, ctx.stage
+                        ))
                     })?;
                 (best.model.clone(), up)
             }
@@ -78,23 +78,11 @@ impl Stage for Train {
         spec.check().map_err(StageError::Invalid)?;
         let dir = &features_stage.outs[0];
         let features = Features::load(dir)?;
-        if features
-            .train_labels
-            .iter()
-            .all(|&l| l == features.train_labels[0])
-        {
-            return Err(StageError::Invalid(
-                "the training part has only one class".into(),
-            ));
+        if features.train_labels.iter().all(|&l| l == features.train_labels[0]) {
+            return Err(StageError::Invalid("the training part has only one class".into()));
         }
         let rows: Vec<usize> = (0..features.train.rows()).collect();
-        let model = LinearModel::fit(
-            &spec,
-            &features.train,
-            &features.train_labels,
-            &rows,
-            self.seed,
-        );
+        let model = LinearModel::fit(&spec, &features.train, &features.train_labels, &rows, self.seed);
         let p = model.predict_proba(&features.valid);
         let scores = score(&p, &features.valid_labels);
         ctx.info(&format!(

@@ -115,13 +115,9 @@ fn expand_grid(entry: &Map<String, Value>, at: &str) -> Result<Vec<Map<String, V
     let mut configs = vec![Map::new()];
     for (key, value) in entry {
         let choices = match value {
-            Value::Array(items) if items.is_empty() => {
-                return Err(format!("{at}.{key}: empty list"))
-            }
+            Value::Array(items) if items.is_empty() => return Err(format!("{at}.{key}: empty list")),
             Value::Array(items) => items.clone(),
-            Value::Object(_) => {
-                return Err(format!("{at}.{key}: distributions need `search: random`"))
-            }
+            Value::Object(_) => return Err(format!("{at}.{key}: distributions need `search: random`")),
             scalar => vec![scalar.clone()],
         };
         configs = configs
@@ -138,26 +134,18 @@ fn expand_grid(entry: &Map<String, Value>, at: &str) -> Result<Vec<Map<String, V
     Ok(configs)
 }
 
-fn sample(
-    entry: &Map<String, Value>,
-    at: &str,
-    rng: &mut Rng,
-) -> Result<Map<String, Value>, String> {
+fn sample(entry: &Map<String, Value>, at: &str, rng: &mut Rng) -> Result<Map<String, Value>, String> {
     let mut config = Map::new();
     for (key, value) in entry {
         let v = match value {
-            Value::Array(items) if items.is_empty() => {
-                return Err(format!("{at}.{key}: empty list"))
-            }
+            Value::Array(items) if items.is_empty() => return Err(format!("{at}.{key}: empty list")),
             Value::Array(items) => items[rng.below(items.len())].clone(),
             Value::Object(dist) => {
                 let range = |name: &str| -> Option<(f64, f64)> {
                     let r = dist.get(name)?.as_array()?;
                     Some((r.first()?.as_f64()?, r.get(1)?.as_f64()?))
                 };
-                if let Some((lo, hi)) =
-                    range("log_uniform").filter(|(lo, hi)| *lo > 0.0 && hi >= lo)
-                {
+                if let Some((lo, hi)) = range("log_uniform").filter(|(lo, hi)| *lo > 0.0 && hi >= lo) {
                     json!((lo.ln() + rng.unit() * (hi.ln() - lo.ln())).exp())
                 } else if let Some((lo, hi)) = range("uniform").filter(|(lo, hi)| hi >= lo) {
                     json!(lo + rng.unit() * (hi - lo))
@@ -207,11 +195,7 @@ impl Tune {
         match self.search {
             Search::Grid => {
                 for (i, entry) in self.models.iter().enumerate() {
-                    raw.extend(
-                        expand_grid(entry, &format!("models[{i}]"))?
-                            .into_iter()
-                            .map(|c| (i, c)),
-                    );
+                    raw.extend(expand_grid(entry, &format!("models[{i}]"))?.into_iter().map(|c| (i, c)));
                 }
             }
             Search::Random => {
@@ -219,17 +203,14 @@ impl Tune {
                 let mut rng = Rng::new(self.seed);
                 for _ in 0..n {
                     let i = rng.below(self.models.len());
-                    raw.push((
-                        i,
-                        sample(&self.models[i], &format!("models[{i}]"), &mut rng)?,
-                    ));
+                    raw.push((i, sample(&self.models[i], &format!("models[{i}]"), &mut rng)?));
                 }
             }
         }
         raw.into_iter()
             .map(|(i, c)| {
-                let spec: ModelSpec = serde_json::from_value(Value::Object(c))
-                    .map_err(|e| format!("models[{i}]: {e}"))?;
+                let spec: ModelSpec =
+                    serde_json::from_value(Value::Object(c)).map_err(|e| format!("models[{i}]: {e}"))?;
                 spec.check().map_err(|e| format!("models[{i}]: {e}"))?;
                 Ok(spec)
             })
@@ -311,10 +292,7 @@ impl Stage for Tune {
             let mut row = Map::new();
             row.insert("trial".into(), t.into());
             row.insert("vectorizer".into(), features[*v].0.clone().into());
-            row.insert(
-                "params".into(),
-                serde_json::to_value(spec).expect("specs serialize"),
-            );
+            row.insert("params".into(), serde_json::to_value(spec).expect("specs serialize"));
             for (name, get) in METRICS {
                 let (mean, std) = mean_std(fold_scores.iter().map(get));
                 row.insert(format!("{name}_mean"), json!(mean));
@@ -322,13 +300,8 @@ impl Stage for Tune {
             }
             row.insert(
                 "folds".into(),
-                serde_json::to_value(
-                    fold_scores
-                        .iter()
-                        .map(|s| self.metric.of(s))
-                        .collect::<Vec<_>>(),
-                )
-                .expect("numbers serialize"),
+                serde_json::to_value(fold_scores.iter().map(|s| self.metric.of(s)).collect::<Vec<_>>())
+                    .expect("numbers serialize"),
             );
             let (mean, std) = mean_std(fold_scores.iter().map(|s| self.metric.of(s)));
             if best.is_none_or(|(_, m, _)| self.metric.better(mean, m)) {
@@ -379,13 +352,8 @@ fn mean_std(values: impl Iterator<Item = f64>) -> (f64, f64) {
 }
 
 fn write_csv(path: &std::path::Path, table: &[Value]) -> Result<(), StageError> {
-    let mut w = csv::Writer::from_path(path)
-        .map_err(|e| StageError::Invalid(format!("{}: {e}", path.display())))?;
-    let mut header = vec![
-        "trial".to_string(),
-        "vectorizer".to_string(),
-        "params".to_string(),
-    ];
+    let mut w = csv::Writer::from_path(path).map_err(|e| StageError::Invalid(format!("{}: {e}", path.display())))?;
+    let mut header = vec!["trial".to_string(), "vectorizer".to_string(), "params".to_string()];
     for (name, _) in METRICS {
         header.push(format!("{name}_mean"));
         header.push(format!("{name}_std"));

@@ -29,11 +29,8 @@ pub struct Features {
 
 impl Features {
     pub fn load(dir: &Path) -> Result<Features, StageError> {
-        let read =
-            |name: &str| Csr::load(&dir.join(name)).map_err(|e| StageError::io(dir.join(name), e));
-        let labels = |name: &str| {
-            std::fs::read(dir.join(name)).map_err(|e| StageError::io(dir.join(name), e))
-        };
+        let read = |name: &str| Csr::load(&dir.join(name)).map_err(|e| StageError::io(dir.join(name), e));
+        let labels = |name: &str| std::fs::read(dir.join(name)).map_err(|e| StageError::io(dir.join(name), e));
         Ok(Features {
             train: read("train.csr")?,
             train_labels: labels("train.labels")?,
@@ -71,12 +68,8 @@ impl Stage for Vectorize {
             let p = dir.join(name);
             move |e| StageError::io(p, e)
         };
-        x_train
-            .save(&dir.join("train.csr"))
-            .map_err(io("train.csr"))?;
-        x_valid
-            .save(&dir.join("valid.csr"))
-            .map_err(io("valid.csr"))?;
+        x_train.save(&dir.join("train.csr")).map_err(io("train.csr"))?;
+        x_valid.save(&dir.join("valid.csr")).map_err(io("valid.csr"))?;
         std::fs::write(dir.join("train.labels"), &train.label).map_err(io("train.labels"))?;
         std::fs::write(dir.join("valid.labels"), &valid.label).map_err(io("valid.labels"))?;
         ctx.info(&format!(
@@ -88,10 +81,7 @@ impl Stage for Vectorize {
         m.insert("features".into(), vectorizer.vocabulary_size().into());
         m.insert("train_nnz".into(), x_train.nnz().into());
         // Fitting and transforming the training part, in memory: what TfidfVectorizer.fit_transform does.
-        m.insert(
-            "fit_transform_seconds".into(),
-            serde_json::json!(fit_seconds),
-        );
+        m.insert("fit_transform_seconds".into(), serde_json::json!(fit_seconds));
         Ok(m)
     }
 }

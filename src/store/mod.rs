@@ -125,14 +125,10 @@ impl Store {
             let _ = std::fs::create_dir_all(parent);
         }
         let mut conn = Connection::open(path).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(err)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(err)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
         let applied: usize = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(err)?;
@@ -142,9 +138,7 @@ impl Store {
             tx.pragma_update(None, "user_version", i + 1).map_err(err)?;
             tx.commit().map_err(err)?;
         }
-        Ok(Store {
-            conn: Mutex::new(conn),
-        })
+        Ok(Store { conn: Mutex::new(conn) })
     }
 
     fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
@@ -167,11 +161,9 @@ impl Store {
     /// The role of the key whose SHA-256 is `hash`, with the key's id.
     pub fn key_role(&self, hash: &str) -> Result<Option<(i64, String)>, StoreError> {
         self.with(|c| {
-            c.query_row(
-                "SELECT id, role FROM api_keys WHERE hash = ?1",
-                [hash],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
+            c.query_row("SELECT id, role FROM api_keys WHERE hash = ?1", [hash], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .optional()
         })
     }
@@ -206,11 +198,7 @@ impl Store {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let tx = conn.transaction()?;
         let name: Option<String> = tx
-            .query_row(
-                "SELECT name FROM models WHERE version = ?1",
-                [version],
-                |r| r.get(0),
-            )
+            .query_row("SELECT name FROM models WHERE version = ?1", [version], |r| r.get(0))
             .optional()?;
         let Some(name) = name else { return Ok(false) };
         tx.execute(
@@ -260,10 +248,7 @@ impl Store {
     pub fn model(&self, version: &str) -> Result<Option<ModelRow>, StoreError> {
         self.with(|c| {
             c.query_row(
-                &format!(
-                    "SELECT {} FROM models WHERE version = ?1",
-                    Self::MODEL_COLUMNS
-                ),
+                &format!("SELECT {} FROM models WHERE version = ?1", Self::MODEL_COLUMNS),
                 [version],
                 Self::model_row,
             )
@@ -285,13 +270,7 @@ impl Store {
 
     // --- training runs ---
 
-    pub fn create_run(
-        &self,
-        id: &str,
-        pipeline: &str,
-        params: &Value,
-        stages: &Value,
-    ) -> Result<(), StoreError> {
+    pub fn create_run(&self, id: &str, pipeline: &str, params: &Value, stages: &Value) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
                 "INSERT INTO runs (id, pipeline, params, stages, status) VALUES (?1, ?2, ?3, ?4, 'running')",
@@ -301,12 +280,7 @@ impl Store {
         })
     }
 
-    pub fn finish_run(
-        &self,
-        id: &str,
-        status: &str,
-        error: Option<&str>,
-    ) -> Result<(), StoreError> {
+    pub fn finish_run(&self, id: &str, status: &str, error: Option<&str>) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
                 "UPDATE runs SET status = ?2, error = ?3, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?1",
@@ -402,8 +376,10 @@ impl Store {
             let mut st = c.prepare("SELECT seq, stage, line, at FROM run_logs WHERE run_id = ?1 ORDER BY seq")?;
             let rows = st
                 .query_map([id], |r| {
-                    Ok(serde_json::json!({"seq": r.get::<_, i64>(0)?, "stage": r.get::<_, String>(1)?,
-                                          "line": r.get::<_, String>(2)?, "at": r.get::<_, String>(3)?}))
+                    Ok(
+                        serde_json::json!({"seq": r.get::<_, i64>(0)?, "stage": r.get::<_, String>(1)?,
+                                          "line": r.get::<_, String>(2)?, "at": r.get::<_, String>(3)?}),
+                    )
                 })?
                 .collect();
             rows

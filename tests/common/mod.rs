@@ -26,8 +26,7 @@ impl Run {
     }
 
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("{e}: {}\n{}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("{e}: {}\n{}", self.stdout, self.stderr))
     }
 }
 
@@ -68,9 +67,7 @@ impl Project {
 
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
-        c.args(args)
-            .current_dir(self.root())
-            .env_remove("SENTIFLOW_CACHE_DIR");
+        c.args(args).current_dir(self.root()).env_remove("SENTIFLOW_CACHE_DIR");
         c
     }
 
@@ -118,25 +115,15 @@ impl Response {
 }
 
 /// One HTTP/1.1 request over a fresh connection.
-pub fn http(
-    addr: &str,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Response {
+pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
-        .unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
-    if !headers
-        .iter()
-        .any(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        && (method == "POST" || !body.is_empty())
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-length")) && (method == "POST" || !body.is_empty())
     {
         req.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
@@ -160,16 +147,8 @@ pub fn http(
     let chunked = headers
         .iter()
         .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    Response {
-        status,
-        headers,
-        body,
-    }
+    let body = if chunked { dechunk(body) } else { body.to_string() };
+    Response { status, headers, body }
 }
 
 fn dechunk(mut body: &str) -> String {
@@ -205,10 +184,7 @@ impl Server {
         let stderr = child.stderr.take().unwrap();
         let mut lines = std::io::BufReader::new(stderr).lines();
         let addr = loop {
-            let line = lines
-                .next()
-                .expect("the server exited before listening")
-                .unwrap();
+            let line = lines.next().expect("the server exited before listening").unwrap();
             if let Some(rest) = line.split("serving on http://").nth(1) {
                 break rest.split_whitespace().next().unwrap().to_string();
             }
