@@ -4,7 +4,8 @@
 //! - `manifest.json`: format, kind, version (a hash of the other files), labels, model family and
 //!   hyper-parameters, vectorizer settings, validation metrics, tuning result, and the hashes of
 //!   the pipeline inputs that produced it;
-//! - `vectorizer.json`, `terms.txt` (one term per line, column order), `idf.bin` (f32 LE);
+//! - `vectorizer.json`, `unigrams.txt`, `ngrams.bin`, `idf.bin`: the vectorizer (see `Tfidf::save`);
+//! - `terms.txt`: the vocabulary for people, one term per line in column order;
 //! - `model.json` (bias and probability calibration), `weights.bin` (f32 LE, one per term).
 
 use std::collections::BTreeMap;

@@ -73,8 +73,12 @@ impl Default for TfidfConfig {
 pub enum TfidfError {
     #[error("invalid vectorizer setting: {0}")]
     Config(String),
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("no term is left in the vocabulary (min_df {min_df}, max_df {max_df}, {docs} documents)")]
     EmptyVocabulary { min_df: u32, max_df: f64, docs: usize },
 }
@@ -89,10 +93,12 @@ pub struct Tfidf {
     tokenizer: Tokenizer,
     /// Token → id, ids from 1 (0 marks "no token" in a packed n-gram).
     unigrams: FxHashMap<String, u32>,
+    /// Id → token (`names[0]` is unused).
+    names: Vec<String>,
     /// Packed n-gram → column.
     index: FxHashMap<u64, u32>,
-    /// Column → term (tokens joined by a space).
-    pub terms: Vec<String>,
+    /// Column → packed n-gram.
+    keys: Vec<u64>,
     pub idf: Vec<f32>,
 }
 
@@ -210,14 +216,7 @@ impl Tfidf {
         tracing::debug!("counted {} distinct n-grams in {:?}", counts.len(), clock.elapsed());
         let n_docs = texts.len();
         let max_df = (config.max_df * n_docs as f64).floor() as u32;
-        let term_of = |k: u64| -> String {
-            (0..3)
-                .map(|i| ((k >> (ID_BITS * i)) & MAX_ID as u64) as usize)
-                .take_while(|&id| id != 0)
-                .map(|id| names[id])
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
+        let term_of = |k: u64| -> String { unpack(k).map(|id| names[id as usize]).collect::<Vec<_>>().join(" ") };
         let mut kept: Vec<(u64, u32, u64)> = counts
             .into_iter()
             .filter(|(_, (df, _))| *df >= config.min_df && *df <= max_df)
@@ -242,26 +241,35 @@ impl Tfidf {
             .iter()
             .map(|(_, _, df)| (((1 + n_docs) as f64 / (1 + *df) as f64).ln() + 1.0) as f32)
             .collect();
-        let terms: Vec<String> = vocab.into_iter().map(|(t, _, _)| t).collect();
+        let keys: Vec<u64> = vocab.into_iter().map(|(_, k, _)| k).collect();
         let owned_unigrams: FxHashMap<String, u32> = unigrams.iter().map(|(k, v)| (k.to_string(), *v)).collect();
 
         let model = Tfidf {
             config: config.clone(),
             tokenizer,
             unigrams: owned_unigrams,
+            names: names.iter().map(|s| s.to_string()).collect(),
             index,
-            terms,
+            keys,
             idf,
         };
         let rows = ids.par_iter().map(|doc| model.row_from_ids(doc)).collect();
-        let cols = model.terms.len();
+        let cols = model.keys.len();
         let m = Csr::from_rows(cols, rows);
         tracing::debug!("fitted and transformed in {:?}", clock.elapsed());
         Ok((model, m))
     }
 
     pub fn vocabulary_size(&self) -> usize {
-        self.terms.len()
+        self.keys.len()
+    }
+
+    /// The term of column `col`: its tokens joined by a space.
+    pub fn term(&self, col: usize) -> String {
+        unpack(self.keys[col])
+            .map(|id| self.names[id as usize].as_str())
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// One document's TF-IDF row from its token ids, sorted by column.
@@ -311,7 +319,7 @@ impl Tfidf {
 
     pub fn transform(&self, texts: &[String]) -> Csr {
         let rows = texts.par_iter().map(|t| self.transform_one(t)).collect();
-        Csr::from_rows(self.terms.len(), rows)
+        Csr::from_rows(self.keys.len(), rows)
     }
 
     /// Tokens of `text` and whether each is known to the vocabulary (for out-of-vocabulary
@@ -326,53 +334,84 @@ impl Tfidf {
             .collect()
     }
 
-    /// Writes `vectorizer.json`, `terms.txt` (one term per line, in column order) and `idf.bin`.
+    /// Writes `vectorizer.json`, `unigrams.txt` (one token per line, by id), `ngrams.bin` (each
+    /// column's packed token ids, u64 LE), `idf.bin` (f32 LE) and, for people, `terms.txt` (one
+    /// term per line, in column order). Loading reads all but `terms.txt`.
     pub fn save(&self, dir: &Path) -> Result<(), TfidfError> {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).map_err(io_at(dir))?;
         let config = serde_json::to_vec_pretty(&self.config).expect("config serializes");
-        std::fs::write(dir.join("vectorizer.json"), config)?;
-        let mut w = BufWriter::new(std::fs::File::create(dir.join("terms.txt"))?);
-        for t in &self.terms {
-            writeln!(w, "{t}")?;
-        }
-        w.flush()?;
-        let mut w = BufWriter::new(std::fs::File::create(dir.join("idf.bin"))?);
-        write_slice(&mut w, &self.idf, |x| x.to_le_bytes())?;
-        w.flush()?;
-        Ok(())
+        write_file(&dir.join("vectorizer.json"), |w| w.write_all(&config))?;
+        write_file(&dir.join("unigrams.txt"), |w| {
+            self.names[1..].iter().try_for_each(|n| writeln!(w, "{n}"))
+        })?;
+        write_file(&dir.join("terms.txt"), |w| {
+            (0..self.keys.len()).try_for_each(|c| writeln!(w, "{}", self.term(c)))
+        })?;
+        write_file(&dir.join("ngrams.bin"), |w| {
+            write_slice(w, &self.keys, |x| x.to_le_bytes())
+        })?;
+        write_file(&dir.join("idf.bin"), |w| write_slice(w, &self.idf, |x| x.to_le_bytes()))
     }
 
     pub fn load(dir: &Path) -> Result<Tfidf, TfidfError> {
-        let config: TfidfConfig = serde_json::from_slice(&std::fs::read(dir.join("vectorizer.json"))?)
-            .map_err(|e| TfidfError::Config(format!("vectorizer.json: {e}")))?;
+        let path = dir.join("vectorizer.json");
+        let config: TfidfConfig = serde_json::from_slice(&std::fs::read(&path).map_err(io_at(&path))?)
+            .map_err(|e| TfidfError::Config(format!("{}: {e}", path.display())))?;
         let tokenizer = config.check()?;
-        let terms: Vec<String> = BufReader::new(std::fs::File::open(dir.join("terms.txt"))?)
-            .lines()
-            .collect::<Result<_, _>>()?;
-        let mut f = BufReader::new(std::fs::File::open(dir.join("idf.bin"))?);
-        let idf = read_vec(&mut f, terms.len(), f32::from_le_bytes)?;
-        let mut unigrams: FxHashMap<String, u32> = FxHashMap::default();
-        let mut index = FxHashMap::default();
-        index.reserve(terms.len());
-        for (c, term) in terms.iter().enumerate() {
-            let ids: Vec<u32> = term
-                .split(' ')
-                .map(|tok| {
-                    let next = unigrams.len() as u32 + 1;
-                    *unigrams.entry(tok.to_string()).or_insert(next)
-                })
-                .collect();
-            index.insert(pack(&ids), c as u32);
+        let path = dir.join("unigrams.txt");
+        let mut names = vec![String::new()];
+        for line in BufReader::new(std::fs::File::open(&path).map_err(io_at(&path))?).lines() {
+            names.push(line.map_err(io_at(&path))?);
         }
+        let unigrams: FxHashMap<String, u32> = names
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(i, n)| (n.clone(), i as u32))
+            .collect();
+        let path = dir.join("ngrams.bin");
+        let bytes = std::fs::read(&path).map_err(io_at(&path))?;
+        let keys: Vec<u64> = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        let path = dir.join("idf.bin");
+        let mut f = BufReader::new(std::fs::File::open(&path).map_err(io_at(&path))?);
+        let idf = read_vec(&mut f, keys.len(), f32::from_le_bytes).map_err(io_at(&path))?;
+        let index: FxHashMap<u64, u32> = keys.iter().enumerate().map(|(c, &k)| (k, c as u32)).collect();
         Ok(Tfidf {
             config,
             tokenizer,
             unigrams,
+            names,
             index,
-            terms,
+            keys,
             idf,
         })
     }
+}
+
+fn io_at(path: &Path) -> impl Fn(std::io::Error) -> TfidfError + '_ {
+    move |source| TfidfError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes a file through a buffer, reporting errors with its path.
+fn write_file(
+    path: &Path,
+    body: impl FnOnce(&mut BufWriter<std::fs::File>) -> std::io::Result<()>,
+) -> Result<(), TfidfError> {
+    let mut w = BufWriter::new(std::fs::File::create(path).map_err(io_at(path))?);
+    body(&mut w).and_then(|_| w.flush()).map_err(io_at(path))
+}
+
+/// The token ids packed in an n-gram key.
+fn unpack(key: u64) -> impl Iterator<Item = u32> {
+    (0..3)
+        .map(move |i| ((key >> (ID_BITS * i)) & MAX_ID as u64) as u32)
+        .take_while(|&id| id != 0)
 }
 
 #[cfg(test)]
@@ -400,8 +439,9 @@ mod tests {
         };
         let (v, m) = Tfidf::fit_transform(&cfg, &docs()).unwrap();
         // Alphabetical vocabulary of uni- and bigrams; single letters are not tokens.
-        assert_eq!(&v.terms[..4], &["acting", "and", "and good", "bad"]);
-        let col = |t: &str| v.terms.iter().position(|x| x == t).unwrap();
+        let terms: Vec<String> = (0..v.vocabulary_size()).map(|c| v.term(c)).collect();
+        assert_eq!(&terms[..4], &["acting", "and", "and good", "bad"]);
+        let col = |t: &str| terms.iter().position(|x| x == t).unwrap();
         // idf = ln((1+n)/(1+df)) + 1: "film" is in all 3 documents.
         assert!((v.idf[col("film")] - 1.0).abs() < 1e-6);
         assert!((v.idf[col("bad")] - ((4.0f64 / 2.0).ln() + 1.0) as f32).abs() < 1e-6);

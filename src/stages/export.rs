@@ -23,9 +23,11 @@ fn default_name() -> String {
     "tfidf".into()
 }
 
-const MODEL_FILES: [&str; 6] = [
+const MODEL_FILES: [&str; 8] = [
     "vectorizer.json",
     "terms.txt",
+    "unigrams.txt",
+    "ngrams.bin",
     "idf.bin",
     "model.json",
     "weights.bin",
@@ -34,7 +36,7 @@ const MODEL_FILES: [&str; 6] = [
 
 impl Stage for Export {
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn deps(&self) -> Vec<String> {

@@ -31,7 +31,7 @@ fn default_seed() -> u64 {
 
 impl Stage for Train {
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn deps(&self) -> Vec<String> {

@@ -42,7 +42,7 @@ impl Features {
 
 impl Stage for Vectorize {
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn deps(&self) -> Vec<String> {
