@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The main job: builds sentiflow, trains the IMDB pipeline (pipelines/imdb.yaml) and scores two
-# reviews with the exported model.
+# The main job: builds sentiflow, trains the IMDB pipeline (pipelines/imdb.yaml), scores two
+# reviews with the exported model and serves it over HTTP (Ctrl-C stops the server).
 #
 #   ./quickstart.sh [PATH/TO/aclImdb_v1.tar.gz]      (or SENTIFLOW_IMDB=PATH ./quickstart.sh)
 #
@@ -38,3 +38,11 @@ echo "Predictions of models/tfidf:"
 "$sentiflow" predict --model models/tfidf \
   "One of the best films I have seen in years: moving, funny and beautifully acted." \
   "A boring, badly written mess. I want my two hours back."
+
+key=$("$sentiflow" keys create --role admin --label quickstart)
+addr="${SENTIFLOW_ADDR:-127.0.0.1:8080}"
+echo
+echo "Serving models/tfidf on http://$addr with a new admin key (stored hashed in sentiflow.db). Try:"
+echo "  curl -s http://$addr/prediction -H 'Authorization: Bearer $key' -H 'Content-Type: application/json' -d '{\"text\": \"A wonderful film.\"}'"
+echo "  curl -s http://$addr/best_model_parameter -H 'Authorization: Bearer $key'"
+exec "$sentiflow" serve --addr "$addr"

@@ -400,9 +400,9 @@ fn promotion_under_load_fails_no_request() {
                     if r.status != 200 {
                         failures.fetch_add(1, Ordering::Relaxed);
                     } else {
-                        seen.lock()
-                            .unwrap()
-                            .insert(r.json()["version"].as_str().unwrap().to_string());
+                        let answer = r.json();
+                        let version = answer["version"].as_str().unwrap().to_string();
+                        seen.lock().unwrap().insert((version, answer["score"].to_string()));
                     }
                     n += 1;
                 }
@@ -428,7 +428,10 @@ fn promotion_under_load_fails_no_request() {
         0,
         "no request failed during promotions"
     );
-    assert_eq!(seen.lock().unwrap().len(), 2, "both versions served during the test");
+    // Both versions were served, each always with its own model's score.
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_ne!(seen.iter().next().unwrap().0, seen.iter().last().unwrap().0, "{seen:?}");
 }
 
 #[test]

@@ -161,19 +161,6 @@ impl App {
     /// Serves the production version of each model; with an empty registry, registers and
     /// promotes the bundles found in `<root>/models/*/`.
     fn load_models(&self) -> anyhow::Result<()> {
-        if self.store.models()?.is_empty() {
-            let dir = self.config.root().join("models");
-            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                if entry.path().join("manifest.json").is_file() {
-                    match self.register(&entry.path(), None) {
-                        Ok(row) => {
-                            self.store.promote(&row.version)?;
-                        }
-                        Err(e) => tracing::warn!("{}: {e}", entry.path().display()),
-                    }
-                }
-            }
-        }
         for row in self.store.production()? {
             match Bundle::load(Path::new(&row.path)) {
                 Ok(bundle) => {
@@ -183,19 +170,44 @@ impl App {
                 Err(e) => tracing::warn!("production model {} {}: {e}", row.name, row.version),
             }
         }
+        // Bundles exported outside the server (`sentiflow run`) join the registry here, and are
+        // promoted like a trained one: when no version of their name is served, or when better.
+        let dir = self.config.root().join("models");
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if entry.path().join("manifest.json").is_file() {
+                let outcome = self
+                    .register(&entry.path(), None)
+                    .map_err(|e| e.to_string())
+                    .and_then(|row| self.maybe_promote(&row).map_err(|e| e.message));
+                if let Err(e) = outcome {
+                    tracing::warn!("{}: {e}", entry.path().display());
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Where the registry keeps its own copy of each version: exports overwrite their directory,
+    /// registered versions never change.
+    fn registry_dir(&self) -> PathBuf {
+        let db = self.config.db_path();
+        db.parent().unwrap_or(Path::new(".")).join("registry")
     }
 
     /// Records the bundle at `dir` in the registry (once per version).
     pub fn register(&self, dir: &Path, run_id: Option<&str>) -> anyhow::Result<ModelRow> {
         let bundle = Bundle::load(dir)?;
         let m = &bundle.manifest;
+        let copy = self.registry_dir().join(&m.name).join(&m.version);
+        if !copy.join("manifest.json").is_file() {
+            copy_dir_atomic(dir, &copy)?;
+        }
         let row = ModelRow {
             version: m.version.clone(),
             name: m.name.clone(),
             kind: m.kind.clone(),
             pipeline: m.pipeline.clone(),
-            path: std::path::absolute(dir)?.display().to_string(),
+            path: std::path::absolute(&copy)?.display().to_string(),
             params: json!({"model": m.model.spec, "vectorizer": m.vectorizer}),
             metrics: m.metrics.clone(),
             tuning: m.tuning.clone(),
@@ -328,6 +340,29 @@ impl App {
         }
         Ok(quota)
     }
+}
+
+/// Copies the files of `src` into a new directory `dest`, assembled beside it and renamed into place.
+fn copy_dir_atomic(src: &Path, dest: &Path) -> std::io::Result<()> {
+    let parent = dest.parent().expect("registry paths have a parent");
+    std::fs::create_dir_all(parent)?;
+    let staging = tempfile::Builder::new().prefix(".copy-").tempdir_in(parent)?;
+    for entry in std::fs::read_dir(src)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), staging.path().join(entry.file_name()))?;
+        }
+    }
+    let staged = staging.keep();
+    std::fs::rename(&staged, dest).or_else(|e| {
+        // Another registration of the same version won the race: keep its copy.
+        let _ = std::fs::remove_dir_all(&staged);
+        if dest.join("manifest.json").is_file() {
+            Ok(())
+        } else {
+            Err(e)
+        }
+    })
 }
 
 /// The methods a path answers, for `405` responses.
