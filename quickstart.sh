@@ -19,7 +19,7 @@ fi
 cd "$(dirname "$0")"
 
 cargo build --release --quiet
-sentiflow=target/release/sentiflow
+sentiflow="${CARGO_TARGET_DIR:-target}/release/sentiflow"
 
 set_data=()
 if [ -n "$archive" ]; then
