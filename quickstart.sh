@@ -32,7 +32,13 @@ else
   echo "downloading the official archive."
 fi
 
-"$sentiflow" run pipelines/imdb.yaml "${set_data[@]}"
+if ! "$sentiflow" run pipelines/imdb.yaml "${set_data[@]}"; then
+  if [ -z "$archive" ]; then
+    echo "The IMDB archive could not be had. Give a local copy: ./quickstart.sh PATH/TO/aclImdb_v1.tar.gz" >&2
+    echo "(or SENTIFLOW_IMDB=PATH), or put it at data/aclImdb_v1.tar.gz." >&2
+  fi
+  exit 1
+fi
 echo
 echo "Predictions of models/tfidf:"
 "$sentiflow" predict --model models/tfidf \
