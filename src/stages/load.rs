@@ -168,7 +168,14 @@ fn report_rejected(ctx: &Context, rejected: &Rejected) {
 /// Downloads `url` to `dest` with a progress line every 10%, verifying its SHA-256 before the
 /// file takes its final name.
 fn download(url: &str, sha256: &str, dest: &Path, log: &(dyn Fn(&str) + Sync)) -> Result<(), String> {
-    let response = ureq::get(url).call().map_err(|e| e.to_string())?;
+    // A network that drops packets should fail in seconds, not hang the pipeline.
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .timeout_resolve(Some(std::time::Duration::from_secs(30)))
+            .timeout_connect(Some(std::time::Duration::from_secs(30)))
+            .build(),
+    );
+    let response = agent.get(url).call().map_err(|e| e.to_string())?;
     let total: Option<u64> = response
         .headers()
         .get("content-length")
