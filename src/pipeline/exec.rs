@@ -215,7 +215,7 @@ pub fn run(
                     if reports[d].is_none() {
                         waiting.remove(&d);
                         ready.retain(|&r| r != d);
-                        let r = skipped(p, d, format!("`{name}` did not finish"));
+                        let r = report_of(p, d, State::Skipped, Some(format!("`{name}` did not finish")));
                         obs.finished(&r);
                         reports[d] = Some(r);
                     }
@@ -237,7 +237,7 @@ pub fn run(
     let interrupted = cancel.load(Ordering::SeqCst);
     for &i in &selected {
         if reports[i].is_none() {
-            let r = skipped(p, i, "the run was interrupted".into());
+            let r = report_of(p, i, State::Skipped, Some("the run was interrupted".into()));
             obs.finished(&r);
             reports[i] = Some(r);
         }
@@ -259,12 +259,13 @@ pub fn run(
     Ok(report)
 }
 
-fn skipped(p: &Pipeline, i: usize, why: String) -> StageReport {
+/// A report for stage `i` that has done nothing yet.
+fn report_of(p: &Pipeline, i: usize, state: State, error: Option<String>) -> StageReport {
     let t = now();
     StageReport {
         name: p.stages[i].name.clone(),
         kind: p.stages[i].kind.name(),
-        state: State::Skipped,
+        state,
         key: None,
         inputs: BTreeMap::new(),
         outs: Vec::new(),
@@ -272,7 +273,7 @@ fn skipped(p: &Pipeline, i: usize, why: String) -> StageReport {
         duration_ms: 0,
         started_at: t,
         finished_at: t,
-        error: Some(why),
+        error,
     }
 }
 
@@ -286,8 +287,7 @@ fn run_stage(
     obs: &dyn Observer,
 ) -> StageReport {
     let stage = &p.stages[i];
-    let mut report = skipped(p, i, String::new());
-    report.error = None;
+    let mut report = report_of(p, i, State::Ran, None);
     let fail = |mut r: StageReport, state: State, error: String| {
         r.state = state;
         r.error = Some(error);
@@ -387,7 +387,6 @@ fn run_stage(
     if let Err(e) = cache.record(&key, &entry) {
         return fail(report, State::Failed, format!("recording the cache entry: {e}"));
     }
-    report.state = State::Ran;
     report.outs = entry.outs;
     report.metrics = entry.metrics;
     report.finished_at = now();
