@@ -23,6 +23,9 @@ pub struct Train {
     pub seed: u64,
     /// Output directory: the model's files, `metrics.json` and `predictions.json`.
     pub out: String,
+    /// Also write the validation scores to this JSON file (flat, for DVC metrics and the like).
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 fn default_seed() -> u64 {
@@ -39,7 +42,7 @@ impl Stage for Train {
     }
 
     fn outs(&self) -> Vec<String> {
-        vec![self.out.clone()]
+        std::iter::once(self.out.clone()).chain(self.metrics.clone()).collect()
     }
 
     fn run(&self, ctx: &Context) -> Result<Metrics, StageError> {
@@ -111,6 +114,13 @@ impl Stage for Train {
             &json!({"labels": features.valid_labels, "scores": p, "roc_curve": roc_curve(&p, &features.valid_labels)}),
         )?;
 
+        if let Some(path) = &self.metrics {
+            let path = ctx.path(path);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| StageError::io(parent, e))?;
+            }
+            write_json(&path, &scores)?;
+        }
         let mut m = Metrics::new();
         for (k, v) in [
             ("accuracy", scores.accuracy),
