@@ -4,17 +4,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::Project;
+use common::{stage, Project};
 use serde_json::Value;
-
-fn stage<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == name)
-        .unwrap()
-}
 
 fn states(report: &Value) -> Vec<(String, String)> {
     let mut v: Vec<(String, String)> = report["stages"]

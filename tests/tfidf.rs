@@ -5,19 +5,10 @@ mod common;
 
 use std::path::Path;
 
-use common::{quickstart, Project};
+use common::{quickstart, stage, Project};
 use serde_json::Value;
 
 const FIXTURE: &str = "tests/fixtures/imdb_sample.tar.gz";
-
-fn stage<'a>(report: &'a Value, name: &str) -> &'a Value {
-    report["stages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["name"] == name)
-        .unwrap()
-}
 
 fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
     let mut out: Vec<_> = std::fs::read_dir(dir)

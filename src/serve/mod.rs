@@ -270,6 +270,17 @@ impl App {
         Ok(better)
     }
 
+    /// The served model `name`, or a `404` naming the served ones.
+    fn served(&self, name: &str) -> Result<Arc<Serving>, ApiError> {
+        self.serving(name).ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "model_not_found",
+                format!("no model `{name}` is served; served: {:?}", self.model_names()),
+            )
+        })
+    }
+
     pub fn serving(&self, name: &str) -> Option<Arc<Serving>> {
         self.models.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
     }
@@ -536,13 +547,7 @@ impl App {
             .split('&')
             .find_map(|kv| kv.strip_prefix("model="))
             .unwrap_or("tfidf");
-        let serving = self.serving(name).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "model_not_found",
-                format!("no model `{name}` is served; served: {:?}", self.model_names()),
-            )
-        })?;
+        let serving = self.served(name)?;
         let m = &serving.bundle.manifest;
         let tuning = &m.tuning;
         Ok(json_response(
@@ -621,13 +626,7 @@ impl App {
             Some(Value::String(s)) => s.as_str(),
             Some(_) => return Err(bad_field("model", "must be a string")),
         };
-        let serving = self.serving(name).ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "model_not_found",
-                format!("no model `{name}` is served; served: {:?}", self.model_names()),
-            )
-        })?;
+        let serving = self.served(name)?;
         let version = &serving.row.version;
         let predictions: Vec<Value> = texts
             .iter()

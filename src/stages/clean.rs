@@ -40,10 +40,6 @@ impl Stage for Clean {
         1
     }
 
-    fn deps(&self) -> Vec<String> {
-        Vec::new()
-    }
-
     fn outs(&self) -> Vec<String> {
         vec![self.out.clone()]
     }

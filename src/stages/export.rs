@@ -39,10 +39,6 @@ impl Stage for Export {
         2
     }
 
-    fn deps(&self) -> Vec<String> {
-        Vec::new()
-    }
-
     fn outs(&self) -> Vec<String> {
         vec![self.out.clone()]
     }

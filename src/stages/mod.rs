@@ -142,8 +142,11 @@ pub trait Stage {
     /// The implementation version: bump it when the kind's code changes what it writes, so
     /// cached results of the old code are not reused.
     fn version(&self) -> u32;
-    /// Files and directories the stage reads, relative to the project root.
-    fn deps(&self) -> Vec<String>;
+    /// Files and directories the stage reads, relative to the project root, besides the outputs
+    /// of the stages it needs.
+    fn deps(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Files and directories the stage writes, relative to the project root.
     fn outs(&self) -> Vec<String>;
     /// Checks parameters that serde cannot (run when the pipeline is validated).

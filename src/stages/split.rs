@@ -58,10 +58,6 @@ impl Stage for Split {
         1
     }
 
-    fn deps(&self) -> Vec<String> {
-        Vec::new()
-    }
-
     fn outs(&self) -> Vec<String> {
         vec![self.out.clone()]
     }

@@ -37,10 +37,6 @@ impl Stage for Train {
         2
     }
 
-    fn deps(&self) -> Vec<String> {
-        Vec::new()
-    }
-
     fn outs(&self) -> Vec<String> {
         std::iter::once(self.out.clone()).chain(self.metrics.clone()).collect()
     }

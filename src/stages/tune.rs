@@ -223,10 +223,6 @@ impl Stage for Tune {
         1
     }
 
-    fn deps(&self) -> Vec<String> {
-        Vec::new()
-    }
-
     fn outs(&self) -> Vec<String> {
         vec![self.out.clone()]
     }

@@ -45,10 +45,6 @@ impl Stage for Vectorize {
         2
     }
 
-    fn deps(&self) -> Vec<String> {
-        Vec::new()
-    }
-
     fn outs(&self) -> Vec<String> {
         vec![self.out.clone()]
     }
