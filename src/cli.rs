@@ -260,6 +260,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 Err(e) => return Err(e.into()),
             };
             console.done();
+            if let Some(tracker) = crate::tracking::Tracker::from_env() {
+                match tracker.log_run(&p, &report) {
+                    Ok(run) => eprintln!("tracked as MLflow run {run}"),
+                    Err(e) => eprintln!("warning: the run was not recorded in MLflow: {e}"),
+                }
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             }

@@ -9,3 +9,4 @@ pub mod serve;
 pub mod stages;
 pub mod store;
 pub mod text;
+pub mod tracking;

@@ -1,0 +1,155 @@
+//! Tracking against a real MLflow server (PyPI, installed by `scripts/test`), read back with the
+//! MLflow Python client.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::quickstart;
+
+fn tool(env: &str, name: &str) -> PathBuf {
+    let path = std::env::var_os(env)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin").join(name));
+    assert!(
+        path.exists(),
+        "{name} not found at {}: run the tests with scripts/test, which installs requirements-dev.txt into .venv",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct MlflowServer {
+    child: Child,
+    uri: String,
+    _dir: tempfile::TempDir,
+}
+
+impl MlflowServer {
+    fn start() -> MlflowServer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let child = Command::new(tool("SENTIFLOW_MLFLOW", "mlflow"))
+            .args([
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--workers",
+                "1",
+            ])
+            .arg("--backend-store-uri")
+            .arg(format!("sqlite:///{}", dir.path().join("mlflow.db").display()))
+            .arg("--artifacts-destination")
+            .arg(dir.path().join("artifacts"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let uri = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err()
+            || common::http(&format!("127.0.0.1:{port}"), "GET", "/health", &[], b"").status != 200
+        {
+            assert!(Instant::now() < deadline, "the MLflow server did not start");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        MlflowServer { child, uri, _dir: dir }
+    }
+}
+
+impl Drop for MlflowServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const CHECK: &str = r#"
+import sys
+from mlflow.tracking import MlflowClient
+c = MlflowClient(sys.argv[1])
+exp = c.get_experiment_by_name("quickstart")
+runs = c.search_runs([exp.experiment_id])
+parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+assert len(parents) == 1, parents
+p = parents[0]
+children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
+assert len(children) == 4, f"one child run per tuning trial, got {len(children)}"
+assert p.info.status == "FINISHED", p.info.status
+assert p.data.params["train.seed"] == "42", p.data.params
+assert p.data.params["params.data"] == "tests/fixtures/imdb_sample.tar.gz", p.data.params
+assert 0.5 < p.data.metrics["train.accuracy"] <= 1.0, p.data.metrics
+assert p.data.metrics["load.rows"] == 400, p.data.metrics
+assert len(p.data.tags["sentiflow.key.train"]) == 64, p.data.tags
+assert "sentiflow.data.tests/fixtures/imdb_sample.tar.gz" in p.data.tags, p.data.tags
+top = sorted(a.path for a in c.list_artifacts(p.info.run_id))
+assert top == ["export_tfidf", "train", "tune"], top
+bundle = sorted(a.path for a in c.list_artifacts(p.info.run_id, "export_tfidf"))
+assert "export_tfidf/manifest.json" in bundle and "export_tfidf/weights.bin" in bundle, bundle
+assert "tune/trials.csv" in [a.path for a in c.list_artifacts(p.info.run_id, "tune")]
+child = children[0]
+assert {"model.model", "model.C", "vectorizer"} <= set(child.data.params), child.data.params
+assert "accuracy_mean" in child.data.metrics and "roc_auc_std" in child.data.metrics, child.data.metrics
+assert len(c.get_metric_history(child.info.run_id, "fold_score")) == 3
+versions = c.search_model_versions("name='quickstart-tfidf'")
+assert [v.run_id for v in versions] == [p.info.run_id], versions
+print("ok", p.info.run_id)
+"#;
+
+#[test]
+fn pipeline_runs_trials_artifacts_and_models_reach_mlflow() {
+    let server = MlflowServer::start();
+    let p = quickstart();
+    let out = p
+        .cmd(&["run", "pipelines/quickstart.yaml"])
+        .env("MLFLOW_TRACKING_URI", &server.uri)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("tracked as MLflow run"), "{stderr}");
+
+    let python = tool("SENTIFLOW_MLFLOW", "mlflow").with_file_name("python");
+    let check = Command::new(python)
+        .arg("-c")
+        .arg(CHECK)
+        .arg(&server.uri)
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
+#[test]
+fn a_tracking_server_that_is_down_does_not_fail_the_pipeline() {
+    let p = quickstart();
+    let uri = format!("http://127.0.0.1:{}", free_port());
+    let out = p
+        .cmd(&["run", "pipelines/quickstart.yaml"])
+        .env("MLFLOW_TRACKING_URI", &uri)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("warning: the run was not recorded in MLflow"),
+        "{stderr}"
+    );
+    assert!(p.path("models/quickstart/tfidf/manifest.json").is_file());
+}
