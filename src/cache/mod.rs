@@ -80,10 +80,6 @@ impl Cache {
         })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn run_path(&self, key: &str) -> PathBuf {
         self.dir.join("runs").join(&key[..2]).join(format!("{key}.json"))
     }

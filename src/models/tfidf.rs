@@ -322,18 +322,6 @@ impl Tfidf {
         Csr::from_rows(self.keys.len(), rows)
     }
 
-    /// Tokens of `text` and whether each is known to the vocabulary (for out-of-vocabulary
-    /// rates and explanations).
-    pub fn tokens(&self, text: &str) -> Vec<(String, bool)> {
-        let normalized = normalize(text, self.config.lowercase);
-        let mut tokens = Vec::new();
-        self.tokenizer.tokens(&normalized, &mut tokens);
-        tokens
-            .iter()
-            .map(|t| (t.to_string(), self.unigrams.contains_key(*t)))
-            .collect()
-    }
-
     /// Writes `vectorizer.json`, `unigrams.txt` (one token per line, by id), `ngrams.bin` (each
     /// column's packed token ids, u64 LE), `idf.bin` (f32 LE) and, for people, `terms.txt` (one
     /// term per line, in column order). Loading reads all but `terms.txt`.

@@ -407,7 +407,7 @@ fn route_of(method: &Method, path: &str) -> String {
         ["training", _] => "/training/{id}".to_string(),
         ["training", _, "logs"] => "/training/{id}/logs".to_string(),
         ["models", _, "promote"] => "/models/{version}/promote".to_string(),
-        _ if openapi::PATHS.contains(&path) => path.to_string(),
+        known if allowed_methods(known).is_some() => path.to_string(),
         _ => "other".to_string(),
     };
     format!("{method} {shape}")
@@ -710,12 +710,6 @@ async fn recover(app: Arc<App>, rejection: warp::Rejection) -> Result<Response, 
             StatusCode::LENGTH_REQUIRED,
             "length_required",
             "send a Content-Length header",
-        )
-    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
-        ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "method not allowed; see /openapi.json",
         )
     } else {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see /openapi.json")

@@ -2,18 +2,6 @@
 
 use serde_json::{json, Value};
 
-/// Fixed paths the server answers (the others carry an id).
-pub const PATHS: &[&str] = &[
-    "/health",
-    "/ready",
-    "/metrics",
-    "/openapi.json",
-    "/best_model_parameter",
-    "/prediction",
-    "/models",
-    "/training",
-];
-
 fn error_responses(codes: &[&str]) -> Value {
     let mut m = serde_json::Map::new();
     for code in codes {

@@ -170,7 +170,6 @@ impl Store {
 
     // --- models ---
 
-    #[allow(clippy::too_many_arguments)]
     pub fn register_model(&self, m: &ModelRow) -> Result<bool, StoreError> {
         self.with(|c| {
             let n = c.execute(
