@@ -69,6 +69,10 @@ pub struct Cache {
 }
 
 impl Cache {
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub fn open(dir: &Path) -> Result<Cache, CacheError> {
         for sub in ["objects", "runs", "pipelines", "tmp"] {
             let p = dir.join(sub);

@@ -1,5 +1,9 @@
 //! Model bundles: self-contained, versioned directories that `predict` and the server load.
 //!
+//! Every bundle has a `manifest.json`: format, kind (`tfidf` or `bert`), name, version (a hash of
+//! the other files), labels, validation metrics, the hashes of the pipeline inputs that produced
+//! it, and the kind's own fields.
+//!
 //! A TF-IDF bundle holds:
 //! - `manifest.json`: format, kind, version (a hash of the other files), labels, model family and
 //!   hyper-parameters, vectorizer settings, validation metrics, tuning result, and the hashes of
@@ -7,6 +11,9 @@
 //! - `vectorizer.json`, `unigrams.txt`, `ngrams.bin`, `idf.bin`: the vectorizer (see `Tfidf::save`);
 //! - `terms.txt`: the vocabulary for people, one term per line in column order;
 //! - `model.json` (bias and probability calibration), `weights.bin` (f32 LE, one per term).
+//!
+//! A BERT bundle holds `model.onnx`, `tokenizer.json` and `export.json` (the ONNX export's parity
+//! check and reference probabilities); its manifest adds max_length and the fine-tuning report.
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, BufWriter, Write};
@@ -15,6 +22,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::bert::{BertError, BertModel};
 use super::linear::LinearModel;
 use super::sparse::{read_vec, write_slice};
 use super::tfidf::{Tfidf, TfidfConfig, TfidfError};
@@ -35,6 +43,8 @@ pub enum BundleError {
     Invalid { path: String, reason: String },
     #[error("{0}")]
     Vectorizer(#[from] TfidfError),
+    #[error(transparent)]
+    Bert(#[from] BertError),
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> BundleError + '_ {
@@ -47,20 +57,65 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> BundleError + '_ {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     pub format: String,
-    pub kind: String,
     pub name: String,
     pub version: String,
     pub pipeline: String,
     pub labels: [String; 2],
-    pub model: LinearModel,
-    pub features: usize,
-    pub vectorizer: TfidfConfig,
     pub metrics: Value,
-    pub tuning: Value,
-    /// Content hashes of the inputs of the export stage (the trained model's files).
+    /// Content hashes of the inputs of the export stage.
     pub inputs: BTreeMap<String, String>,
     /// File name → SHA-256 of every other file in the bundle.
     pub files: BTreeMap<String, String>,
+    #[serde(flatten)]
+    pub family: Family,
+}
+
+/// What each model family's manifest adds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Family {
+    Tfidf {
+        model: LinearModel,
+        features: usize,
+        vectorizer: TfidfConfig,
+        tuning: Value,
+    },
+    Bert {
+        max_length: usize,
+        /// The fine-tuning run's settings and scores.
+        training: Value,
+        /// The ONNX export's report, without its reference probabilities.
+        onnx: Value,
+    },
+}
+
+impl Manifest {
+    pub fn kind(&self) -> &'static str {
+        match self.family {
+            Family::Tfidf { .. } => "tfidf",
+            Family::Bert { .. } => "bert",
+        }
+    }
+
+    /// The hyper-parameters that produced the model, for people and the registry.
+    pub fn parameters(&self) -> Value {
+        match &self.family {
+            Family::Tfidf { model, vectorizer, .. } => {
+                serde_json::json!({"model": model.spec, "vectorizer": vectorizer})
+            }
+            Family::Bert {
+                max_length, training, ..
+            } => serde_json::json!({"max_length": max_length, "fine_tuning": training["params"]}),
+        }
+    }
+
+    /// The hyper-parameter search that chose the model, if there was one.
+    pub fn tuning(&self) -> Value {
+        match &self.family {
+            Family::Tfidf { tuning, .. } => tuning.clone(),
+            Family::Bert { .. } => Value::Null,
+        }
+    }
 }
 
 /// A trained TF-IDF model: the vectorizer and the linear classifier on its features.
@@ -107,7 +162,29 @@ impl TfidfModel {
     pub fn predict(&self, text: &str) -> Prediction {
         let row = self.vectorizer.transform_one(text);
         let (cols, vals): (Vec<u32>, Vec<f32>) = row.into_iter().unzip();
-        let score = self.model.proba_row(&cols, &vals);
+        Prediction::from_score(self.model.proba_row(&cols, &vals))
+    }
+}
+
+/// A loaded model of either family.
+pub enum Model {
+    Tfidf(Box<TfidfModel>),
+    Bert(std::sync::Arc<BertModel>),
+}
+
+impl Model {
+    /// Predictions for `texts`, in order (a BERT model runs them as one batch).
+    pub fn predict(&self, texts: &[&str]) -> Result<Vec<Prediction>, BundleError> {
+        let scores = match self {
+            Model::Tfidf(m) => return Ok(texts.iter().map(|t| m.predict(t)).collect()),
+            Model::Bert(m) => m.predict_batch(texts)?,
+        };
+        Ok(scores.into_iter().map(Prediction::from_score).collect())
+    }
+}
+
+impl Prediction {
+    pub fn from_score(score: f64) -> Prediction {
         Prediction {
             label: LABELS[(score > 0.5) as usize],
             score,
@@ -118,31 +195,48 @@ impl TfidfModel {
 /// A loaded bundle: its manifest and its model.
 pub struct Bundle {
     pub manifest: Manifest,
-    pub model: TfidfModel,
+    pub model: Model,
 }
 
 impl Bundle {
-    pub fn load(dir: &Path) -> Result<Bundle, BundleError> {
+    /// Loads the bundle at `dir`; `threads` bounds ONNX Runtime's threads (0: its default).
+    pub fn load(dir: &Path, threads: usize) -> Result<Bundle, BundleError> {
+        let manifest = Manifest::read(dir)?;
+        let model = match &manifest.family {
+            Family::Tfidf { .. } => Model::Tfidf(Box::new(TfidfModel::load(dir)?)),
+            Family::Bert { max_length, .. } => {
+                Model::Bert(std::sync::Arc::new(BertModel::load(dir, *max_length, threads)?))
+            }
+        };
+        Ok(Bundle { manifest, model })
+    }
+}
+
+impl Manifest {
+    pub fn read(dir: &Path) -> Result<Manifest, BundleError> {
         let path = dir.join("manifest.json");
         let bytes = std::fs::read(&path).map_err(|e| BundleError::Invalid {
             path: dir.display().to_string(),
             reason: format!("cannot read manifest.json ({e})"),
         })?;
-        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| BundleError::Invalid {
+        let invalid = |reason: String| BundleError::Invalid {
             path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        if manifest.format != FORMAT || manifest.kind != "tfidf" {
-            return Err(BundleError::Invalid {
-                path: path.display().to_string(),
-                reason: format!(
-                    "format `{}` kind `{}`; this version reads `{FORMAT}` kind `tfidf`",
-                    manifest.format, manifest.kind
-                ),
-            });
+            reason,
+        };
+        let value: Value = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
+        if value["format"] != FORMAT || !matches!(value["kind"].as_str(), Some("tfidf" | "bert")) {
+            return Err(invalid(format!(
+                "format {} kind {}; this version reads `{FORMAT}` kinds `tfidf` and `bert`",
+                value["format"], value["kind"]
+            )));
         }
-        let model = TfidfModel::load(dir)?;
-        Ok(Bundle { manifest, model })
+        serde_json::from_value(value).map_err(|e| invalid(e.to_string()))
+    }
+
+    pub fn write(&self, dir: &Path) -> Result<(), BundleError> {
+        let path = dir.join("manifest.json");
+        let json = serde_json::to_vec_pretty(self).expect("manifests serialize");
+        std::fs::write(&path, json).map_err(io(&path))
     }
 }
 

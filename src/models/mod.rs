@@ -1,5 +1,7 @@
-//! Models: TF-IDF features, linear classifiers, metrics and the bundle format they ship in.
+//! Models: TF-IDF features, linear classifiers, ONNX classifiers, metrics and the bundle format
+//! they ship in.
 
+pub mod bert;
 pub mod bundle;
 pub mod linear;
 pub mod metrics;

@@ -22,6 +22,8 @@ pub struct Metrics {
     latency: Mutex<BTreeMap<String, Histogram>>,
     predictions: Mutex<BTreeMap<(String, String, &'static str), u64>>,
     training: Mutex<BTreeMap<String, u64>>,
+    /// Model → (batches run, texts in them), for the ONNX batching workers.
+    batches: Mutex<BTreeMap<String, (u64, u64)>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -50,6 +52,13 @@ impl Metrics {
 
     pub fn training(&self, outcome: &str) {
         *lock(&self.training).entry(outcome.to_string()).or_default() += 1;
+    }
+
+    pub fn batch(&self, model: &str, texts: usize) {
+        let mut batches = lock(&self.batches);
+        let entry = batches.entry(model.to_string()).or_default();
+        entry.0 += 1;
+        entry.1 += texts as u64;
     }
 
     pub fn render(&self) -> String {
@@ -95,6 +104,12 @@ impl Metrics {
         out.push_str("# HELP sentiflow_training_runs_total Training runs by outcome.\n# TYPE sentiflow_training_runs_total counter\n");
         for (outcome, n) in lock(&self.training).iter() {
             let _ = writeln!(out, "sentiflow_training_runs_total{{outcome=\"{outcome}\"}} {n}");
+        }
+        out.push_str("# HELP sentiflow_onnx_batches_total Batches run by each ONNX model's worker.\n# TYPE sentiflow_onnx_batches_total counter\n");
+        out.push_str("# HELP sentiflow_onnx_batch_texts_total Texts in those batches.\n# TYPE sentiflow_onnx_batch_texts_total counter\n");
+        for (model, (batches, texts)) in lock(&self.batches).iter() {
+            let _ = writeln!(out, "sentiflow_onnx_batches_total{{model=\"{model}\"}} {batches}");
+            let _ = writeln!(out, "sentiflow_onnx_batch_texts_total{{model=\"{model}\"}} {texts}");
         }
         out
     }

@@ -5,6 +5,7 @@
 //! dispatches and records metrics; every error leaves as `{"error": {code, message, request_id}}`.
 
 mod auth;
+mod batcher;
 mod metrics;
 mod openapi;
 mod training;
@@ -15,7 +16,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use warp::http::{HeaderMap, HeaderValue, Method, StatusCode};
@@ -25,8 +26,9 @@ use warp::Filter;
 
 pub use auth::{create_key, KeyError, Role};
 
-use crate::models::bundle::{Bundle, LABELS};
+use crate::models::bundle::{Bundle, Model, Prediction, LABELS};
 use crate::store::{ModelRow, Store, StoreError};
+use batcher::{BatchConfig, BatchError, Batcher};
 use metrics::Metrics;
 
 /// Server settings; every flag is also an environment variable.
@@ -59,6 +61,19 @@ pub struct Config {
     /// Longest text accepted, in characters.
     #[arg(long, env = "SENTIFLOW_MAX_TEXT_CHARS", default_value_t = 100_000)]
     pub max_text_chars: usize,
+    /// ONNX models: how long to gather concurrent requests into one batch, in milliseconds
+    /// (0: each request runs alone).
+    #[arg(long, env = "SENTIFLOW_BATCH_WINDOW_MS", default_value_t = 5)]
+    pub batch_window_ms: u64,
+    /// ONNX models: texts per batch at most.
+    #[arg(long, env = "SENTIFLOW_BATCH_MAX_TEXTS", default_value_t = 32)]
+    pub batch_max_texts: usize,
+    /// ONNX models: requests waiting at most; beyond it `POST /prediction` answers 503.
+    #[arg(long, env = "SENTIFLOW_BATCH_QUEUE", default_value_t = 256)]
+    pub batch_queue: usize,
+    /// ONNX Runtime threads per model (0: ONNX Runtime's default, one per core).
+    #[arg(long, env = "SENTIFLOW_ONNX_THREADS", default_value_t = 0)]
+    pub onnx_threads: usize,
 }
 
 impl Config {
@@ -76,6 +91,41 @@ impl Config {
 pub struct Serving {
     pub row: ModelRow,
     pub bundle: Bundle,
+    /// The batching worker of an ONNX model.
+    batcher: Option<Batcher>,
+}
+
+impl Serving {
+    async fn predict(&self, texts: Vec<String>) -> Result<Vec<Prediction>, ApiError> {
+        let scores = match (&self.bundle.model, &self.batcher) {
+            (Model::Bert(_), Some(batcher)) => batcher.predict(texts).await.map_err(|e| match e {
+                BatchError::Busy => {
+                    let mut e = ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "busy",
+                        format!("model `{}` has a full queue; retry shortly", self.row.name),
+                    );
+                    e.headers.push(("retry-after", "1".into()));
+                    e
+                }
+                BatchError::Failed(reason) => {
+                    tracing::error!("model {} {}: {reason}", self.row.name, self.row.version);
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "model_failed",
+                        format!("model `{}` failed: {reason}", self.row.name),
+                    )
+                }
+            })?,
+            (model, _) => {
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                return model
+                    .predict(&refs)
+                    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "model_failed", e.to_string()));
+            }
+        };
+        Ok(scores.into_iter().map(Prediction::from_score).collect())
+    }
 }
 
 pub struct App {
@@ -85,7 +135,7 @@ pub struct App {
     models: RwLock<HashMap<String, Arc<Serving>>>,
     keys: auth::Keys,
     limiter: auth::Limiter,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub training: training::Trainer,
     request_seq: AtomicU64,
     started: u64,
@@ -145,7 +195,7 @@ impl App {
             models: RwLock::new(HashMap::new()),
             keys: auth::Keys::default(),
             limiter: auth::Limiter::new(),
-            metrics: Metrics::default(),
+            metrics: Arc::default(),
             training: training::Trainer::default(),
             request_seq: AtomicU64::new(0),
             started: std::time::SystemTime::now()
@@ -162,7 +212,7 @@ impl App {
     /// promotes the bundles found in `<root>/models/*/`.
     fn load_models(&self) -> anyhow::Result<()> {
         for row in self.store.production()? {
-            match Bundle::load(Path::new(&row.path)) {
+            match Bundle::load(Path::new(&row.path), self.config.onnx_threads) {
                 Ok(bundle) => {
                     tracing::info!("serving {} version {}", row.name, row.version);
                     self.swap(row, bundle);
@@ -196,7 +246,7 @@ impl App {
 
     /// Records the bundle at `dir` in the registry (once per version).
     pub fn register(&self, dir: &Path, run_id: Option<&str>) -> anyhow::Result<ModelRow> {
-        let bundle = Bundle::load(dir)?;
+        let bundle = Bundle::load(dir, self.config.onnx_threads)?;
         let m = &bundle.manifest;
         let copy = self.registry_dir().join(&m.name).join(&m.version);
         if !copy.join("manifest.json").is_file() {
@@ -205,12 +255,12 @@ impl App {
         let row = ModelRow {
             version: m.version.clone(),
             name: m.name.clone(),
-            kind: m.kind.clone(),
+            kind: m.kind().into(),
             pipeline: m.pipeline.clone(),
             path: std::path::absolute(&copy)?.display().to_string(),
-            params: json!({"model": m.model.spec, "vectorizer": m.vectorizer}),
+            params: m.parameters(),
             metrics: m.metrics.clone(),
-            tuning: m.tuning.clone(),
+            tuning: m.tuning(),
             accuracy: m.metrics["accuracy"].as_f64(),
             run_id: run_id.map(str::to_string),
             status: "candidate".into(),
@@ -224,7 +274,20 @@ impl App {
     /// Makes `bundle` the served model of its name; requests in flight finish on the old one.
     fn swap(&self, row: ModelRow, bundle: Bundle) {
         let name = row.name.clone();
-        let serving = Arc::new(Serving { row, bundle });
+        let batcher = match &bundle.model {
+            Model::Bert(model) => {
+                let config = BatchConfig {
+                    window: Duration::from_millis(self.config.batch_window_ms),
+                    max_texts: self.config.batch_max_texts.max(1),
+                    queue: self.config.batch_queue,
+                };
+                let metrics = self.metrics.clone();
+                let label = name.clone();
+                Some(Batcher::start(model.clone(), config, move |n| metrics.batch(&label, n)))
+            }
+            Model::Tfidf(_) => None,
+        };
+        let serving = Arc::new(Serving { row, bundle, batcher });
         self.models
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -240,7 +303,7 @@ impl App {
                 format!("no model version `{version}`"),
             )
         })?;
-        let bundle = Bundle::load(Path::new(&row.path)).map_err(|e| {
+        let bundle = Bundle::load(Path::new(&row.path), self.config.onnx_threads).map_err(|e| {
             ApiError::new(
                 StatusCode::CONFLICT,
                 "bundle_unavailable",
@@ -491,7 +554,7 @@ impl App {
             }
             (&Method::POST, ["prediction"]) => {
                 let quota = self.authorize(headers, Role::Predict, self.config.open_prediction)?;
-                self.predict(headers, body).map(|r| quota.annotate(r))
+                self.predict(headers, body).await.map(|r| quota.annotate(r))
             }
             (&Method::GET, ["models"]) => {
                 let quota = self.authorize(headers, Role::Predict, false)?;
@@ -549,7 +612,7 @@ impl App {
             .unwrap_or("tfidf");
         let serving = self.served(name)?;
         let m = &serving.bundle.manifest;
-        let tuning = &m.tuning;
+        let tuning = m.tuning();
         Ok(json_response(
             StatusCode::OK,
             &json!({
@@ -557,7 +620,8 @@ impl App {
                 "version": m.version,
                 "pipeline": m.pipeline,
                 "run_id": serving.row.run_id,
-                "parameters": {"model": m.model.spec, "vectorizer": m.vectorizer},
+                "kind": m.kind(),
+                "parameters": m.parameters(),
                 "cv": if tuning.is_null() { Value::Null } else {
                     json!({"metric": tuning["metric"], "mean": tuning["mean"], "std": tuning["std"], "folds": tuning["folds"], "vectorizer_stage": tuning["vectorizer"]})
                 },
@@ -566,7 +630,7 @@ impl App {
         ))
     }
 
-    fn predict(&self, headers: &HeaderMap, body: &Bytes) -> ApiResult {
+    async fn predict(&self, headers: &HeaderMap, body: &Bytes) -> ApiResult {
         let request = parse_json(headers, body)?;
         only_fields(&request, &["text", "texts", "model"])?;
         let texts: Vec<String> = match (request.get("text"), request.get("texts")) {
@@ -628,16 +692,18 @@ impl App {
         };
         let serving = self.served(name)?;
         let version = &serving.row.version;
-        let predictions: Vec<Value> = texts
-            .iter()
-            .map(|t| {
-                let p = serving.bundle.model.predict(t);
+        let single = request["text"].is_string();
+        let predictions: Vec<Value> = serving
+            .predict(texts)
+            .await?
+            .into_iter()
+            .map(|p| {
                 self.metrics.prediction(name, version, p.label);
                 json!({"label": p.label, "score": p.score,
                        "probabilities": {LABELS[0]: 1.0 - p.score, LABELS[1]: p.score}})
             })
             .collect();
-        let body = if request["text"].is_string() {
+        let body = if single {
             let mut single = predictions.into_iter().next().expect("one text");
             single["model"] = name.into();
             single["version"] = version.clone().into();

@@ -6,8 +6,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::{read_json, write_json, Context, Metrics, Stage, StageError};
-use crate::models::bundle::{file_hashes, Manifest, TfidfModel, FORMAT, LABELS};
+use std::path::Path;
+
+use super::{read_json, Context, Metrics, Stage, StageError};
+use crate::models::bundle::{file_hashes, Family, Manifest, TfidfModel, FORMAT, LABELS};
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -45,45 +47,69 @@ impl Stage for Export {
 
     fn run(&self, ctx: &Context) -> Result<Metrics, StageError> {
         let trained = ctx.input(&["train"])?;
-        let dest = ctx.path(&self.out);
-        let parent = dest.parent().expect("outputs are under the root");
-        std::fs::create_dir_all(parent).map_err(|e| StageError::io(parent, e))?;
-        let staging = tempfile::Builder::new()
-            .prefix(".bundle-")
-            .tempdir_in(parent)
-            .map_err(|e| StageError::io(parent, e))?;
-        for name in MODEL_FILES {
-            std::fs::copy(trained.join(name), staging.path().join(name))
-                .map_err(|e| StageError::io(trained.join(name), e))?;
-        }
-        let report: Value = read_json(&trained.join("metrics.json"))?;
-        let model = TfidfModel::load(staging.path())?;
-        let (files, version) = file_hashes(staging.path())?;
-        let manifest = Manifest {
-            format: FORMAT.into(),
-            kind: "tfidf".into(),
-            name: self.name.clone(),
-            version: version.clone(),
-            pipeline: ctx.pipeline.into(),
-            labels: LABELS.map(String::from),
-            features: model.vectorizer.vocabulary_size(),
-            vectorizer: model.vectorizer.config.clone(),
-            model: model.model,
-            metrics: report["validation"].clone(),
-            tuning: report["tuning"].clone(),
-            inputs: ctx.inputs.clone(),
-            files,
-        };
-        write_json(&staging.path().join("manifest.json"), &manifest)?;
-        if dest.exists() {
-            std::fs::remove_dir_all(&dest).map_err(|e| StageError::io(&dest, e))?;
-        }
-        let staged = staging.keep();
-        std::fs::rename(&staged, &dest).map_err(|e| StageError::io(&dest, e))?;
-        ctx.info(&format!("bundle `{}` version {version} in {}", self.name, self.out));
+        let manifest = publish(ctx, &self.name, &self.out, |staging| {
+            for name in MODEL_FILES {
+                std::fs::copy(trained.join(name), staging.join(name))
+                    .map_err(|e| StageError::io(trained.join(name), e))?;
+            }
+            let report: Value = read_json(&trained.join("metrics.json"))?;
+            let model = TfidfModel::load(staging)?;
+            Ok((
+                report["validation"].clone(),
+                Family::Tfidf {
+                    features: model.vectorizer.vocabulary_size(),
+                    vectorizer: model.vectorizer.config.clone(),
+                    model: model.model,
+                    tuning: report["tuning"].clone(),
+                },
+            ))
+        })?;
+        ctx.info(&format!(
+            "bundle `{}` version {} in {}",
+            self.name, manifest.version, self.out
+        ));
         let mut m = Metrics::new();
-        m.insert("version".into(), version.into());
-        m.insert("features".into(), manifest.features.into());
+        m.insert("version".into(), manifest.version.into());
+        if let Family::Tfidf { features, .. } = manifest.family {
+            m.insert("features".into(), features.into());
+        }
         Ok(m)
     }
+}
+
+/// Assembles a bundle in a directory beside `out` (`fill` writes the model files and returns the
+/// validation metrics and the family's fields), adds the manifest, and renames it into place.
+pub(super) fn publish(
+    ctx: &Context,
+    name: &str,
+    out: &str,
+    fill: impl FnOnce(&Path) -> Result<(Value, Family), StageError>,
+) -> Result<Manifest, StageError> {
+    let dest = ctx.path(out);
+    let parent = dest.parent().expect("outputs are under the root");
+    std::fs::create_dir_all(parent).map_err(|e| StageError::io(parent, e))?;
+    let staging = tempfile::Builder::new()
+        .prefix(".bundle-")
+        .tempdir_in(parent)
+        .map_err(|e| StageError::io(parent, e))?;
+    let (metrics, family) = fill(staging.path())?;
+    let (files, version) = file_hashes(staging.path())?;
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        name: name.into(),
+        version,
+        pipeline: ctx.pipeline.into(),
+        labels: LABELS.map(String::from),
+        metrics,
+        inputs: ctx.inputs.clone(),
+        files,
+        family,
+    };
+    manifest.write(staging.path())?;
+    if dest.exists() {
+        std::fs::remove_dir_all(&dest).map_err(|e| StageError::io(&dest, e))?;
+    }
+    let staged = staging.keep();
+    std::fs::rename(&staged, &dest).map_err(|e| StageError::io(&dest, e))?;
+    Ok(manifest)
 }

@@ -1,6 +1,7 @@
 //! Stage kinds: what a stage of each `uses:` value does. Every kind implements [`Stage`]; the
 //! engine only knows that trait, so adding a kind means adding a variant to [`StageKind`].
 
+mod bert;
 mod clean;
 mod command;
 mod export;
@@ -18,6 +19,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+pub use bert::{BertExport, BertFinetune};
 pub use clean::Clean;
 pub use command::Command;
 pub use export::Export;
@@ -171,6 +173,8 @@ pub const KINDS: &[&str] = &[
     "tune",
     "train",
     "export",
+    "bert_finetune",
+    "bert_export",
 ];
 
 /// Every stage kind, selected by `uses:` with its parameters under `with:`.
@@ -193,6 +197,10 @@ pub enum StageKind {
     Train(Train),
     /// Writes a self-contained model bundle.
     Export(Export),
+    /// Fine-tunes a BERT-family model with PyTorch (`torchrun`).
+    BertFinetune(BertFinetune),
+    /// Exports a fine-tuned model to an ONNX bundle and scores it in Rust.
+    BertExport(BertExport),
 }
 
 impl StageKind {
@@ -206,6 +214,8 @@ impl StageKind {
             StageKind::Tune(_) => "tune",
             StageKind::Train(_) => "train",
             StageKind::Export(_) => "export",
+            StageKind::BertFinetune(_) => "bert_finetune",
+            StageKind::BertExport(_) => "bert_export",
         }
     }
 
@@ -219,6 +229,17 @@ impl StageKind {
             StageKind::Tune(s) => s,
             StageKind::Train(s) => s,
             StageKind::Export(s) => s,
+            StageKind::BertFinetune(s) => s,
+            StageKind::BertExport(s) => s,
+        }
+    }
+
+    /// The model bundle directory the stage writes, for the kinds that export one.
+    pub fn bundle_out(&self) -> Option<&str> {
+        match self {
+            StageKind::Export(e) => Some(&e.out),
+            StageKind::BertExport(e) => Some(&e.out),
+            _ => None,
         }
     }
 

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""BERT (ONNX) inference: sentiflow's Rust runtime against Python ONNX Runtime, in one run, on the
+same ONNX file and the same real reviews.
+
+1. Single-review latency: tokenize + run, one review at a time, median of --repeats runs per
+   review; Rust through `cargo bench --bench onnx_latency`, Python through the `tokenizers`
+   package and `onnxruntime.InferenceSession` (both with ONNX Runtime's default threads).
+2. Served throughput: `sentiflow serve` under wrk with 16 concurrent clients posting single
+   reviews to `POST /prediction` (`"model": "bert"`), with dynamic batching (5 ms window) and
+   without (`--batch-window-ms 0`).
+
+Usage: bench/bert.py [--reviews 50] [--repeats 20] [--connections 16] [--duration 15]
+Needs: models/bert (run pipelines/imdb.yaml), data/imdb/split/valid.parquet, the Python
+environment of scripts/setup-python, wrk (Debian package).
+"""
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from api import wait_http, wrk  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def python_latencies(bundle, texts, max_length, repeats):
+    import numpy as np
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(bundle, "tokenizer.json"))
+    tok.enable_truncation(max_length)
+    tok.no_padding()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(os.path.join(bundle, "model.onnx"), opts, providers=["CPUExecutionProvider"])
+
+    def predict(text):
+        e = tok.encode(text)
+        feed = {"input_ids": np.array([e.ids], dtype=np.int64),
+                "attention_mask": np.array([e.attention_mask], dtype=np.int64),
+                "token_type_ids": np.array([e.type_ids], dtype=np.int64)}
+        z = sess.run(["logits"], feed)[0][0]
+        return 1 / (1 + np.exp(z[0] - z[1]))
+
+    for t in texts[:5]:
+        predict(t)
+    medians = []
+    for t in texts:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            predict(t)
+            times.append(time.perf_counter() - start)
+        medians.append(statistics.median(times))
+    return medians, len(tok.encode(texts[0]).ids)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", default=os.path.join(ROOT, "models", "bert"))
+    ap.add_argument("--reviews", type=int, default=50)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--duration", type=int, default=15)
+    ap.add_argument("--sentiflow", default=os.path.join(ROOT, "target", "release", "sentiflow"))
+    args = ap.parse_args()
+    manifest = json.load(open(os.path.join(args.bundle, "manifest.json")))
+    max_length = manifest["max_length"]
+
+    import pyarrow.parquet as pq
+    texts = pq.read_table(os.path.join(ROOT, "data", "imdb", "split", "valid.parquet"),
+                          columns=["text"]).column("text").to_pylist()[: args.reviews]
+
+    with tempfile.TemporaryDirectory(prefix="sentiflow-bench-bert-") as tmp:
+        reviews = os.path.join(tmp, "reviews.jsonl")
+        with open(reviews, "w") as f:
+            for t in texts:
+                f.write(json.dumps({"text": t}) + "\n")
+
+        # 1. Latency: alternate the two runtimes twice so neither gets a cooler machine.
+        rust, py = [], []
+        for _ in range(2):
+            out = subprocess.run(["cargo", "bench", "--quiet", "--bench", "onnx_latency", "--", args.bundle, reviews,
+                                  str(args.repeats)], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+            rust.append(json.loads(out.strip().splitlines()[-1]))
+            medians, _ = python_latencies(args.bundle, texts, max_length, args.repeats)
+            py.append(medians)
+        rust_ms = statistics.median([min(a, b) for a, b in zip(*rust)]) * 1000
+        py_ms = statistics.median([min(a, b) for a, b in zip(*py)]) * 1000
+
+        # 2. Served throughput with and without dynamic batching.
+        db = os.path.join(tmp, "bench.db")
+        key = subprocess.run([args.sentiflow, "keys", "create", "--role", "predict", "--db", db],
+                             check=True, capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        lua = os.path.join(tmp, "post.lua")
+        with open(lua, "w") as f:
+            f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
+            f.write(f'wrk.headers["Authorization"] = "Bearer {key}"\n')
+            f.write("bodies = {" + ",".join(json.dumps(json.dumps({"model": "bert", "text": t})) for t in texts) + "}\n")
+            f.write("i = 0\nrequest = function()\n  i = i % #bodies + 1\n  return wrk.format(nil, nil, nil, bodies[i])\nend\n")
+        served = {}
+        for name, window in (("batched", "5"), ("unbatched", "0")):
+            sf = subprocess.Popen([args.sentiflow, "serve", "--addr", "127.0.0.1:18090", "--db", db,
+                                   "--predict-rps", "1000000", "--batch-window-ms", window], cwd=ROOT,
+                                  stderr=subprocess.DEVNULL)
+            try:
+                wait_http("http://127.0.0.1:18090/health")
+                wrk("http://127.0.0.1:18090/prediction", lua, args.connections, 3)
+                served[name] = wrk("http://127.0.0.1:18090/prediction", lua, args.connections, args.duration)
+                metrics = subprocess.run(["curl", "-s", "http://127.0.0.1:18090/metrics"], capture_output=True,
+                                         text=True).stdout
+                batches = texts_n = 0
+                for line in metrics.splitlines():
+                    if line.startswith('sentiflow_onnx_batches_total{model="bert"}'):
+                        batches = int(line.split()[-1])
+                    if line.startswith('sentiflow_onnx_batch_texts_total{model="bert"}'):
+                        texts_n = int(line.split()[-1])
+                served[name] += (texts_n / max(batches, 1),)
+            finally:
+                sf.send_signal(signal.SIGTERM)
+                sf.wait()
+
+    print(f"cores: {os.cpu_count()}; model {manifest['name']} {manifest['version']}, max_length {max_length}; "
+          f"{len(texts)} validation reviews")
+    print("\n| single review, tokenize + run | median ms |")
+    print("|---|---:|")
+    print(f"| sentiflow (Rust: tokenizers + ort) | {rust_ms:.2f} |")
+    print(f"| Python onnxruntime + tokenizers | {py_ms:.2f} |")
+    print(f"\nRust / Python latency: {rust_ms / py_ms:.3f}x (target <= 1.05x)")
+    print(f"\n| POST /prediction, {args.connections} clients, {args.duration} s | requests/s | p50 ms | p99 ms | "
+          "non-2xx | mean batch |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in ("batched", "unbatched"):
+        rps, lat, errors, _, mean_batch = served[name]
+        label = "dynamic batching (5 ms window)" if name == "batched" else "no batching"
+        print(f"| {label} | {rps:.1f} | {lat['50']:.1f} | {lat['99']:.1f} | {errors} | {mean_batch:.1f} |")
+    print(f"\nbatched / unbatched throughput: {served['batched'][0] / served['unbatched'][0]:.2f}x (target >= 2x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,249 @@
+//! BERT-family classifiers exported to ONNX (`stages/bert/export_onnx.py`), run with ONNX Runtime
+//! through `ort` and tokenized with `tokenizers`.
+//!
+//! ONNX Runtime is loaded at run time (`load-dynamic`): from `ORT_DYLIB_PATH`, else from the
+//! `onnxruntime` wheel of a Python environment nearby, else from the system library paths.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use ort::session::builder::GraphOptimizationLevel;
+use ort::session::Session;
+use ort::value::Tensor;
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+/// The ONNX model's inputs, in the order `export_onnx.py` declares them.
+const INPUTS: [&str; 3] = ["input_ids", "attention_mask", "token_type_ids"];
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BertError {
+    #[error(
+        "ONNX Runtime is not installed: no libonnxruntime.so found (looked in {searched}). \
+         Install it with `pip install onnxruntime` (scripts/setup-python does) or set ORT_DYLIB_PATH \
+         to the library file, e.g. .venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.1.32.0"
+    )]
+    RuntimeMissing { searched: String },
+    #[error("ONNX Runtime at {path} (ORT_DYLIB_PATH or found) cannot be used: {reason}")]
+    RuntimeBroken { path: String, reason: String },
+    #[error("{path}: {reason}")]
+    Model { path: String, reason: String },
+    #[error("ONNX Runtime failed: {0}")]
+    Inference(String),
+}
+
+/// The ONNX Runtime environment, created once per process.
+fn environment() -> Result<&'static ort::environment::Environment, BertError> {
+    static ENV: OnceLock<Result<ort::environment::Environment, BertError>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let path = find_runtime()?;
+        let broken = |reason: String| BertError::RuntimeBroken {
+            path: path.display().to_string(),
+            reason,
+        };
+        let env = ort::init_from(&path)
+            .map_err(|e| broken(e.to_string()))?
+            .with_name("sentiflow")
+            .build()
+            .map_err(|e| broken(e.to_string()))?;
+        tracing::debug!("ONNX Runtime from {}", path.display());
+        Ok(env)
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+/// Where `libonnxruntime.so` is: `ORT_DYLIB_PATH`; the `onnxruntime` wheel in `$VIRTUAL_ENV`, in a
+/// `.venv` of the working directory or of a directory above the executable; the system paths.
+pub fn find_runtime() -> Result<PathBuf, BertError> {
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH") {
+        let path = PathBuf::from(path);
+        return if path.is_file() {
+            Ok(path)
+        } else {
+            Err(BertError::RuntimeBroken {
+                path: path.display().to_string(),
+                reason: "ORT_DYLIB_PATH names no file".into(),
+            })
+        };
+    }
+    let mut envs: Vec<PathBuf> = Vec::new();
+    if let Some(v) = std::env::var_os("VIRTUAL_ENV") {
+        envs.push(v.into());
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        envs.push(cwd.join(".venv"));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        envs.extend(exe.ancestors().skip(1).map(|d| d.join(".venv")));
+    }
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for env in envs {
+        for lib in ["lib", "lib64"] {
+            for entry in std::fs::read_dir(env.join(lib)).into_iter().flatten().flatten() {
+                if entry.file_name().to_string_lossy().starts_with("python") {
+                    dirs.push(entry.path().join("site-packages/onnxruntime/capi"));
+                }
+            }
+        }
+    }
+    if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
+        dirs.extend(std::env::split_paths(&paths));
+    }
+    dirs.extend(
+        [
+            "/usr/local/lib",
+            "/usr/lib",
+            "/usr/lib/x86_64-linux-gnu",
+            "/usr/lib/aarch64-linux-gnu",
+            "/opt/onnxruntime/lib",
+        ]
+        .map(PathBuf::from),
+    );
+    for dir in &dirs {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("libonnxruntime.so"))
+            })
+            .collect();
+        // `libonnxruntime.so.1.32.0` over the bare link name, the newest first.
+        found.sort();
+        if let Some(path) = found.pop() {
+            return Ok(path);
+        }
+    }
+    Err(BertError::RuntimeMissing {
+        searched: "ORT_DYLIB_PATH, the onnxruntime wheel of $VIRTUAL_ENV and of ./.venv, LD_LIBRARY_PATH, \
+                   /usr/local/lib, /usr/lib"
+            .into(),
+    })
+}
+
+/// A loaded ONNX classifier and its tokenizer.
+pub struct BertModel {
+    session: Mutex<Session>,
+    tokenizer: Tokenizer,
+    pub max_length: usize,
+}
+
+impl BertModel {
+    /// Loads `model.onnx` and `tokenizer.json` from `dir`; `threads` = 0 lets ONNX Runtime choose.
+    pub fn load(dir: &Path, max_length: usize, threads: usize) -> Result<BertModel, BertError> {
+        let env = environment()?;
+        let model_path = dir.join("model.onnx");
+        let bad = |path: &Path, reason: String| BertError::Model {
+            path: path.display().to_string(),
+            reason,
+        };
+        let mut builder = Session::builder(env)
+            .and_then(|b| {
+                b.with_optimization_level(GraphOptimizationLevel::Level3)
+                    .map_err(Into::into)
+            })
+            .map_err(|e| bad(&model_path, e.to_string()))?;
+        if threads > 0 {
+            builder = builder
+                .with_intra_threads(threads)
+                .map_err(|e| bad(&model_path, e.to_string()))?;
+        }
+        let session = builder
+            .commit_from_file(&model_path)
+            .map_err(|e| bad(&model_path, e.to_string()))?;
+        let names: Vec<&str> = session.inputs().iter().map(|i| i.name()).collect();
+        if names != INPUTS {
+            return Err(bad(&model_path, format!("inputs are {names:?}, expected {INPUTS:?}")));
+        }
+        let tokenizer_path = dir.join("tokenizer.json");
+        let mut tokenizer = Tokenizer::from_file(&tokenizer_path).map_err(|e| bad(&tokenizer_path, e.to_string()))?;
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length,
+                ..Default::default()
+            }))
+            .map_err(|e| bad(&tokenizer_path, e.to_string()))?;
+        let pad_id = tokenizer.token_to_id("[PAD]").unwrap_or(0);
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            pad_id,
+            pad_token: "[PAD]".into(),
+            ..Default::default()
+        }));
+        Ok(BertModel {
+            session: Mutex::new(session),
+            tokenizer,
+            max_length,
+        })
+    }
+
+    /// Tokenizes `texts` as one padded batch: the shape, then ids, attention mask and type ids
+    /// one after the other.
+    fn encode(&self, texts: &[&str]) -> Result<(Vec<i64>, Vec<i64>), BertError> {
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| BertError::Inference(format!("tokenizer: {e}")))?;
+        let width = encodings.first().map_or(0, |e| e.len());
+        let shape = vec![texts.len() as i64, width as i64];
+        let mut data = Vec::with_capacity(3 * texts.len() * width);
+        for part in 0..3 {
+            for e in &encodings {
+                let row = match part {
+                    0 => e.get_ids(),
+                    1 => e.get_attention_mask(),
+                    _ => e.get_type_ids(),
+                };
+                data.extend(row.iter().map(|&v| v as i64));
+            }
+        }
+        Ok((shape, data))
+    }
+
+    /// P(positive) for each text, run as one batch.
+    pub fn predict_batch(&self, texts: &[&str]) -> Result<Vec<f64>, BertError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (shape, data) = self.encode(texts)?;
+        let plane = data.len() / 3;
+        let tensor = |i: usize| {
+            Tensor::from_array((shape.clone(), data[i * plane..(i + 1) * plane].to_vec()))
+                .map_err(|e| BertError::Inference(e.to_string()))
+        };
+        let inputs = ort::inputs![
+            INPUTS[0] => tensor(0)?,
+            INPUTS[1] => tensor(1)?,
+            INPUTS[2] => tensor(2)?,
+        ];
+        let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
+        let outputs = session.run(inputs).map_err(|e| BertError::Inference(e.to_string()))?;
+        let (_, logits) = outputs["logits"]
+            .try_extract_tensor::<f32>()
+            .map_err(|e| BertError::Inference(e.to_string()))?;
+        Ok(logits
+            .chunks_exact(2)
+            .map(|l| positive_probability(l[0], l[1]))
+            .collect())
+    }
+}
+
+/// Softmax over two logits, computed in f64 from the model's f32 outputs.
+fn positive_probability(negative: f32, positive: f32) -> f64 {
+    let (a, b) = (negative as f64, positive as f64);
+    1.0 / (1.0 + (a - b).exp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_of_two_logits() {
+        assert!((positive_probability(0.0, 0.0) - 0.5).abs() < 1e-12);
+        assert!(positive_probability(-3.0, 2.0) > 0.99);
+        assert!(positive_probability(2.0, -3.0) < 0.01);
+    }
+}

@@ -1,0 +1,269 @@
+//! The BERT branch end to end on real reviews, with the real PyTorch, ONNX Runtime and server:
+//! fine-tune MiniLM-L6 with `torchrun` (2 processes), export to ONNX with the parity check, score
+//! in Rust, compare with Python ONNX Runtime, and serve beside the TF-IDF model.
+//!
+//! Needs the Python environment of `scripts/setup-python` (`scripts/test` provides it).
+
+mod common;
+
+use std::path::Path;
+
+use common::{http, key, Project, Server};
+use serde_json::{json, Value};
+
+/// Both branches on the 400-review fixture; BERT on 256 reviews of 64 tokens for one epoch.
+const PIPELINE: &str = r#"
+name: both
+params:
+  seed: 42
+stages:
+  load:
+    uses: load
+    with: {path: tests/fixtures/imdb_sample.tar.gz, out: data/reviews.parquet}
+  clean:
+    uses: clean
+    needs: [load]
+    with: {lowercase: true, out: data/clean.parquet}
+  split:
+    uses: split
+    needs: [clean]
+    with: {validation: 0.2, seed: 42, out: data/split}
+  vectorize:
+    uses: vectorize
+    needs: [split]
+    with: {ngram: [1, 2], out: data/tfidf}
+  train:
+    uses: train
+    needs: [vectorize]
+    with: {model: {model: logreg, C: 10}, out: data/model}
+  export_tfidf:
+    uses: export
+    needs: [train]
+    with: {name: tfidf, out: models/tfidf}
+  finetune_bert:
+    uses: bert_finetune
+    needs: [split]
+    with:
+      max_length: 64
+      epochs: 1
+      lr: 1.0e-4
+      batch_size: 16
+      subset: 256
+      processes: 2
+      seed: ${params.seed}
+      out: data/bert
+  export_bert:
+    uses: bert_export
+    needs: [finetune_bert, split]
+    with: {name: bert, parity_reviews: 16, out: models/bert}
+"#;
+
+fn project() -> Project {
+    let p = common::quickstart();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for script in ["finetune.py", "export_onnx.py"] {
+        p.write(
+            &format!("stages/bert/{script}"),
+            &std::fs::read_to_string(repo.join("stages/bert").join(script)).unwrap(),
+        );
+    }
+    p.write("pipelines/both.yaml", PIPELINE);
+    p
+}
+
+fn python() -> String {
+    std::env::var("SENTIFLOW_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// P(positive) from Python ONNX Runtime and the `tokenizers` package, one review at a time.
+fn python_probabilities(bundle: &Path, texts: &[&str]) -> Vec<f64> {
+    let script = r#"
+import json, sys
+import numpy as np, onnxruntime as ort
+from tokenizers import Tokenizer
+bundle, max_length = sys.argv[1], int(sys.argv[2])
+tok = Tokenizer.from_file(f"{bundle}/tokenizer.json")
+tok.enable_truncation(max_length)
+tok.no_padding()
+sess = ort.InferenceSession(f"{bundle}/model.onnx", providers=["CPUExecutionProvider"])
+for line in sys.stdin:
+    e = tok.encode(json.loads(line)["text"])
+    feed = {k: np.array([v], dtype=np.int64) for k, v in
+            [("input_ids", e.ids), ("attention_mask", e.attention_mask), ("token_type_ids", e.type_ids)]}
+    z = sess.run(["logits"], feed)[0][0].astype(np.float64)
+    print(json.dumps(float(1 / (1 + np.exp(z[0] - z[1])))))
+"#;
+    let manifest: Value =
+        serde_json::from_str(&std::fs::read_to_string(bundle.join("manifest.json")).unwrap()).unwrap();
+    let mut child = std::process::Command::new(python())
+        .args(["-c", script])
+        .arg(bundle)
+        .arg(manifest["max_length"].to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        for t in texts {
+            writeln!(stdin, "{}", json!({ "text": t })).unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect()
+}
+
+const REVIEWS: [&str; 4] = [
+    "One of the best films I have seen in years: moving, funny and beautifully acted.",
+    "A boring, badly written mess. I want my two hours back.",
+    "The plot was thin, but the performances carried it and the score is gorgeous.",
+    "I walked out halfway. Wooden acting, a script full of clichés, and it looked cheap.",
+];
+
+#[test]
+fn bert_branch_end_to_end() {
+    let p = project();
+    let run = p.sentiflow(&["run", "pipelines/both.yaml", "--json"]);
+    assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
+    let report = run.json();
+    let finetune = common::stage(&report, "finetune_bert");
+    assert_eq!(
+        finetune["metrics"]["world_size"], 2,
+        "torchrun ran 2 processes: {finetune}"
+    );
+    assert_eq!(finetune["metrics"]["train_reviews"], 256);
+
+    // The bundle: ONNX model, tokenizer, parity checks inside their tolerances, Rust evaluation.
+    let bundle = p.path("models/bert");
+    let manifest: Value = serde_json::from_str(&p.read("models/bert/manifest.json")).unwrap();
+    assert_eq!(manifest["kind"], "bert");
+    assert_eq!(manifest["max_length"], 64);
+    assert!(bundle.join("model.onnx").is_file() && bundle.join("tokenizer.json").is_file());
+    let parity = manifest["onnx"]["parity"]["max_abs_logit_diff"].as_f64().unwrap();
+    assert!(parity <= 1e-4, "PyTorch vs ONNX: {parity}");
+    let runtimes = manifest["onnx"]["runtime_parity"]["max_abs_probability_diff"]
+        .as_f64()
+        .unwrap();
+    assert!(runtimes <= 1e-4, "Rust vs Python ONNX Runtime: {runtimes}");
+    let valid = manifest["metrics"]["reviews"].as_u64().unwrap();
+    assert_eq!(
+        valid, 80,
+        "the whole validation part is scored: {}",
+        manifest["metrics"]
+    );
+    let accuracy = manifest["metrics"]["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&accuracy));
+
+    // `sentiflow predict` and Python ONNX Runtime agree on fresh reviews.
+    let mut args = vec!["predict", "--model", "models/bert"];
+    args.extend(REVIEWS);
+    let predicted = p.sentiflow(&args);
+    assert_eq!(predicted.code, 0, "{}", predicted.stderr);
+    let rust: Vec<f64> = predicted
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["score"].as_f64().unwrap())
+        .collect();
+    let py = python_probabilities(&bundle, &REVIEWS);
+    assert_eq!(rust.len(), REVIEWS.len());
+    for (r, q) in rust.iter().zip(&py) {
+        assert!((r - q).abs() <= 1e-4, "Rust {r} vs Python {q}");
+    }
+
+    // Served beside the TF-IDF model; concurrent requests are batched and answer the same scores.
+    let s = Server::start(&p, &["--batch-window-ms", "20"]);
+    let k = key(&p, "predict");
+    let auth = format!("Bearer {k}");
+    let post = |body: &Value| {
+        http(
+            &s.addr,
+            "POST",
+            "/prediction",
+            &[("Authorization", &auth), ("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        )
+    };
+    let tfidf = post(&json!({"text": REVIEWS[0]}));
+    assert_eq!(tfidf.status, 200, "{}", tfidf.body);
+    assert_eq!(tfidf.json()["model"], "tfidf");
+    let served: Vec<Value> = std::thread::scope(|scope| {
+        let handles: Vec<_> = REVIEWS
+            .iter()
+            .map(|t| scope.spawn(move || post(&json!({"text": t, "model": "bert"}))))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap().json()).collect()
+    });
+    for (answer, expected) in served.iter().zip(&rust) {
+        assert_eq!(answer["model"], "bert", "{answer}");
+        assert_eq!(answer["version"], manifest["version"]);
+        let score = answer["score"].as_f64().unwrap();
+        assert!((score - expected).abs() <= 1e-4, "served {score} vs predict {expected}");
+    }
+    let best = http(
+        &s.addr,
+        "GET",
+        "/best_model_parameter?model=bert",
+        &[("Authorization", &auth)],
+        b"",
+    );
+    assert_eq!(best.status, 200, "{}", best.body);
+    assert_eq!(best.json()["parameters"]["max_length"], 64);
+    let metrics = http(&s.addr, "GET", "/metrics", &[], b"").body;
+    let texts_line = metrics
+        .lines()
+        .find(|l| l.starts_with("sentiflow_onnx_batch_texts_total{model=\"bert\"}"))
+        .unwrap_or_else(|| panic!("{metrics}"));
+    assert!(texts_line.ends_with(" 4"), "{texts_line}");
+    drop(s);
+
+    full_queue_answers_503_with_retry_after(&p, &auth);
+    missing_onnx_runtime_is_named(&p);
+}
+
+fn full_queue_answers_503_with_retry_after(p: &Project, auth: &str) {
+    // One request waits at most; each request is a 64-review batch, so the worker stays busy.
+    let s = Server::start(p, &["--batch-window-ms", "0", "--batch-queue", "1"]);
+    let body = json!({"model": "bert", "texts": vec![REVIEWS[3]; 64]}).to_string();
+    let statuses: Vec<(u16, Option<String>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                scope.spawn(|| {
+                    let r = http(
+                        &s.addr,
+                        "POST",
+                        "/prediction",
+                        &[("Authorization", auth), ("Content-Type", "application/json")],
+                        body.as_bytes(),
+                    );
+                    (r.status, r.header("retry-after").map(str::to_string))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(statuses.iter().any(|(s, _)| *s == 200), "{statuses:?}");
+    let busy: Vec<_> = statuses.iter().filter(|(s, _)| *s == 503).collect();
+    assert!(!busy.is_empty(), "{statuses:?}");
+    assert!(
+        busy.iter().all(|(_, retry)| retry.as_deref() == Some("1")),
+        "{statuses:?}"
+    );
+    assert!(statuses.iter().all(|(s, _)| *s == 200 || *s == 503), "{statuses:?}");
+}
+
+fn missing_onnx_runtime_is_named(p: &Project) {
+    let r = p
+        .cmd(&["predict", "--model", "models/bert", "a fine film"])
+        .env("ORT_DYLIB_PATH", p.path("no/libonnxruntime.so"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("ORT_DYLIB_PATH"), "{stderr}");
+}
