@@ -12,15 +12,17 @@ use indicatif::{ProgressBar, ProgressStyle};
 use anyhow::Context as _;
 
 use crate::cache::Cache;
-use crate::models::bundle::Bundle;
+use crate::models::bert::BertError;
+use crate::models::bundle::{Bundle, BundleError};
 use crate::pipeline::exec::{self, Observer, Options, StageReport, State};
 use crate::pipeline::graph::DagFormat;
 use crate::pipeline::{lock, spec, Pipeline};
+use crate::tracking::Delivery;
 
 /// Exit codes: what a script calling sentiflow can rely on.
 pub mod exit {
     pub const OK: i32 = 0;
-    /// A stage failed.
+    /// A stage failed, or something the command needs (ONNX Runtime) is missing.
     pub const FAILED: i32 = 1;
     /// The pipeline or the command line is invalid.
     pub const INVALID: i32 = 2;
@@ -114,6 +116,11 @@ enum Command {
         #[command(subcommand)]
         command: CacheCommand,
     },
+    /// Experiment tracking in MLflow.
+    Tracking {
+        #[command(subcommand)]
+        command: TrackingCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -134,6 +141,16 @@ enum KeysCommand {
 enum CacheCommand {
     /// Delete everything the latest run of each pipeline does not use.
     Gc,
+}
+
+#[derive(Subcommand)]
+enum TrackingCommand {
+    /// Send the runs that could not be recorded in MLflow when they ran (queued in the cache).
+    Sync {
+        /// Tracking server to send them to [default: the one each run was meant for].
+        #[arg(long, env = "MLFLOW_TRACKING_URI")]
+        uri: Option<String>,
+    },
 }
 
 static CANCEL: AtomicBool = AtomicBool::new(false);
@@ -260,14 +277,34 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 Err(e) => return Err(e.into()),
             };
             console.done();
+            let mut tracking = None;
             if let Some(tracker) = crate::tracking::Tracker::from_env() {
-                match tracker.log_run(&p, &report) {
-                    Ok(run) => eprintln!("tracked as MLflow run {run}"),
+                match tracker.record(&p, &report, cache.dir()) {
+                    Ok(d @ Delivery::Sent { .. }) => {
+                        eprintln!(
+                            "tracked as MLflow run {}",
+                            d.to_json()["run_id"].as_str().unwrap_or_default()
+                        );
+                        tracking = Some(d.to_json());
+                    }
+                    Ok(d @ Delivery::Queued { .. }) => {
+                        if let Delivery::Queued { pending, error, .. } = &d {
+                            eprintln!(
+                                "warning: MLflow did not take the run ({error}); {pending} events queued in the cache: \
+                                 send them with `sentiflow tracking sync`"
+                            );
+                        }
+                        tracking = Some(d.to_json());
+                    }
                     Err(e) => eprintln!("warning: the run was not recorded in MLflow: {e}"),
                 }
             }
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                let mut value = serde_json::to_value(&report)?;
+                if let Some(t) = tracking {
+                    value["tracking"] = t;
+                }
+                println!("{}", serde_json::to_string_pretty(&value)?);
             }
             eprintln!(
                 "{}: {} ran, {} cached, {} failed, {} skipped in {:.2}s",
@@ -357,6 +394,35 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             print!("{}", spec::json_schema());
             Ok(exit::OK)
         }
+        Command::Tracking {
+            command: TrackingCommand::Sync { uri },
+        } => {
+            let cwd = std::env::current_dir()?;
+            let cache = open_cache(&cli.cache_dir, &cwd)?;
+            let results = crate::tracking::sync(cache.dir(), uri.as_deref());
+            if results.is_empty() {
+                println!(
+                    "nothing to send: no queued runs in {}",
+                    cache.dir().join("tracking").display()
+                );
+            }
+            let mut failed = 0;
+            for r in &results {
+                match &r.result {
+                    Ok(run) => println!("sent {} ({}) as MLflow run {run}", r.pipeline, r.outbox.display()),
+                    Err(e) => {
+                        failed += 1;
+                        println!(
+                            "still queued: {} ({}): {} events left: {e}",
+                            r.pipeline,
+                            r.outbox.display(),
+                            r.pending
+                        );
+                    }
+                }
+            }
+            Ok(if failed == 0 { exit::OK } else { exit::FAILED })
+        }
         Command::Cache {
             command: CacheCommand::Gc,
         } => {
@@ -378,11 +444,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
 
 fn predict(model: &Path, input: Option<&Path>, texts: &[String]) -> anyhow::Result<i32> {
     use std::io::{BufRead, Write};
-    let bundle = match Bundle::load(model) {
+    let bundle = match Bundle::load(model, 0) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("error: {e}");
-            return Ok(exit::INVALID);
+            // A missing ONNX Runtime is the machine's problem, not the bundle's.
+            return Ok(match e {
+                BundleError::Bert(BertError::RuntimeMissing { .. } | BertError::RuntimeBroken { .. }) => exit::FAILED,
+                _ => exit::INVALID,
+            });
         }
     };
     let mut rows: Vec<(serde_json::Value, String)> = texts
@@ -431,10 +501,13 @@ fn predict(model: &Path, input: Option<&Path>, texts: &[String]) -> anyhow::Resu
         return Ok(exit::INVALID);
     }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    for (id, text) in rows {
-        let p = bundle.model.predict(&text);
-        let line = serde_json::json!({"id": id, "label": p.label, "score": p.score});
-        writeln!(out, "{line}")?;
+    for chunk in rows.chunks(32) {
+        let texts: Vec<&str> = chunk.iter().map(|(_, t)| t.as_str()).collect();
+        let predictions = bundle.model.predict(&texts)?;
+        for ((id, _), p) in chunk.iter().zip(predictions) {
+            let line = serde_json::json!({"id": id, "label": p.label, "score": p.score});
+            writeln!(out, "{line}")?;
+        }
     }
     out.flush()?;
     Ok(exit::OK)

@@ -5,6 +5,7 @@ pub mod cli;
 pub mod data;
 pub mod models;
 pub mod pipeline;
+pub mod plot;
 pub mod serve;
 pub mod stages;
 pub mod store;

@@ -4,6 +4,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -37,8 +38,11 @@ struct MlflowServer {
 
 impl MlflowServer {
     fn start() -> MlflowServer {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        MlflowServer::start_in(tempfile::tempdir().unwrap(), free_port())
+    }
+
+    /// A server on `port` with its store in `dir` (a restart keeps the runs).
+    fn start_in(dir: tempfile::TempDir, port: u16) -> MlflowServer {
         let child = Command::new(tool("SENTIFLOW_MLFLOW", "mlflow"))
             .args([
                 "server",
@@ -55,6 +59,8 @@ impl MlflowServer {
             .arg(dir.path().join("artifacts"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            // Its own process group, so that stopping it stops its workers too.
+            .process_group(0)
             .spawn()
             .unwrap();
         let uri = format!("http://127.0.0.1:{port}");
@@ -67,12 +73,27 @@ impl MlflowServer {
         }
         MlflowServer { child, uri, _dir: dir }
     }
+
+    /// Kills the server; returns its store and port for a restart.
+    fn stop(mut self) -> (tempfile::TempDir, u16) {
+        self.kill();
+        let port = self.uri.rsplit(':').next().unwrap().parse().unwrap();
+        let dir = std::mem::replace(&mut self._dir, tempfile::tempdir().unwrap());
+        (dir, port)
+    }
+}
+
+impl MlflowServer {
+    fn kill(&mut self) {
+        // SAFETY: signalling the process group of our own child.
+        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
 }
 
 impl Drop for MlflowServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -99,6 +120,13 @@ assert top == ["export_tfidf", "train", "tune"], top
 bundle = sorted(a.path for a in c.list_artifacts(p.info.run_id, "export_tfidf"))
 assert "export_tfidf/manifest.json" in bundle and "export_tfidf/weights.bin" in bundle, bundle
 assert "tune/trials.csv" in [a.path for a in c.list_artifacts(p.info.run_id, "tune")]
+import os, tempfile
+plots = ["train/confusion_matrix.png", "train/roc_curve.png", "tune/score_vs_C.png"]
+with tempfile.TemporaryDirectory() as d:
+    for path in plots:
+        local = c.download_artifacts(p.info.run_id, path, d)
+        head = open(local, "rb").read(8)
+        assert head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(local) > 2000, (path, head)
 child = children[0]
 assert {"model.model", "model.C", "vectorizer"} <= set(child.data.params), child.data.params
 assert "accuracy_mean" in child.data.metrics and "roc_auc_std" in child.data.metrics, child.data.metrics
@@ -120,14 +148,12 @@ fn pipeline_runs_trials_artifacts_and_models_reach_mlflow() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("tracked as MLflow run"), "{stderr}");
+    check(&server.uri);
+}
 
+fn check(uri: &str) {
     let python = tool("SENTIFLOW_MLFLOW", "mlflow").with_file_name("python");
-    let check = Command::new(python)
-        .arg("-c")
-        .arg(CHECK)
-        .arg(&server.uri)
-        .output()
-        .unwrap();
+    let check = Command::new(python).arg("-c").arg(CHECK).arg(uri).output().unwrap();
     assert!(
         check.status.success(),
         "{}{}",
@@ -140,16 +166,63 @@ fn pipeline_runs_trials_artifacts_and_models_reach_mlflow() {
 fn a_tracking_server_that_is_down_does_not_fail_the_pipeline() {
     let p = quickstart();
     let uri = format!("http://127.0.0.1:{}", free_port());
+    let started = Instant::now();
     let out = p
-        .cmd(&["run", "pipelines/quickstart.yaml"])
+        .cmd(&["run", "pipelines/quickstart.yaml", "--json"])
         .env("MLFLOW_TRACKING_URI", &uri)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
-    assert!(
-        stderr.contains("warning: the run was not recorded in MLflow"),
-        "{stderr}"
-    );
+    assert!(started.elapsed() < Duration::from_secs(30), "retries are bounded");
+    assert!(stderr.contains("sentiflow tracking sync"), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["tracking"]["status"], "queued", "{report}");
+    let outbox = std::path::PathBuf::from(report["tracking"]["outbox"].as_str().unwrap());
+    assert!(outbox.join("outbox.json").is_file());
     assert!(p.path("models/quickstart/tfidf/manifest.json").is_file());
+}
+
+/// The server dies while the pipeline runs; the run is queued, `tracking sync` fails while the
+/// server is down and sends everything once it is back, even after the bundle was overwritten.
+#[test]
+fn a_run_queued_while_the_server_was_down_is_sent_by_sync() {
+    let server = MlflowServer::start();
+    let p = quickstart();
+    let mut yaml = p.read("pipelines/quickstart.yaml");
+    yaml.push_str("  pause:\n    uses: command\n    needs: [export_tfidf]\n    with: {run: \"sleep 2\"}\n");
+    p.write("pipelines/quickstart.yaml", &yaml);
+    let run = p
+        .cmd(&["run", "pipelines/quickstart.yaml", "--json"])
+        .env("MLFLOW_TRACKING_URI", &server.uri)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !p.path("models/quickstart/tfidf/manifest.json").is_file() {
+        assert!(Instant::now() < deadline, "the pipeline did not get to its export");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (store, port) = server.stop();
+    let out = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["tracking"]["status"], "queued", "{report}");
+
+    // A later export replaces the bundle the outbox still has to upload.
+    std::fs::remove_dir_all(p.path("models/quickstart/tfidf")).unwrap();
+
+    let down = p.sentiflow(&["tracking", "sync"]);
+    assert_eq!(down.code, 1, "{}{}", down.stdout, down.stderr);
+    assert!(down.stdout.contains("still queued"), "{}", down.stdout);
+
+    let server = MlflowServer::start_in(store, port);
+    let sent = p.sentiflow(&["tracking", "sync"]);
+    assert_eq!(sent.code, 0, "{}{}", sent.stdout, sent.stderr);
+    assert!(sent.stdout.contains("sent quickstart"), "{}", sent.stdout);
+    check(&server.uri);
+    let again = p.sentiflow(&["tracking", "sync"]);
+    assert!(again.stdout.contains("nothing to send"), "{}", again.stdout);
 }

@@ -13,7 +13,7 @@ use super::{json_response, ApiError, ApiResult, App};
 use crate::cache::Cache;
 use crate::pipeline::exec::{self, Observer, Options, StageReport, State};
 use crate::pipeline::Pipeline;
-use crate::stages::StageKind;
+use crate::tracking::{Delivery, Tracker};
 
 /// A run in progress: its id, its stop flag and its thread.
 type Running = (String, Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>);
@@ -229,12 +229,21 @@ fn run(app: &App, id: &str, pipeline: &Pipeline, stages: Vec<String>, cancel: &A
             targets: stages,
         };
         let report = exec::run(pipeline, &cache, &opts, cancel, &recorder).map_err(|e| e.to_string())?;
+        if let Some(tracker) = Tracker::from_env() {
+            match tracker.record(pipeline, &report, cache.dir()) {
+                Ok(Delivery::Sent { run_id }) => recorder.log("", &format!("tracked as MLflow run {run_id}")),
+                Ok(Delivery::Queued { pending, error, .. }) => recorder.warn(&format!(
+                    "MLflow did not take the run ({error}); {pending} events queued: send them with `sentiflow tracking sync`"
+                )),
+                Err(e) => recorder.warn(&format!("the run was not recorded in MLflow: {e}")),
+            }
+        }
         for s in &report.stages {
             let Some(stage) = pipeline.stage(&s.name) else {
                 continue;
             };
-            if let (StageKind::Export(export), State::Ran | State::Cached) = (&stage.kind, s.state) {
-                match app.register(&pipeline.root.join(&export.out), Some(id)) {
+            if let (Some(out), State::Ran | State::Cached) = (stage.kind.bundle_out(), s.state) {
+                match app.register(&pipeline.root.join(out), Some(id)) {
                     Ok(row) => match app.maybe_promote(&row) {
                         Ok(true) => recorder.log("", &format!("model {} version {} promoted", row.name, row.version)),
                         Ok(false) => {
@@ -242,7 +251,7 @@ fn run(app: &App, id: &str, pipeline: &Pipeline, stages: Vec<String>, cancel: &A
                         }
                         Err(e) => recorder.warn(&format!("promoting {}: {}", row.version, e.message)),
                     },
-                    Err(e) => recorder.warn(&format!("registering {}: {e}", export.out)),
+                    Err(e) => recorder.warn(&format!("registering {out}: {e}")),
                 }
             }
         }

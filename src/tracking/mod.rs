@@ -2,18 +2,27 @@
 //!
 //! With `MLFLOW_TRACKING_URI` set, each pipeline run becomes an MLflow run in an experiment named
 //! after the pipeline: stage parameters and metrics (flattened as `stage.name`), stage cache keys
-//! as tags, each tuning trial as a nested child run, the exported bundles and the tuning table as
-//! artifacts, and each bundle as a new version of a registered model `<pipeline>-<bundle name>`.
-//! A server that is down never fails the pipeline: the run is reported as not tracked.
+//! as tags, each tuning trial as a nested child run, artifacts (the exported bundles, the tuning
+//! table, metrics, and PNG plots: confusion matrix, ROC curve, score against C), and each bundle
+//! as a new version of a registered model `<pipeline>-<bundle name>`.
+//!
+//! A server that is down or slow never fails a pipeline: the events are sent in order, each
+//! retried with backoff for a bounded time; what could not be sent stays in an outbox under
+//! `<cache>/tracking/` (with its own copy of the files to upload) and `sentiflow tracking sync`
+//! sends it later, resuming where it stopped.
 
-use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+mod plan;
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::pipeline::exec::{Report, State};
+use crate::pipeline::exec::Report;
 use crate::pipeline::Pipeline;
-use crate::stages::StageKind;
+use plan::Event;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrackingError {
@@ -60,15 +69,6 @@ fn flatten(prefix: &str, value: &Value, out: &mut Vec<(String, Value)>) {
     }
 }
 
-fn param_text(v: &Value) -> String {
-    let text = match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
-    // MLflow rejects parameter values over 6000 characters.
-    text.chars().take(6000).collect()
-}
-
 impl Tracker {
     /// A tracker for `MLFLOW_TRACKING_URI`, when it is set to an HTTP server.
     pub fn from_env() -> Option<Tracker> {
@@ -85,7 +85,7 @@ impl Tracker {
             ureq::Agent::config_builder()
                 .http_status_as_error(false)
                 .timeout_connect(Some(Duration::from_secs(5)))
-                .timeout_global(Some(Duration::from_secs(60)))
+                .timeout_global(Some(Duration::from_secs(20)))
                 .build(),
         );
         Tracker {
@@ -143,11 +143,17 @@ impl Tracker {
         Ok(created["experiment_id"].as_str().unwrap_or_default().to_string())
     }
 
-    fn create_run(&self, experiment: &str, name: &str, tags: Vec<Value>) -> Result<(String, String), TrackingError> {
+    fn create_run(
+        &self,
+        experiment: &str,
+        name: &str,
+        tags: Vec<Value>,
+        start_ms: u64,
+    ) -> Result<(String, String), TrackingError> {
         let run = self.api(
             "POST",
             "runs/create",
-            json!({"experiment_id": experiment, "run_name": name, "start_time": now_ms(), "tags": tags}),
+            json!({"experiment_id": experiment, "run_name": name, "start_time": start_ms, "tags": tags}),
         )?;
         let info = &run["run"]["info"];
         Ok((
@@ -159,17 +165,14 @@ impl Tracker {
     fn log_batch(
         &self,
         run: &str,
-        params: &[(String, Value)],
+        params: &[(String, String)],
         metrics: &[(String, f64, i64)],
         tags: &[(String, String)],
+        ts: u64,
     ) -> Result<(), TrackingError> {
-        let ts = now_ms();
         // MLflow takes at most 100 parameters and 1000 metrics a request.
         for chunk in params.chunks(100) {
-            let params: Vec<Value> = chunk
-                .iter()
-                .map(|(k, v)| json!({"key": k, "value": param_text(v)}))
-                .collect();
+            let params: Vec<Value> = chunk.iter().map(|(k, v)| json!({"key": k, "value": v})).collect();
             self.api("POST", "runs/log-batch", json!({"run_id": run, "params": params}))?;
         }
         for chunk in metrics.chunks(1000) {
@@ -183,16 +186,6 @@ impl Tracker {
             let tags: Vec<Value> = tags.iter().map(|(k, v)| json!({"key": k, "value": v})).collect();
             self.api("POST", "runs/log-batch", json!({"run_id": run, "tags": tags}))?;
         }
-        Ok(())
-    }
-
-    fn finish(&self, run: &str, ok: bool) -> Result<(), TrackingError> {
-        let status = if ok { "FINISHED" } else { "FAILED" };
-        self.api(
-            "POST",
-            "runs/update",
-            json!({"run_id": run, "status": status, "end_time": now_ms()}),
-        )?;
         Ok(())
     }
 
@@ -227,137 +220,302 @@ impl Tracker {
         Ok(())
     }
 
-    fn upload_dir(&self, artifact_uri: &str, dest: &str, dir: &Path) -> Result<(), TrackingError> {
-        let entries = std::fs::read_dir(dir).map_err(|source| TrackingError::Io {
-            path: dir.display().to_string(),
-            source,
-        })?;
-        let mut files: Vec<_> = entries.flatten().map(|e| e.path()).filter(|p| p.is_file()).collect();
-        files.sort();
-        for f in files {
-            let name = f.file_name().expect("files have names").to_string_lossy().into_owned();
-            self.upload(artifact_uri, &format!("{dest}/{name}"), &f)?;
+    /// Sends one event of `outbox`, recording the ids of the runs it creates.
+    fn send(&self, outbox: &mut Outbox, event: &Event) -> Result<(), TrackingError> {
+        let run = |outbox: &Outbox, handle: &str| -> Result<(String, String), TrackingError> {
+            outbox.runs.get(handle).cloned().ok_or_else(|| TrackingError::Http {
+                url: self.base.clone(),
+                message: format!("run `{handle}` was never created"),
+            })
+        };
+        match event {
+            Event::CreateRun {
+                handle,
+                name,
+                parent,
+                tags,
+                start_ms,
+            } => {
+                if outbox.experiment_id.is_none() {
+                    outbox.experiment_id = Some(self.experiment(&outbox.experiment)?);
+                }
+                let mut tags: Vec<Value> = tags.iter().map(|(k, v)| json!({"key": k, "value": v})).collect();
+                if let Some(parent) = parent {
+                    tags.push(json!({"key": "mlflow.parentRunId", "value": run(outbox, parent)?.0}));
+                }
+                let experiment = outbox.experiment_id.clone().unwrap_or_default();
+                let ids = self.create_run(&experiment, name, tags, *start_ms)?;
+                outbox.runs.insert(handle.clone(), ids);
+            }
+            Event::LogBatch {
+                handle,
+                params,
+                metrics,
+                tags,
+                timestamp_ms,
+            } => self.log_batch(&run(outbox, handle)?.0, params, metrics, tags, *timestamp_ms)?,
+            Event::Upload { handle, dest, file } => self.upload(&run(outbox, handle)?.1, dest, file)?,
+            Event::RegisterModel { handle, model, dest } => {
+                let (run_id, artifacts) = run(outbox, handle)?;
+                let (status, value) = self.call(
+                    "POST",
+                    "/api/2.0/mlflow/registered-models/create",
+                    Some(&json!({"name": model})),
+                )?;
+                // 400 RESOURCE_ALREADY_EXISTS: a version is added to the existing model.
+                if status >= 300 && value["error_code"] != "RESOURCE_ALREADY_EXISTS" {
+                    return Err(TrackingError::Http {
+                        url: self.base.clone(),
+                        message: format!("creating registered model {model}: HTTP {status}: {value}"),
+                    });
+                }
+                self.api(
+                    "POST",
+                    "model-versions/create",
+                    json!({"name": model, "source": format!("{artifacts}/{dest}"), "run_id": run_id}),
+                )?;
+            }
+            Event::Finish { handle, status, end_ms } => {
+                self.api(
+                    "POST",
+                    "runs/update",
+                    json!({"run_id": run(outbox, handle)?.0, "status": status, "end_time": end_ms}),
+                )?;
+            }
         }
         Ok(())
     }
 
-    /// Records a finished pipeline run; returns the MLflow run id.
-    pub fn log_run(&self, p: &Pipeline, report: &Report) -> Result<String, TrackingError> {
-        let experiment = self.experiment(&p.name)?;
-        let mut tags = vec![json!({"key": "sentiflow.pipeline", "value": p.file.display().to_string()})];
-        if let Some(commit) = git_commit(&p.root) {
-            tags.push(json!({"key": "mlflow.source.git.commit", "value": commit}));
-        }
-        let (run, artifacts) = self.create_run(&experiment, &p.name, tags)?;
-
-        let mut params = Vec::new();
-        let mut metrics = Vec::new();
-        let mut stage_tags = Vec::new();
-        for (name, value) in &p.params {
-            params.push((key(&format!("params.{name}")), value.clone()));
-        }
-        for r in &report.stages {
-            let stage = p.stage(&r.name).expect("reports name stages");
-            flatten(&r.name, &stage.kind.params(), &mut params);
-            let mut flat = Vec::new();
-            flatten(&r.name, &Value::Object(r.metrics.clone()), &mut flat);
-            metrics.extend(flat.into_iter().filter_map(|(k, v)| v.as_f64().map(|v| (k, v, 0))));
-            metrics.push((key(&format!("{}.duration_s", r.name)), r.duration_ms as f64 / 1000.0, 0));
-            stage_tags.push((
-                key(&format!("sentiflow.state.{}", r.name)),
-                format!("{:?}", r.state).to_lowercase(),
-            ));
-            if let Some(k) = &r.key {
-                stage_tags.push((key(&format!("sentiflow.key.{}", r.name)), k.clone()));
-            }
-            for (path, hash) in &r.inputs {
-                if stage.kind.stage().deps().contains(path) {
-                    stage_tags.push((key(&format!("sentiflow.data.{path}")), hash.clone()));
-                }
-            }
-        }
-        self.log_batch(&run, &params, &metrics, &stage_tags)?;
-
-        for r in report
-            .stages
-            .iter()
-            .filter(|r| matches!(r.state, State::Ran | State::Cached))
-        {
-            let stage = p.stage(&r.name).expect("reports name stages");
-            match &stage.kind {
-                StageKind::Tune(t) => {
-                    let dir = p.root.join(&t.out);
-                    self.log_trials(&experiment, &run, &r.name, &dir.join("trials.json"))?;
-                    self.upload(&artifacts, &format!("{}/trials.csv", r.name), &dir.join("trials.csv"))?;
-                    self.upload(&artifacts, &format!("{}/best.json", r.name), &dir.join("best.json"))?;
-                }
-                StageKind::Train(t) => {
-                    self.upload(
-                        &artifacts,
-                        &format!("{}/metrics.json", r.name),
-                        &p.root.join(&t.out).join("metrics.json"),
-                    )?;
-                }
-                StageKind::Export(e) => {
-                    let dest = &r.name;
-                    self.upload_dir(&artifacts, dest, &p.root.join(&e.out))?;
-                    let model = format!("{}-{}", p.name, e.name);
-                    let (status, _) = self.call(
-                        "POST",
-                        "/api/2.0/mlflow/registered-models/create",
-                        Some(&json!({"name": model})),
-                    )?;
-                    if status >= 300 && status != 400 {
-                        return Err(TrackingError::Http {
-                            url: self.base.clone(),
-                            message: format!("creating registered model {model}: HTTP {status}"),
-                        });
+    /// Sends the outbox's remaining events in order, retrying each with exponential backoff until
+    /// `retry` gives up; on failure the outbox says how far it got.
+    fn deliver(&self, outbox: &mut Outbox, retry: &Retry) -> Result<(), TrackingError> {
+        let started = Instant::now();
+        while outbox.sent < outbox.events.len() {
+            let event = outbox.events[outbox.sent].clone();
+            let mut delay = retry.first_delay;
+            let mut attempt = 1;
+            loop {
+                match self.send(outbox, &event) {
+                    Ok(()) => break,
+                    Err(e @ TrackingError::Io { .. }) => return Err(e),
+                    Err(e) if attempt >= retry.attempts || started.elapsed() + delay > retry.budget => return Err(e),
+                    Err(e) => {
+                        tracing::debug!("MLflow: {e}; retrying in {delay:?}");
+                        std::thread::sleep(delay);
+                        delay *= 2;
+                        attempt += 1;
                     }
-                    self.api(
-                        "POST",
-                        "model-versions/create",
-                        json!({"name": model, "source": format!("{artifacts}/{dest}"), "run_id": run}),
-                    )?;
-                }
-                _ => {}
-            }
-        }
-        self.finish(&run, report.ok)?;
-        Ok(run)
-    }
-
-    /// One nested child run per tuning trial, with its parameters, mean and std of each metric,
-    /// and the per-fold score as steps.
-    fn log_trials(&self, experiment: &str, parent: &str, stage: &str, table: &Path) -> Result<(), TrackingError> {
-        let text = std::fs::read_to_string(table).map_err(|source| TrackingError::Io {
-            path: table.display().to_string(),
-            source,
-        })?;
-        let trials: Vec<Value> = serde_json::from_str(&text).unwrap_or_default();
-        for t in trials {
-            let name = format!("{stage}-trial-{}", t["trial"]);
-            let tags = vec![json!({"key": "mlflow.parentRunId", "value": parent})];
-            let (run, _) = self.create_run(experiment, &name, tags)?;
-            let mut params = Vec::new();
-            flatten("model", &t["params"], &mut params);
-            params.push(("vectorizer".into(), t["vectorizer"].clone()));
-            let mut metrics: Vec<(String, f64, i64)> = t
-                .as_object()
-                .into_iter()
-                .flatten()
-                .filter(|(k, _)| k.ends_with("_mean") || k.ends_with("_std"))
-                .filter_map(|(k, v)| v.as_f64().map(|v| (k.clone(), v, 0)))
-                .collect();
-            for (i, v) in t["folds"].as_array().into_iter().flatten().enumerate() {
-                if let Some(v) = v.as_f64() {
-                    metrics.push(("fold_score".into(), v, i as i64));
                 }
             }
-            self.log_batch(&run, &params, &metrics, &[])?;
-            self.finish(&run, true)?;
+            outbox.sent += 1;
         }
         Ok(())
     }
+
+    /// Records a finished pipeline run; what cannot be sent now is queued under `cache_dir`.
+    pub fn record(&self, p: &Pipeline, report: &Report, cache_dir: &Path) -> Result<Delivery, TrackingError> {
+        let dir = cache_dir.join("tracking").join(format!(
+            "{}-{}-{}",
+            now_ms(),
+            std::process::id(),
+            key(&p.name).replace(['/', ' '], "_")
+        ));
+        let plots = dir.join("plots");
+        std::fs::create_dir_all(&plots).map_err(|source| TrackingError::Io {
+            path: plots.display().to_string(),
+            source,
+        })?;
+        let mut outbox = Outbox {
+            uri: self.base.clone(),
+            experiment: p.name.clone(),
+            experiment_id: None,
+            events: plan::events(p, report, &plots)?,
+            sent: 0,
+            runs: BTreeMap::new(),
+            error: None,
+        };
+        match self.deliver(&mut outbox, &Retry::DURING_RUN) {
+            Ok(()) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Ok(Delivery::Sent {
+                    run_id: outbox.runs.get("run").map(|r| r.0.clone()).unwrap_or_default(),
+                })
+            }
+            Err(e) => {
+                outbox.error = Some(e.to_string());
+                outbox.keep(&dir)?;
+                Ok(Delivery::Queued {
+                    outbox: dir,
+                    pending: outbox.events.len() - outbox.sent,
+                    error: e.to_string(),
+                })
+            }
+        }
+    }
+}
+
+/// How long to keep trying one batch of events.
+pub struct Retry {
+    pub attempts: u32,
+    pub first_delay: Duration,
+    /// Total time for all events; a slow server costs at most this.
+    pub budget: Duration,
+}
+
+impl Retry {
+    /// At the end of a pipeline run: a short wait, then the outbox.
+    pub const DURING_RUN: Retry = Retry {
+        attempts: 4,
+        first_delay: Duration::from_millis(250),
+        budget: Duration::from_secs(10),
+    };
+    /// `sentiflow tracking sync`: someone is waiting for it on purpose.
+    pub const SYNC: Retry = Retry {
+        attempts: 5,
+        first_delay: Duration::from_millis(500),
+        budget: Duration::from_secs(60),
+    };
+}
+
+/// What became of a run's tracking.
+#[derive(Debug)]
+pub enum Delivery {
+    Sent {
+        run_id: String,
+    },
+    Queued {
+        outbox: PathBuf,
+        pending: usize,
+        error: String,
+    },
+}
+
+impl Delivery {
+    /// For the run's JSON report.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Delivery::Sent { run_id } => json!({"status": "sent", "run_id": run_id}),
+            Delivery::Queued { outbox, pending, error } => {
+                json!({"status": "queued", "pending_events": pending, "outbox": outbox, "error": error})
+            }
+        }
+    }
+}
+
+/// Events waiting for a tracking server, and how far their delivery got.
+#[derive(Debug, Serialize, Deserialize)]
+struct Outbox {
+    uri: String,
+    experiment: String,
+    experiment_id: Option<String>,
+    events: Vec<Event>,
+    /// Events already delivered.
+    sent: usize,
+    /// Run handle → (run id, artifact URI), as the server created them.
+    runs: BTreeMap<String, (String, String)>,
+    /// Why the last delivery stopped.
+    error: Option<String>,
+}
+
+impl Outbox {
+    /// Saves the outbox in `dir`, with its own links or copies of the files still to upload (the
+    /// originals may be overwritten by the next run).
+    fn keep(&mut self, dir: &Path) -> Result<(), TrackingError> {
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| TrackingError::Io { path, source }
+        };
+        let files = dir.join("files");
+        std::fs::create_dir_all(&files).map_err(io(&files))?;
+        for (i, event) in self.events.iter_mut().enumerate().skip(self.sent) {
+            if let Event::Upload { file, .. } = event {
+                if file.starts_with(dir) {
+                    continue;
+                }
+                let name = format!(
+                    "{i}-{}",
+                    file.file_name().map(|n| n.to_string_lossy()).unwrap_or_default()
+                );
+                let copy = files.join(name);
+                if std::fs::hard_link(&*file, &copy).is_err() {
+                    std::fs::copy(&*file, &copy).map_err(io(file))?;
+                }
+                *file = copy;
+            }
+        }
+        let path = dir.join("outbox.json");
+        let tmp = dir.join("outbox.json.tmp");
+        let json = serde_json::to_vec_pretty(self).expect("outboxes serialize");
+        let write = || -> std::io::Result<()> {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&json)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        };
+        write().map_err(io(&path))
+    }
+}
+
+/// The outcome of `sentiflow tracking sync` for one queued run.
+pub struct Synced {
+    pub outbox: PathBuf,
+    pub pipeline: String,
+    pub result: Result<String, String>,
+    pub pending: usize,
+}
+
+/// Sends every queued run under `cache_dir` to its tracking server (or to `uri` when given),
+/// oldest first; a delivered outbox is removed.
+pub fn sync(cache_dir: &Path, uri: Option<&str>) -> Vec<Synced> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(cache_dir.join("tracking"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    dirs.sort();
+    let mut out = Vec::new();
+    for dir in dirs {
+        let path = dir.join("outbox.json");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            // A run that is still recording, or one that died before queueing: nothing to send.
+            continue;
+        };
+        let mut outbox: Outbox = match serde_json::from_str(&text) {
+            Ok(o) => o,
+            Err(e) => {
+                out.push(Synced {
+                    outbox: dir,
+                    pipeline: String::new(),
+                    result: Err(format!("{}: unreadable: {e}", path.display())),
+                    pending: 0,
+                });
+                continue;
+            }
+        };
+        let tracker = Tracker::new(uri.unwrap_or(&outbox.uri));
+        let result = tracker.deliver(&mut outbox, &Retry::SYNC);
+        let pending = outbox.events.len() - outbox.sent;
+        let result = match result {
+            Ok(()) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Ok(outbox.runs.get("run").map(|r| r.0.clone()).unwrap_or_default())
+            }
+            Err(e) => {
+                outbox.error = Some(e.to_string());
+                let _ = outbox.keep(&dir);
+                Err(e.to_string())
+            }
+        };
+        out.push(Synced {
+            outbox: dir,
+            pipeline: outbox.experiment,
+            result,
+            pending,
+        });
+    }
+    out
 }
 
 fn encode(text: &str) -> String {
@@ -370,15 +528,4 @@ fn encode(text: &str) -> String {
             }
         })
         .collect()
-}
-
-fn git_commit(root: &Path) -> Option<String> {
-    let out = std::process::Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .current_dir(root)
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
