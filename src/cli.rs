@@ -13,7 +13,7 @@ use anyhow::Context as _;
 
 use crate::cache::Cache;
 use crate::models::bert::BertError;
-use crate::models::bundle::{Bundle, BundleError};
+use crate::models::bundle::{Bundle, BundleError, Prediction};
 use crate::pipeline::exec::{self, Observer, Options, StageReport, State};
 use crate::pipeline::graph::DagFormat;
 use crate::pipeline::{lock, spec, Pipeline};
@@ -110,6 +110,18 @@ enum Command {
         input: Option<PathBuf>,
         /// Texts to score.
         texts: Vec<String>,
+    },
+    /// Compare reviews with a bundle's reference statistics: the drift report as JSON.
+    Drift {
+        /// The bundle directory (e.g. models/tfidf).
+        #[arg(long)]
+        model: PathBuf,
+        /// JSON Lines of `{"text": …}`, optionally with the true `"label"` (positive or negative).
+        #[arg(long)]
+        input: PathBuf,
+        /// Also draw reference against current distributions into this PNG file.
+        #[arg(long)]
+        chart: Option<PathBuf>,
     },
     /// Manage the cache.
     Cache {
@@ -394,6 +406,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             print!("{}", spec::json_schema());
             Ok(exit::OK)
         }
+        Command::Drift { model, input, chart } => drift(&model, &input, chart.as_deref()),
         Command::Tracking {
             command: TrackingCommand::Sync { uri },
         } => {
@@ -504,12 +517,107 @@ fn predict(model: &Path, input: Option<&Path>, texts: &[String]) -> anyhow::Resu
     for chunk in rows.chunks(32) {
         let texts: Vec<&str> = chunk.iter().map(|(_, t)| t.as_str()).collect();
         let predictions = bundle.model.predict(&texts)?;
-        for ((id, _), p) in chunk.iter().zip(predictions) {
+        for ((id, _), s) in chunk.iter().zip(predictions) {
+            let p = Prediction::from_score(s.score);
             let line = serde_json::json!({"id": id, "label": p.label, "score": p.score});
             writeln!(out, "{line}")?;
         }
     }
     out.flush()?;
+    Ok(exit::OK)
+}
+
+fn drift(model: &Path, input: &Path, chart: Option<&Path>) -> anyhow::Result<i32> {
+    let bundle = match Bundle::load(model, 0) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(exit::INVALID);
+        }
+    };
+    let Some(reference) = &bundle.drift else {
+        eprintln!(
+            "error: {}: no drift.json: the bundle was exported before drift monitoring; export it again",
+            model.display()
+        );
+        return Ok(exit::INVALID);
+    };
+    let text = match std::fs::read_to_string(input) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {}: {e}", input.display());
+            return Ok(exit::INVALID);
+        }
+    };
+    let mut texts = Vec::new();
+    let mut labels = Vec::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let row: serde_json::Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("error: {}:{}: invalid JSON: {e}", input.display(), n + 1);
+                return Ok(exit::INVALID);
+            }
+        };
+        let Some(t) = row["text"].as_str() else {
+            eprintln!("error: {}:{}: missing string field `text`", input.display(), n + 1);
+            return Ok(exit::INVALID);
+        };
+        texts.push(t.to_string());
+        labels.push(row["label"].as_str().map(str::to_string));
+    }
+    let mut samples = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(32) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        samples.extend(bundle.model.predict(&refs)?);
+    }
+    let feedback: Vec<bool> = samples
+        .iter()
+        .zip(&labels)
+        .filter_map(|(s, l)| l.as_deref().map(|l| Prediction::from_score(s.score).label == l))
+        .collect();
+    let mut report = crate::drift::evaluate(reference, &samples, &feedback, &Default::default());
+    report["model"] = bundle.manifest.name.clone().into();
+    report["version"] = bundle.manifest.version.clone().into();
+    if let Some(path) = chart {
+        let stats = &report["statistics"];
+        let score_labels: Vec<String> = (0..10).map(|i| format!(".{i}")).collect();
+        let edges = &reference.length_edges;
+        let length_labels: Vec<String> = (0..=edges.len())
+            .map(|i| match i {
+                0 => format!("<{:.0}", edges[0]),
+                i if i == edges.len() => format!(">{:.0}", edges[i - 1]),
+                i => format!("{:.0}", edges[i]),
+            })
+            .collect();
+        let shares = |v: &serde_json::Value| -> Vec<f64> {
+            v.as_array().into_iter().flatten().filter_map(|x| x.as_f64()).collect()
+        };
+        let panel = |name: &str, stat: &serde_json::Value, labels: Vec<String>| crate::plot::Panel {
+            title: format!(
+                "{name}: PSI {:.3} ({})",
+                stat["value"].as_f64().unwrap_or(0.0),
+                stat["status"].as_str().unwrap_or("")
+            ),
+            labels,
+            reference: shares(&stat["reference"]),
+            current: shares(&stat["current"]),
+        };
+        let png = crate::plot::distributions(
+            &format!(
+                "drift of {} {}: {}",
+                bundle.manifest.name,
+                bundle.manifest.version,
+                report["status"].as_str().unwrap_or("")
+            ),
+            &[
+                panel("P(positive)", &stats["score_psi"], score_labels),
+                panel("length (characters)", &stats["length_psi"], length_labels),
+            ],
+        );
+        std::fs::write(path, png).with_context(|| path.display().to_string())?;
+    }
+    println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(exit::OK)
 }
 

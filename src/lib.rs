@@ -3,6 +3,7 @@
 pub mod cache;
 pub mod cli;
 pub mod data;
+pub mod drift;
 pub mod models;
 pub mod pipeline;
 pub mod plot;

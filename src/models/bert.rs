@@ -12,6 +12,9 @@ use ort::session::Session;
 use ort::value::Tensor;
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
+use crate::drift::Sample;
+use crate::text::normalize;
+
 /// The ONNX model's inputs, in the order `export_onnx.py` declares them.
 const INPUTS: [&str; 3] = ["input_ids", "attention_mask", "token_type_ids"];
 
@@ -123,10 +126,21 @@ pub fn find_runtime() -> Result<PathBuf, BertError> {
     })
 }
 
+/// A tokenized batch.
+struct Encoded {
+    /// Batch size and padded length.
+    shape: Vec<i64>,
+    /// Input ids, attention mask and type ids, one after the other.
+    data: Vec<i64>,
+    /// Each text's unknown and total token counts.
+    counts: Vec<(usize, usize)>,
+}
+
 /// A loaded ONNX classifier and its tokenizer.
 pub struct BertModel {
     session: Mutex<Session>,
     tokenizer: Tokenizer,
+    unknown_id: Option<u32>,
     pub max_length: usize,
 }
 
@@ -174,18 +188,27 @@ impl BertModel {
         }));
         Ok(BertModel {
             session: Mutex::new(session),
+            unknown_id: tokenizer.token_to_id("[UNK]"),
             tokenizer,
             max_length,
         })
     }
 
-    /// Tokenizes `texts` as one padded batch: the shape, then ids, attention mask and type ids
-    /// one after the other.
-    fn encode(&self, texts: &[&str]) -> Result<(Vec<i64>, Vec<i64>), BertError> {
+    /// Tokenizes `texts` as one padded batch.
+    fn encode(&self, texts: &[&str]) -> Result<Encoded, BertError> {
         let encodings = self
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| BertError::Inference(format!("tokenizer: {e}")))?;
+        let counts = encodings
+            .iter()
+            .map(|e| {
+                let tokens = e.get_attention_mask().iter().filter(|&&m| m == 1).count();
+                let unknown = e.get_ids().iter().filter(|&&id| Some(id) == self.unknown_id).count();
+                // [CLS] and [SEP] are not the text's.
+                (unknown, tokens.saturating_sub(2))
+            })
+            .collect();
         let width = encodings.first().map_or(0, |e| e.len());
         let shape = vec![texts.len() as i64, width as i64];
         let mut data = Vec::with_capacity(3 * texts.len() * width);
@@ -199,15 +222,15 @@ impl BertModel {
                 data.extend(row.iter().map(|&v| v as i64));
             }
         }
-        Ok((shape, data))
+        Ok(Encoded { shape, data, counts })
     }
 
-    /// P(positive) for each text, run as one batch.
-    pub fn predict_batch(&self, texts: &[&str]) -> Result<Vec<f64>, BertError> {
+    /// P(positive) and token counts of each text, run as one batch.
+    pub fn predict_batch(&self, texts: &[&str]) -> Result<Vec<Sample>, BertError> {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        let (shape, data) = self.encode(texts)?;
+        let Encoded { shape, data, counts } = self.encode(texts)?;
         let plane = data.len() / 3;
         let tensor = |i: usize| {
             Tensor::from_array((shape.clone(), data[i * plane..(i + 1) * plane].to_vec()))
@@ -225,7 +248,14 @@ impl BertModel {
             .map_err(|e| BertError::Inference(e.to_string()))?;
         Ok(logits
             .chunks_exact(2)
-            .map(|l| positive_probability(l[0], l[1]))
+            .zip(texts.iter().zip(counts))
+            .map(|(l, (text, (unknown, tokens)))| Sample {
+                score: positive_probability(l[0], l[1]),
+                // Measured on normalised text, as the reference's cleaned validation reviews.
+                chars: normalize(text, false).chars().count(),
+                unknown,
+                tokens,
+            })
             .collect())
     }
 }

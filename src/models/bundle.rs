@@ -27,6 +27,7 @@ use super::linear::LinearModel;
 use super::sparse::{read_vec, write_slice};
 use super::tfidf::{Tfidf, TfidfConfig, TfidfError};
 use crate::cache::{hash_reader, sha256_hex};
+use crate::drift::{Reference, Sample};
 
 pub const FORMAT: &str = "sentiflow-bundle/1";
 pub const LABELS: [&str; 2] = ["negative", "positive"];
@@ -159,10 +160,16 @@ impl TfidfModel {
         Ok(TfidfModel { vectorizer, model })
     }
 
-    pub fn predict(&self, text: &str) -> Prediction {
-        let row = self.vectorizer.transform_one(text);
+    /// P(positive) of `text`, with the counts drift monitoring needs.
+    pub fn predict(&self, text: &str) -> Sample {
+        let (row, [chars, unknown, tokens]) = self.vectorizer.transform_counting(text);
         let (cols, vals): (Vec<u32>, Vec<f32>) = row.into_iter().unzip();
-        Prediction::from_score(self.model.proba_row(&cols, &vals))
+        Sample {
+            score: self.model.proba_row(&cols, &vals),
+            chars,
+            unknown,
+            tokens,
+        }
     }
 }
 
@@ -173,13 +180,12 @@ pub enum Model {
 }
 
 impl Model {
-    /// Predictions for `texts`, in order (a BERT model runs them as one batch).
-    pub fn predict(&self, texts: &[&str]) -> Result<Vec<Prediction>, BundleError> {
-        let scores = match self {
-            Model::Tfidf(m) => return Ok(texts.iter().map(|t| m.predict(t)).collect()),
+    /// Scores of `texts`, in order (a BERT model runs them as one batch).
+    pub fn predict(&self, texts: &[&str]) -> Result<Vec<Sample>, BundleError> {
+        Ok(match self {
+            Model::Tfidf(m) => texts.iter().map(|t| m.predict(t)).collect(),
             Model::Bert(m) => m.predict_batch(texts)?,
-        };
-        Ok(scores.into_iter().map(Prediction::from_score).collect())
+        })
     }
 }
 
@@ -192,10 +198,12 @@ impl Prediction {
     }
 }
 
-/// A loaded bundle: its manifest and its model.
+/// A loaded bundle: its manifest, its model, and its drift reference (bundles exported before
+/// drift monitoring have none).
 pub struct Bundle {
     pub manifest: Manifest,
     pub model: Model,
+    pub drift: Option<Reference>,
 }
 
 impl Bundle {
@@ -208,7 +216,15 @@ impl Bundle {
                 Model::Bert(std::sync::Arc::new(BertModel::load(dir, *max_length, threads)?))
             }
         };
-        Ok(Bundle { manifest, model })
+        let path = dir.join("drift.json");
+        let drift = match std::fs::read(&path) {
+            Ok(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| BundleError::Invalid {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })?),
+            Err(_) => None,
+        };
+        Ok(Bundle { manifest, model, drift })
     }
 }
 

@@ -301,20 +301,30 @@ impl Tfidf {
         row
     }
 
-    /// Token ids of a raw text; tokens outside the vocabulary get id 0.
-    fn ids(&self, text: &str) -> Vec<u32> {
+    /// Token ids of a raw text (tokens outside the vocabulary get id 0), and the length of the
+    /// normalised text in characters.
+    fn ids(&self, text: &str) -> (Vec<u32>, usize) {
         let normalized = normalize(text, self.config.lowercase);
         let mut tokens = Vec::new();
         self.tokenizer.tokens(&normalized, &mut tokens);
-        tokens
+        let ids = tokens
             .iter()
             .map(|t| self.unigrams.get(*t).copied().unwrap_or(0))
-            .collect()
+            .collect();
+        (ids, normalized.chars().count())
     }
 
     /// The TF-IDF row of one text.
     pub fn transform_one(&self, text: &str) -> Vec<(u32, f32)> {
-        self.row_from_ids(&self.ids(text))
+        self.row_from_ids(&self.ids(text).0)
+    }
+
+    /// The TF-IDF row of one text, with what drift monitoring measures of it: the normalised
+    /// text's length in characters, its tokens outside the vocabulary, and all its tokens.
+    pub fn transform_counting(&self, text: &str) -> (Vec<(u32, f32)>, [usize; 3]) {
+        let (ids, chars) = self.ids(text);
+        let unknown = ids.iter().filter(|&&id| id == 0).count();
+        (self.row_from_ids(&ids), [chars, unknown, ids.len()])
     }
 
     pub fn transform(&self, texts: &[String]) -> Csr {

@@ -190,7 +190,7 @@ impl Axes {
 }
 
 fn format_tick(v: f64) -> String {
-    if v == v.trunc() && v.abs() >= 1.0 {
+    if v == 0.0 || (v == v.trunc() && v.abs() >= 1.0) {
         format!("{v:.0}")
     } else if v.abs() >= 0.01 {
         let s = format!("{v:.3}");
@@ -338,6 +338,63 @@ pub fn score_vs_param(series: &[(String, Vec<(f64, f64)>)], x_label: &str, y_lab
         let ly = 60 + i as i64 * 22;
         c.rect(462, ly + 2, 474, ly + 10, colour);
         c.text(480, ly, name, BLACK, 1);
+    }
+    c.png()
+}
+
+/// One distribution of a drift chart: bin labels, reference and current shares.
+pub struct Panel {
+    pub title: String,
+    pub labels: Vec<String>,
+    pub reference: Vec<f64>,
+    pub current: Vec<f64>,
+}
+
+/// One panel per distribution, reference and current shares as paired bars per bin (drift
+/// reports).
+pub fn distributions(heading: &str, panels: &[Panel]) -> Vec<u8> {
+    let panel_h = 260;
+    let mut c = Canvas::new(760, 60 + panel_h * panels.len().max(1));
+    title(&mut c, heading);
+    for (
+        i,
+        Panel {
+            title: name,
+            labels,
+            reference,
+            current,
+        },
+    ) in panels.iter().enumerate()
+    {
+        let top = 50.0 + (i * panel_h) as f64;
+        let top_share = reference.iter().chain(current).fold(0.05f64, |a, &b| a.max(b)) * 1.15;
+        let axes = Axes {
+            left: 80.0,
+            right: 600.0,
+            top: top + 25.0,
+            bottom: top + panel_h as f64 - 60.0,
+            x: (0.0, labels.len().max(1) as f64),
+            y: (0.0, top_share),
+            log_x: false,
+        };
+        c.text(80, top as i64, name, BLACK, 1);
+        let y_ticks: Vec<f64> = (0..=3).map(|k| top_share * k as f64 / 3.0).collect();
+        axes.draw(&mut c, &[], &y_ticks, "", "share");
+        for (bin, label) in labels.iter().enumerate() {
+            for (k, (values, colour)) in [(reference, GREY), (current, PALETTE[0])].into_iter().enumerate() {
+                let v = values.get(bin).copied().unwrap_or(0.0);
+                let (x0, y0) = axes.px(bin as f64 + 0.1 + 0.4 * k as f64, 0.0);
+                let (x1, y1) = axes.px(bin as f64 + 0.5 + 0.4 * k as f64, v);
+                c.rect(x0 as i64, y1 as i64, x1 as i64 - 1, y0 as i64 - 1, colour);
+            }
+            let (x, y) = axes.px(bin as f64 + 0.5, 0.0);
+            c.text_centered(x as i64, y as i64 + 6, label, BLACK, 1);
+        }
+        for (k, (name, colour)) in [("reference", GREY), ("current", PALETTE[0])].into_iter().enumerate() {
+            let ly = top as i64 + 30 + k as i64 * 20;
+            c.rect(615, ly + 2, 627, ly + 10, colour);
+            c.text(633, ly, name, BLACK, 1);
+        }
     }
     c.png()
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
+use crate::drift::Sample;
 use crate::models::bert::BertModel;
 
 /// Settings of a batching worker.
@@ -21,7 +22,7 @@ pub struct BatchConfig {
     pub queue: usize,
 }
 
-type Reply = Result<Vec<f64>, String>;
+type Reply = Result<Vec<Sample>, String>;
 
 struct Job {
     texts: Vec<String>,
@@ -52,8 +53,8 @@ impl Batcher {
         Batcher { tx }
     }
 
-    /// P(positive) for each text, once the worker has run the batch holding them.
-    pub async fn predict(&self, texts: Vec<String>) -> Result<Vec<f64>, BatchError> {
+    /// The scores of the texts, once the worker has run the batch holding them.
+    pub async fn predict(&self, texts: Vec<String>) -> Result<Vec<Sample>, BatchError> {
         let (reply, rx) = oneshot::channel();
         self.tx.try_send(Job { texts, reply }).map_err(|e| match e {
             TrySendError::Full(_) => BatchError::Busy,

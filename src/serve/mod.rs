@@ -6,6 +6,7 @@
 
 mod auth;
 mod batcher;
+mod drift;
 mod metrics;
 mod openapi;
 mod training;
@@ -26,6 +27,7 @@ use warp::Filter;
 
 pub use auth::{create_key, KeyError, Role};
 
+use crate::drift::Sample;
 use crate::models::bundle::{Bundle, Model, Prediction, LABELS};
 use crate::store::{ModelRow, Store, StoreError};
 use batcher::{BatchConfig, BatchError, Batcher};
@@ -74,6 +76,15 @@ pub struct Config {
     /// ONNX Runtime threads per model (0: ONNX Runtime's default, one per core).
     #[arg(long, env = "SENTIFLOW_ONNX_THREADS", default_value_t = 0)]
     pub onnx_threads: usize,
+    /// Drift monitoring: recent predictions (and feedback labels) each model's window holds.
+    #[arg(long, env = "SENTIFLOW_DRIFT_WINDOW", default_value_t = 1000)]
+    pub drift_window: usize,
+    /// Drift monitoring: seconds between stored evaluations.
+    #[arg(long, env = "SENTIFLOW_DRIFT_PERIOD_S", default_value_t = 60)]
+    pub drift_period_s: u64,
+    /// Store the texts of predictions in the database (otherwise only their SHA-256).
+    #[arg(long, env = "SENTIFLOW_STORE_TEXTS")]
+    pub store_texts: bool,
 }
 
 impl Config {
@@ -93,11 +104,12 @@ pub struct Serving {
     pub bundle: Bundle,
     /// The batching worker of an ONNX model.
     batcher: Option<Batcher>,
+    monitor: drift::Monitor,
 }
 
 impl Serving {
-    async fn predict(&self, texts: Vec<String>) -> Result<Vec<Prediction>, ApiError> {
-        let scores = match (&self.bundle.model, &self.batcher) {
+    async fn predict(&self, texts: Vec<String>) -> Result<Vec<Sample>, ApiError> {
+        let samples = match (&self.bundle.model, &self.batcher) {
             (Model::Bert(_), Some(batcher)) => batcher.predict(texts).await.map_err(|e| match e {
                 BatchError::Busy => {
                     let mut e = ApiError::new(
@@ -119,12 +131,13 @@ impl Serving {
             })?,
             (model, _) => {
                 let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-                return model
+                model
                     .predict(&refs)
-                    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "model_failed", e.to_string()));
+                    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "model_failed", e.to_string()))?
             }
         };
-        Ok(scores.into_iter().map(Prediction::from_score).collect())
+        self.monitor.record(&samples);
+        Ok(samples)
     }
 }
 
@@ -136,6 +149,7 @@ pub struct App {
     keys: auth::Keys,
     limiter: auth::Limiter,
     pub metrics: Arc<Metrics>,
+    journal: drift::Journal,
     pub training: training::Trainer,
     request_seq: AtomicU64,
     started: u64,
@@ -196,6 +210,7 @@ impl App {
             keys: auth::Keys::default(),
             limiter: auth::Limiter::new(),
             metrics: Arc::default(),
+            journal: drift::Journal::default(),
             training: training::Trainer::default(),
             request_seq: AtomicU64::new(0),
             started: std::time::SystemTime::now()
@@ -287,7 +302,13 @@ impl App {
             }
             Model::Tfidf(_) => None,
         };
-        let serving = Arc::new(Serving { row, bundle, batcher });
+        let monitor = drift::Monitor::new(self.config.drift_window);
+        let serving = Arc::new(Serving {
+            row,
+            bundle,
+            batcher,
+            monitor,
+        });
         self.models
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -442,9 +463,11 @@ fn copy_dir_atomic(src: &Path, dest: &Path) -> std::io::Result<()> {
 /// The methods a path answers, for `405` responses.
 fn allowed_methods(parts: &[&str]) -> Option<&'static str> {
     match parts {
-        ["health"] | ["ready"] | ["metrics"] | ["openapi.json"] | ["best_model_parameter"] | ["models"] => Some("GET"),
+        ["health"] | ["ready"] | ["metrics"] | ["openapi.json"] | ["best_model_parameter"] | ["models"] | ["drift"] => {
+            Some("GET")
+        }
         ["training", _] | ["training", _, "logs"] => Some("GET"),
-        ["prediction"] | ["training"] | ["models", _, "promote"] => Some("POST"),
+        ["prediction"] | ["feedback"] | ["training"] | ["models", _, "promote"] => Some("POST"),
         _ => None,
     }
 }
@@ -519,6 +542,7 @@ fn bad_field(field: &str, message: impl Into<String>) -> ApiError {
 impl App {
     async fn dispatch(
         self: &Arc<Self>,
+        request_id: &str,
         method: &Method,
         path: &str,
         query: &str,
@@ -542,7 +566,9 @@ impl App {
                 ))
             }
             (&Method::GET, ["metrics"]) => {
-                let mut r = Response::new(self.metrics.render().into());
+                let mut text = self.metrics.render();
+                text.push_str(&drift::gauges(&drift::report(self)));
+                let mut r = Response::new(text.into());
                 r.headers_mut()
                     .insert("content-type", HeaderValue::from_static("text/plain; version=0.0.4"));
                 Ok(r)
@@ -554,7 +580,19 @@ impl App {
             }
             (&Method::POST, ["prediction"]) => {
                 let quota = self.authorize(headers, Role::Predict, self.config.open_prediction)?;
-                self.predict(headers, body).await.map(|r| quota.annotate(r))
+                self.predict(request_id, headers, body).await.map(|r| quota.annotate(r))
+            }
+            (&Method::GET, ["drift"]) => {
+                let quota = self.authorize(headers, Role::Predict, false)?;
+                let mut report = drift::report(self);
+                if query.split('&').any(|kv| kv == "history=1") {
+                    report["history"] = self.store.drift_history(100)?.into();
+                }
+                ok(report).map(|r| quota.annotate(r))
+            }
+            (&Method::POST, ["feedback"]) => {
+                let quota = self.authorize(headers, Role::Predict, self.config.open_prediction)?;
+                self.feedback(headers, body).map(|r| quota.annotate(r))
             }
             (&Method::GET, ["models"]) => {
                 let quota = self.authorize(headers, Role::Predict, false)?;
@@ -630,7 +668,7 @@ impl App {
         ))
     }
 
-    async fn predict(&self, headers: &HeaderMap, body: &Bytes) -> ApiResult {
+    async fn predict(&self, request_id: &str, headers: &HeaderMap, body: &Bytes) -> ApiResult {
         let request = parse_json(headers, body)?;
         only_fields(&request, &["text", "texts", "model"])?;
         let texts: Vec<String> = match (request.get("text"), request.get("texts")) {
@@ -693,13 +731,22 @@ impl App {
         let serving = self.served(name)?;
         let version = &serving.row.version;
         let single = request["text"].is_string();
-        let predictions: Vec<Value> = serving
-            .predict(texts)
-            .await?
-            .into_iter()
-            .map(|p| {
+        let samples = serving.predict(texts.clone()).await?;
+        let predictions: Vec<Value> = samples
+            .iter()
+            .zip(&texts)
+            .enumerate()
+            .map(|(i, (s, text))| {
+                let p = Prediction::from_score(s.score);
+                let id = format!("{request_id}-{i}");
                 self.metrics.prediction(name, version, p.label);
-                json!({"label": p.label, "score": p.score,
+                let made = drift::Made {
+                    model: name.to_string(),
+                    version: version.clone(),
+                    label: p.label,
+                };
+                self.journal.add(id.clone(), made, s, text, self.config.store_texts);
+                json!({"id": id, "label": p.label, "score": p.score,
                        "probabilities": {LABELS[0]: 1.0 - p.score, LABELS[1]: p.score}})
             })
             .collect();
@@ -712,6 +759,46 @@ impl App {
             json!({"model": name, "version": version, "predictions": predictions})
         };
         Ok(json_response(StatusCode::OK, &body))
+    }
+
+    /// `POST /feedback`: the true label of an earlier prediction, for the rolling accuracy.
+    fn feedback(&self, headers: &HeaderMap, body: &Bytes) -> ApiResult {
+        let request = parse_json(headers, body)?;
+        only_fields(&request, &["prediction_id", "label"])?;
+        let id = request["prediction_id"]
+            .as_str()
+            .ok_or_else(|| bad_field("prediction_id", "missing or not a string"))?;
+        let label = match request["label"].as_str() {
+            Some(l) if LABELS.contains(&l) => l,
+            _ => return Err(bad_field("label", format!("must be one of {LABELS:?}"))),
+        };
+        let made = match self.journal.find(id) {
+            Some(m) => Some((m.model, m.version, m.label.to_string())),
+            None => self.store.prediction(id)?,
+        };
+        let Some((model, version, predicted)) = made else {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no prediction `{id}` (ids are in `POST /prediction` answers)"),
+            ));
+        };
+        let correct = predicted == label;
+        if !self.store.add_feedback(id, label, correct)? {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "duplicate_feedback",
+                format!("prediction `{id}` already has feedback"),
+            ));
+        }
+        if let Some(serving) = self.serving(&model).filter(|s| s.row.version == version) {
+            serving.monitor.feedback(correct);
+        }
+        Ok(json_response(
+            StatusCode::OK,
+            &json!({"prediction_id": id, "model": model, "version": version, "predicted": predicted,
+                    "label": label, "correct": correct}),
+        ))
     }
 }
 
@@ -730,7 +817,7 @@ async fn handle(
         app.request_seq.fetch_add(1, Ordering::Relaxed)
     );
     let path = path.as_str().to_string();
-    let mut response = match app.dispatch(&method, &path, &query, &headers, &body).await {
+    let mut response = match app.dispatch(&id, &method, &path, &query, &headers, &body).await {
         Ok(r) => r,
         Err(e) => error_response(e, &id),
     };
@@ -842,6 +929,10 @@ pub async fn serve(app: Arc<App>) -> anyhow::Result<()> {
         .unify();
 
     let (addr, server) = warp::serve(routes).try_bind_with_graceful_shutdown(app.config.addr, shutdown_signal())?;
+    tokio::spawn(drift::watch(
+        app.clone(),
+        Duration::from_secs(app.config.drift_period_s.max(1)),
+    ));
     tracing::info!("listening on http://{addr}");
     eprintln!("sentiflow serving on http://{addr} (models: {:?})", app.model_names());
     server.await;

@@ -87,7 +87,7 @@ pub fn document(config: &super::Config) -> Value {
                 "responses": with(json!({"200": ok(json!({"oneOf": [
                     {"$ref": "#/components/schemas/Prediction"},
                     {"type": "object", "required": ["predictions"], "properties": {"predictions": {"type": "array", "items": {"$ref": "#/components/schemas/Prediction"}}, "model": {"type": "string"}, "version": {"type": "string"}}}
-                ]}))}), error_responses(&["400", "401", "403", "404", "413", "415", "422", "429"]))}},
+                ]}))}), error_responses(&["400", "401", "403", "404", "413", "415", "422", "429", "500", "503"]))}},
             "/models": {"get": {"summary": "Registered model versions", "security": secured,
                 "responses": with(json!({"200": ok(json!({"type": "object", "properties": {"models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}}))}),
                                   error_responses(&["401", "403", "429"]))}},

@@ -16,6 +16,7 @@ use super::command::run_process;
 use super::export::publish;
 use super::{read_json, write_json, Context, Metrics, Stage, StageError};
 use crate::data::Reviews;
+use crate::drift::{Reference, Sample};
 use crate::models::bert::BertModel;
 use crate::models::bundle::Family;
 use crate::models::metrics::{roc_curve, score};
@@ -40,6 +41,8 @@ pub struct BertFinetune {
     /// Tokens per review; longer reviews are truncated.
     #[serde(default = "default_max_length")]
     pub max_length: usize,
+    /// Passes over the training reviews; 0 scores the base model as it is (a checkpoint
+    /// fine-tuned elsewhere) and passes it on.
     #[serde(default = "one")]
     pub epochs: usize,
     /// Peak learning rate (AdamW, linear warm-up and decay).
@@ -158,8 +161,8 @@ impl Stage for BertFinetune {
         if !(8..=512).contains(&self.max_length) {
             return bad("max_length", "must be between 8 and 512");
         }
-        if self.epochs == 0 || self.batch_size == 0 || self.processes == 0 {
-            return bad("epochs, batch_size and processes", "must be at least 1");
+        if self.batch_size == 0 || self.processes == 0 {
+            return bad("batch_size and processes", "must be at least 1");
         }
         if !(self.lr > 0.0 && self.lr < 1.0) {
             return bad("lr", "must be in (0, 1)");
@@ -333,7 +336,8 @@ fn compare_runtimes(model: &BertModel, reference: &Value) -> Result<f64, StageEr
         let expected = row["p_positive"].as_f64().unwrap_or(f64::NAN);
         let got = model
             .predict_batch(&[text])
-            .map_err(|e| StageError::Invalid(e.to_string()))?[0];
+            .map_err(|e| StageError::Invalid(e.to_string()))?[0]
+            .score;
         let diff = (got - expected).abs();
         if diff.is_nan() || diff > RUNTIME_TOLERANCE {
             return Err(StageError::Invalid(format!(
@@ -348,7 +352,8 @@ fn compare_runtimes(model: &BertModel, reference: &Value) -> Result<f64, StageEr
 }
 
 /// Scores the model on the first `limit` validation reviews (0: all), in batches of similar length;
-/// writes `predictions.json` (labels, scores, ROC curve) into `dir`.
+/// writes `predictions.json` (labels, scores, ROC curve) and the drift reference `drift.json`
+/// into `dir`.
 fn evaluate(ctx: &Context, model: &BertModel, path: &Path, limit: usize, dir: &Path) -> Result<Value, StageError> {
     let reviews = Reviews::read_parquet(path)?;
     let n = if limit == 0 {
@@ -358,7 +363,15 @@ fn evaluate(ctx: &Context, model: &BertModel, path: &Path, limit: usize, dir: &P
     };
     let mut order: Vec<usize> = (0..n).collect();
     order.sort_by_key(|&i| reviews.text[i].len());
-    let mut p = vec![0.0; n];
+    let mut samples = vec![
+        Sample {
+            score: 0.0,
+            chars: 0,
+            unknown: 0,
+            tokens: 0
+        };
+        n
+    ];
     let started = std::time::Instant::now();
     for (b, batch) in order.chunks(32).enumerate() {
         ctx.check_cancel()?;
@@ -367,7 +380,7 @@ fn evaluate(ctx: &Context, model: &BertModel, path: &Path, limit: usize, dir: &P
             .predict_batch(&texts)
             .map_err(|e| StageError::Invalid(e.to_string()))?;
         for (&i, s) in batch.iter().zip(scores) {
-            p[i] = s;
+            samples[i] = s;
         }
         if (b + 1) % 20 == 0 {
             ctx.info(&format!("evaluated {}/{n} validation reviews", (b + 1) * 32));
@@ -376,11 +389,13 @@ fn evaluate(ctx: &Context, model: &BertModel, path: &Path, limit: usize, dir: &P
     let seconds = started.elapsed().as_secs_f64();
     ctx.info(&format!("evaluated {n} validation reviews in {seconds:.1} s"));
     let labels = &reviews.label[..n];
+    let p: Vec<f64> = samples.iter().map(|s| s.score).collect();
     write_json(
         &dir.join("predictions.json"),
         &json!({"labels": labels, "scores": p, "roc_curve": roc_curve(&p, labels)}),
     )?;
     let scores = score(&p, labels);
+    write_json(&dir.join("drift.json"), &Reference::build(&samples, scores.accuracy))?;
     let mut metrics = serde_json::to_value(&scores).expect("scores serialize");
     metrics["reviews"] = n.into();
     Ok(metrics)

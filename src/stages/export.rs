@@ -25,7 +25,7 @@ fn default_name() -> String {
     "tfidf".into()
 }
 
-const MODEL_FILES: [&str; 8] = [
+const MODEL_FILES: [&str; 9] = [
     "vectorizer.json",
     "terms.txt",
     "unigrams.txt",
@@ -34,11 +34,12 @@ const MODEL_FILES: [&str; 8] = [
     "model.json",
     "weights.bin",
     "predictions.json",
+    "drift.json",
 ];
 
 impl Stage for Export {
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn outs(&self) -> Vec<String> {

@@ -8,6 +8,7 @@ use serde_json::json;
 use super::tune::Best;
 use super::vectorize::Features;
 use super::{read_json, write_json, Context, Metrics, Stage, StageError};
+use crate::drift::{Reference, Sample};
 use crate::models::bundle::TfidfModel;
 use crate::models::linear::{LinearModel, ModelSpec};
 use crate::models::metrics::{roc_curve, score};
@@ -34,7 +35,7 @@ fn default_seed() -> u64 {
 
 impl Stage for Train {
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn outs(&self) -> Vec<String> {
@@ -96,6 +97,18 @@ impl Stage for Train {
             model,
         };
         trained.save(&out)?;
+        let counts: Vec<[usize; 3]> = read_json(&dir.join("valid_text.json"))?;
+        let samples: Vec<Sample> = p
+            .iter()
+            .zip(&counts)
+            .map(|(&score, &[chars, unknown, tokens])| Sample {
+                score,
+                chars,
+                unknown,
+                tokens,
+            })
+            .collect();
+        write_json(&out.join("drift.json"), &Reference::build(&samples, scores.accuracy))?;
         let report = json!({
             "validation": scores,
             "validation_rows": features.valid_labels.len(),

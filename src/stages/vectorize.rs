@@ -6,7 +6,7 @@ use std::path::Path;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Context, Metrics, Stage, StageError};
+use super::{write_json, Context, Metrics, Stage, StageError};
 use crate::data::Reviews;
 use crate::models::sparse::Csr;
 use crate::models::tfidf::{Tfidf, TfidfConfig};
@@ -42,7 +42,7 @@ impl Features {
 
 impl Stage for Vectorize {
     fn version(&self) -> u32 {
-        2
+        3
     }
 
     fn outs(&self) -> Vec<String> {
@@ -68,6 +68,10 @@ impl Stage for Vectorize {
         x_valid.save(&dir.join("valid.csr")).map_err(io("valid.csr"))?;
         std::fs::write(dir.join("train.labels"), &train.label).map_err(io("train.labels"))?;
         std::fs::write(dir.join("valid.labels"), &valid.label).map_err(io("valid.labels"))?;
+        // What drift monitoring compares live texts with: each validation text's normalised
+        // length in characters, its tokens outside the vocabulary, and all its tokens.
+        let counts: Vec<[usize; 3]> = valid.text.iter().map(|t| vectorizer.transform_counting(t).1).collect();
+        write_json(&dir.join("valid_text.json"), &counts)?;
         ctx.info(&format!(
             "{} terms; {:.0} non-zeros per training review",
             vectorizer.vocabulary_size(),

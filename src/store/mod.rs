@@ -22,7 +22,8 @@ pub enum StoreError {
 }
 
 /// Schema versions, applied in order; the database's `user_version` says how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE models (
     version     TEXT PRIMARY KEY,
     name        TEXT NOT NULL,
@@ -73,7 +74,48 @@ CREATE TABLE api_keys (
     label      TEXT,
     created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
-"#];
+"#,
+    r#"
+CREATE TABLE predictions (
+    id          TEXT PRIMARY KEY,
+    model       TEXT NOT NULL,
+    version     TEXT NOT NULL,
+    score       REAL NOT NULL,
+    label       TEXT NOT NULL,
+    text_sha256 TEXT NOT NULL,
+    text        TEXT,
+    chars       INTEGER NOT NULL,
+    created_at  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE TABLE feedback (
+    prediction_id TEXT PRIMARY KEY,
+    label         TEXT NOT NULL,
+    correct       INTEGER NOT NULL,
+    created_at    TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+CREATE TABLE drift_evaluations (
+    id         INTEGER PRIMARY KEY,
+    model      TEXT NOT NULL,
+    version    TEXT NOT NULL,
+    status     TEXT NOT NULL,
+    report     TEXT NOT NULL,
+    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+);
+"#,
+];
+
+/// A prediction as the drift monitor keeps it: the text only when the server is told to.
+#[derive(Debug, Clone)]
+pub struct PredictionRow {
+    pub id: String,
+    pub model: String,
+    pub version: String,
+    pub score: f64,
+    pub label: String,
+    pub text_sha256: String,
+    pub text: Option<String>,
+    pub chars: usize,
+}
 
 /// A registered model version.
 #[derive(Debug, Clone, Serialize)]
@@ -144,6 +186,85 @@ impl Store {
     fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
         let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         Ok(f(&conn)?)
+    }
+
+    // --- drift monitoring ---
+
+    pub fn add_predictions(&self, rows: &[PredictionRow]) -> Result<(), StoreError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction()?;
+        {
+            let mut insert = tx.prepare(
+                "INSERT OR IGNORE INTO predictions (id, model, version, score, label, text_sha256, text, chars)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )?;
+            for r in rows {
+                insert.execute(params![
+                    r.id,
+                    r.model,
+                    r.version,
+                    r.score,
+                    r.label,
+                    r.text_sha256,
+                    r.text,
+                    r.chars
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The model, version and label of a stored prediction.
+    pub fn prediction(&self, id: &str) -> Result<Option<(String, String, String)>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT model, version, label FROM predictions WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+        })
+    }
+
+    /// Records the true label of a prediction; false when it already had one.
+    pub fn add_feedback(&self, prediction_id: &str, label: &str, correct: bool) -> Result<bool, StoreError> {
+        self.with(|c| {
+            let n = c.execute(
+                "INSERT OR IGNORE INTO feedback (prediction_id, label, correct) VALUES (?1, ?2, ?3)",
+                params![prediction_id, label, correct],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
+    pub fn add_drift(&self, model: &str, version: &str, status: &str, report: &Value) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO drift_evaluations (model, version, status, report) VALUES (?1, ?2, ?3, ?4)",
+                params![model, version, status, report.to_string()],
+            )
+        })?;
+        Ok(())
+    }
+
+    /// The latest stored drift evaluations, newest first.
+    pub fn drift_history(&self, limit: usize) -> Result<Vec<Value>, StoreError> {
+        self.with(|c| {
+            let mut q = c.prepare(
+                "SELECT model, version, status, report, created_at FROM drift_evaluations ORDER BY id DESC LIMIT ?1",
+            )?;
+            let rows = q.query_map([limit as i64], |r| {
+                Ok(
+                    serde_json::json!({"model": r.get::<_, String>(0)?, "version": r.get::<_, String>(1)?,
+                    "status": r.get::<_, String>(2)?, "report": json(r.get(3)?), "at": r.get::<_, String>(4)?}),
+                )
+            })?;
+            rows.collect()
+        })
     }
 
     // --- API keys ---

@@ -312,6 +312,41 @@ impl Tracker {
         Ok(())
     }
 
+    /// Logs one drift evaluation of a served model as step `step` of the run `run` (created, in
+    /// the experiment `sentiflow-drift`, when `None`); returns the run id.
+    pub fn log_drift(
+        &self,
+        run: Option<String>,
+        model: &str,
+        version: &str,
+        report: &Value,
+        step: i64,
+    ) -> Result<String, TrackingError> {
+        let run = match run {
+            Some(r) => r,
+            None => {
+                let experiment = self.experiment("sentiflow-drift")?;
+                let tags = vec![
+                    json!({"key": "sentiflow.model", "value": model}),
+                    json!({"key": "sentiflow.version", "value": version}),
+                ];
+                self.create_run(&experiment, &format!("drift {model} {version}"), tags, now_ms())?
+                    .0
+            }
+        };
+        let mut metrics = vec![("samples".to_string(), report["samples"].as_f64().unwrap_or(0.0), step)];
+        for (name, v) in report["statistics"].as_object().into_iter().flatten() {
+            if let Some(value) = v["value"].as_f64() {
+                metrics.push((key(name), value, step));
+            }
+        }
+        if let Some(acc) = report["performance"]["accuracy"].as_f64() {
+            metrics.push(("feedback_accuracy".into(), acc, step));
+        }
+        self.log_batch(&run, &[], &metrics, &[], now_ms())?;
+        Ok(run)
+    }
+
     /// Records a finished pipeline run; what cannot be sent now is queued under `cache_dir`.
     pub fn record(&self, p: &Pipeline, report: &Report, cache_dir: &Path) -> Result<Delivery, TrackingError> {
         let dir = cache_dir.join("tracking").join(format!(

@@ -36,7 +36,7 @@ def parse_args(argv):
     p.add_argument("--base-model", required=True, help="local directory, installed model package, or hub id")
     p.add_argument("--out", required=True)
     p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=1, help="0 scores the base model without training")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch-size", type=int, default=16, help="per process")
     p.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps")
@@ -166,7 +166,7 @@ def main(argv):
         {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
-    steps = args.epochs * len(train_loader)
+    steps = max(args.epochs * len(train_loader), 1)
     scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(args.warmup * steps), steps)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
     scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
@@ -211,6 +211,15 @@ def main(argv):
         }
         history.append(row)
         log(json.dumps(row))
+    if args.epochs == 0:
+        # Nothing to train: score the base model as it is (a checkpoint fine-tuned elsewhere).
+        correct, total, vloss = evaluate(model, valid_loader, device, autocast)
+        totals = torch.tensor([correct, total, vloss], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(totals)
+        correct, total, vloss = totals.tolist()
+        history.append({"epoch": 0, "train_loss": None, "valid_loss": vloss / total, "valid_accuracy": correct / total})
+        log(json.dumps(history[-1]))
 
     log(f"trained in {time.perf_counter() - started:.1f} s")
     if rank == 0:

@@ -1,0 +1,234 @@
+//! Drift monitoring in the server: each served model keeps a rolling window of its recent
+//! predictions and of labelled feedback; `GET /drift` and `/metrics` compare it with the bundle's
+//! reference, and every period an evaluation is stored (and sent to MLflow when tracking is on)
+//! together with the predictions made since the last one.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::App;
+use crate::drift::{evaluate, Sample, Thresholds};
+use crate::store::PredictionRow;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The rolling window of one served model.
+pub struct Monitor {
+    window: Mutex<(VecDeque<Sample>, VecDeque<bool>)>,
+    size: usize,
+}
+
+impl Monitor {
+    pub fn new(size: usize) -> Monitor {
+        Monitor {
+            window: Mutex::new((VecDeque::new(), VecDeque::new())),
+            size: size.max(1),
+        }
+    }
+
+    pub fn record(&self, samples: &[Sample]) {
+        let mut w = lock(&self.window);
+        for s in samples {
+            if w.0.len() == self.size {
+                w.0.pop_front();
+            }
+            w.0.push_back(*s);
+        }
+    }
+
+    pub fn feedback(&self, correct: bool) {
+        let mut w = lock(&self.window);
+        if w.1.len() == self.size {
+            w.1.pop_front();
+        }
+        w.1.push_back(correct);
+    }
+
+    fn snapshot(&self) -> (Vec<Sample>, Vec<bool>) {
+        let w = lock(&self.window);
+        (w.0.iter().copied().collect(), w.1.iter().copied().collect())
+    }
+}
+
+/// A prediction a client may send feedback about.
+#[derive(Clone)]
+pub struct Made {
+    pub model: String,
+    pub version: String,
+    pub label: &'static str,
+}
+
+/// Recent predictions by id (bounded), and those not yet written to the database.
+#[derive(Default)]
+pub struct Journal {
+    recent: Mutex<(HashMap<String, Made>, VecDeque<String>)>,
+    unsaved: Mutex<Vec<PredictionRow>>,
+}
+
+/// How many predictions `POST /feedback` finds without the database.
+const RECENT: usize = 100_000;
+
+impl Journal {
+    pub fn add(&self, id: String, made: Made, sample: &Sample, text: &str, keep_text: bool) {
+        let row = PredictionRow {
+            id: id.clone(),
+            model: made.model.clone(),
+            version: made.version.clone(),
+            score: sample.score,
+            label: made.label.to_string(),
+            text_sha256: hex::encode(Sha256::digest(text.as_bytes())),
+            text: keep_text.then(|| text.to_string()),
+            chars: sample.chars,
+        };
+        {
+            let mut r = lock(&self.recent);
+            if r.1.len() == RECENT {
+                if let Some(old) = r.1.pop_front() {
+                    r.0.remove(&old);
+                }
+            }
+            r.1.push_back(id.clone());
+            r.0.insert(id, made);
+        }
+        lock(&self.unsaved).push(row);
+    }
+
+    pub fn find(&self, id: &str) -> Option<Made> {
+        lock(&self.recent).0.get(id).cloned()
+    }
+
+    fn take_unsaved(&self) -> Vec<PredictionRow> {
+        std::mem::take(&mut *lock(&self.unsaved))
+    }
+}
+
+/// The drift report of every served model that has a reference.
+pub fn report(app: &App) -> Value {
+    let thresholds = Thresholds::default();
+    let mut models = serde_json::Map::new();
+    for name in app.model_names() {
+        let Some(serving) = app.serving(&name) else { continue };
+        let Some(reference) = &serving.bundle.drift else {
+            models.insert(
+                name,
+                json!({"version": serving.row.version, "status": "ok", "judged": false,
+                       "note": "the bundle has no drift reference (exported by an older version)"}),
+            );
+            continue;
+        };
+        let (samples, feedback) = serving.monitor.snapshot();
+        let mut r = evaluate(reference, &samples, &feedback, &thresholds);
+        r["version"] = serving.row.version.clone().into();
+        r["window"] = serving.monitor.size.into();
+        models.insert(name, r);
+    }
+    json!({"models": models})
+}
+
+/// Prometheus gauges of the drift report: each statistic's value and status (0 ok, 1 warn, 2 alert).
+pub fn gauges(report: &Value) -> String {
+    use std::fmt::Write;
+    let level = |s: &Value| match s.as_str() {
+        Some("alert") => 2,
+        Some("warn") => 1,
+        _ => 0,
+    };
+    let mut out = String::from(
+        "# HELP sentiflow_drift_value Drift statistics of the rolling window against the bundle's reference.\n\
+         # TYPE sentiflow_drift_value gauge\n\
+         # HELP sentiflow_drift_status Drift status: 0 ok, 1 warn, 2 alert.\n\
+         # TYPE sentiflow_drift_status gauge\n",
+    );
+    for (model, r) in report["models"].as_object().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "sentiflow_drift_status{{model=\"{model}\",statistic=\"overall\"}} {}",
+            level(&r["status"])
+        );
+        let _ = writeln!(
+            out,
+            "sentiflow_drift_value{{model=\"{model}\",statistic=\"samples\"}} {}",
+            r["samples"]
+        );
+        for (stat, v) in r["statistics"].as_object().into_iter().flatten() {
+            if let Some(value) = v["value"].as_f64() {
+                let _ = writeln!(
+                    out,
+                    "sentiflow_drift_value{{model=\"{model}\",statistic=\"{stat}\"}} {value}"
+                );
+                let _ = writeln!(
+                    out,
+                    "sentiflow_drift_status{{model=\"{model}\",statistic=\"{stat}\"}} {}",
+                    level(&v["status"])
+                );
+            }
+        }
+        if let Some(acc) = r["performance"]["accuracy"].as_f64() {
+            let _ = writeln!(
+                out,
+                "sentiflow_drift_value{{model=\"{model}\",statistic=\"accuracy\"}} {acc}"
+            );
+            let _ = writeln!(
+                out,
+                "sentiflow_drift_status{{model=\"{model}\",statistic=\"accuracy\"}} {}",
+                level(&r["performance"]["status"])
+            );
+        }
+    }
+    out
+}
+
+/// Every `period`: writes the predictions made since the last time, stores an evaluation of each
+/// model, and logs it to MLflow when `MLFLOW_TRACKING_URI` is set.
+pub async fn watch(app: Arc<App>, period: Duration) {
+    let mut tick = tokio::time::interval(period);
+    tick.tick().await;
+    let mut mlflow_runs: HashMap<String, String> = HashMap::new();
+    let mut step = 0i64;
+    loop {
+        tick.tick().await;
+        step += 1;
+        let app2 = app.clone();
+        let runs = std::mem::take(&mut mlflow_runs);
+        mlflow_runs = tokio::task::spawn_blocking(move || evaluate_once(&app2, runs, step))
+            .await
+            .unwrap_or_default();
+    }
+}
+
+fn evaluate_once(app: &App, mut mlflow_runs: HashMap<String, String>, step: i64) -> HashMap<String, String> {
+    let rows = app.journal.take_unsaved();
+    if let Err(e) = app.store.add_predictions(&rows) {
+        tracing::error!("saving {} predictions: {e}", rows.len());
+    }
+    let report = report(app);
+    let tracker = crate::tracking::Tracker::from_env();
+    for (model, r) in report["models"].as_object().into_iter().flatten() {
+        if r["samples"].as_u64().unwrap_or(0) == 0 {
+            continue;
+        }
+        let version = r["version"].as_str().unwrap_or_default();
+        if let Err(e) = app
+            .store
+            .add_drift(model, version, r["status"].as_str().unwrap_or("ok"), r)
+        {
+            tracing::error!("saving the drift evaluation of {model}: {e}");
+        }
+        if let Some(t) = &tracker {
+            let key = format!("{model} {version}");
+            match t.log_drift(mlflow_runs.get(&key).cloned(), model, version, r, step) {
+                Ok(run) => {
+                    mlflow_runs.insert(key, run);
+                }
+                Err(e) => tracing::warn!("drift of {model} not sent to MLflow: {e}"),
+            }
+        }
+    }
+    mlflow_runs
+}

@@ -1,0 +1,198 @@
+//! Drift monitoring on real reviews: a TF-IDF model trained on the 400-review fixture (half of it
+//! kept for validation, the reference), then 300 other IMDB reviews, as they are and shifted.
+
+mod common;
+
+use common::{http, key, Project, Server};
+use serde_json::{json, Value};
+
+const HELDOUT: &str = include_str!("fixtures/imdb_heldout.jsonl");
+
+struct Review {
+    text: String,
+    positive: bool,
+}
+
+fn heldout() -> Vec<Review> {
+    HELDOUT
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            Review {
+                text: v["text"].as_str().unwrap().to_string(),
+                positive: v["label"] == "positive",
+            }
+        })
+        .collect()
+}
+
+/// The first sentence of a review.
+fn snippet(text: &str) -> String {
+    let end = text.find(['.', '!', '?']).map_or(text.len(), |i| i + 1);
+    text[..end].to_string()
+}
+
+/// Every word's letters reversed and shifted: words the model has never seen.
+fn scrambled(text: &str) -> String {
+    text.split_whitespace()
+        .map(|w| {
+            w.chars()
+                .rev()
+                .map(|c| {
+                    if c.is_ascii_lowercase() {
+                        (b'a' + (c as u8 - b'a' + 7) % 26) as char
+                    } else {
+                        c
+                    }
+                })
+                .collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn project() -> Project {
+    let p = common::quickstart();
+    let yaml = p
+        .read("pipelines/quickstart.yaml")
+        .replace("validation: 0.2", "validation: 0.5")
+        .replace("out: models/quickstart/tfidf", "out: models/tfidf");
+    p.write("pipelines/quickstart.yaml", &yaml);
+    let run = p.sentiflow(&["run", "pipelines/quickstart.yaml"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    p
+}
+
+fn offline(p: &Project, rows: &[Value]) -> Value {
+    let body: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    p.write("stream.jsonl", &body);
+    let r = p.sentiflow(&[
+        "drift",
+        "--model",
+        "models/tfidf",
+        "--input",
+        "stream.jsonl",
+        "--chart",
+        "drift.png",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let png = std::fs::read(p.path("drift.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    r.json()
+}
+
+fn stat<'a>(report: &'a Value, name: &str) -> &'a str {
+    report["statistics"][name]["status"].as_str().unwrap()
+}
+
+#[test]
+fn offline_reports_flag_the_statistic_that_moved() {
+    let p = project();
+    let reviews = heldout();
+    let texts =
+        |f: &dyn Fn(&Review) -> String| -> Vec<Value> { reviews.iter().map(|r| json!({"text": f(r)})).collect() };
+
+    let same = offline(&p, &texts(&|r| r.text.clone()));
+    assert_eq!(same["status"], "ok", "held-out reviews: {same}");
+    assert_eq!(same["samples"], 300);
+
+    let short = offline(&p, &texts(&|r| snippet(&r.text)));
+    assert_eq!(stat(&short, "length_psi"), "alert", "{short}");
+
+    let foreign = offline(&p, &texts(&|r| scrambled(&r.text)));
+    assert_eq!(stat(&foreign, "unknown_token_ratio"), "alert", "{foreign}");
+
+    let negative: Vec<Value> = reviews
+        .iter()
+        .filter(|r| !r.positive)
+        .map(|r| json!({"text": r.text}))
+        .collect();
+    let negative = offline(&p, &negative);
+    assert_eq!(stat(&negative, "positive_rate_shift"), "alert", "{negative}");
+    assert_eq!(stat(&negative, "length_psi"), "ok", "{negative}");
+
+    let labelled: Vec<Value> = reviews
+        .iter()
+        .map(|r| json!({"text": r.text, "label": if r.positive { "positive" } else { "negative" }}))
+        .collect();
+    let right = offline(&p, &labelled);
+    assert_eq!(right["performance"]["status"], "ok", "{right}");
+    let flipped: Vec<Value> = reviews
+        .iter()
+        .map(|r| json!({"text": r.text, "label": if r.positive { "negative" } else { "positive" }}))
+        .collect();
+    let wrong = offline(&p, &flipped);
+    assert_eq!(wrong["performance"]["status"], "alert", "{wrong}");
+    assert_eq!(wrong["status"], "alert");
+}
+
+#[test]
+fn the_server_watches_live_predictions_and_feedback() {
+    let p = project();
+    let s = Server::start(&p, &["--drift-window", "300", "--drift-period-s", "1"]);
+    let k = key(&p, "predict");
+    let auth = format!("Bearer {k}");
+    let headers = [("Authorization", auth.as_str()), ("Content-Type", "application/json")];
+    let post = |path: &str, body: Value| http(&s.addr, "POST", path, &headers, body.to_string().as_bytes());
+    let drift = || {
+        let r = http(&s.addr, "GET", "/drift?history=1", &headers[..1], b"");
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    };
+    let reviews = heldout();
+
+    // Held-out reviews: ok. Each prediction has an id for feedback.
+    let mut ids = Vec::new();
+    for chunk in reviews.chunks(50) {
+        let texts: Vec<&str> = chunk.iter().map(|r| r.text.as_str()).collect();
+        let r = post("/prediction", json!({"texts": texts}));
+        assert_eq!(r.status, 200, "{}", r.body);
+        for (p, review) in r.json()["predictions"].as_array().unwrap().iter().zip(chunk) {
+            ids.push((p["id"].as_str().unwrap().to_string(), review.positive));
+        }
+    }
+    let report = drift();
+    assert_eq!(report["models"]["tfidf"]["status"], "ok", "{report}");
+    assert_eq!(report["models"]["tfidf"]["samples"], 300);
+
+    // Wrong labels for every prediction: the accuracy status degrades.
+    for (id, positive) in &ids {
+        let label = if *positive { "negative" } else { "positive" };
+        let r = post("/feedback", json!({"prediction_id": id, "label": label}));
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let again = post("/feedback", json!({"prediction_id": ids[0].0, "label": "positive"}));
+    assert_eq!(again.status, 409, "{}", again.body);
+    let unknown = post("/feedback", json!({"prediction_id": "nope", "label": "positive"}));
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    let report = drift();
+    assert_eq!(report["models"]["tfidf"]["performance"]["status"], "alert", "{report}");
+
+    // One-sentence snippets fill the window: the length statistic alerts, in /metrics too.
+    for chunk in reviews.chunks(50) {
+        let texts: Vec<String> = chunk.iter().map(|r| snippet(&r.text)).collect();
+        assert_eq!(post("/prediction", json!({"texts": texts})).status, 200);
+    }
+    let report = drift();
+    assert_eq!(stat(&report["models"]["tfidf"], "length_psi"), "alert", "{report}");
+    let metrics = http(&s.addr, "GET", "/metrics", &[], b"").body;
+    assert!(
+        metrics.contains("sentiflow_drift_status{model=\"tfidf\",statistic=\"length_psi\"} 2"),
+        "{metrics}"
+    );
+
+    // Evaluations and predictions are stored; the texts themselves are not.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let history = drift()["history"].as_array().unwrap().clone();
+    assert!(!history.is_empty());
+    assert_eq!(history[0]["model"], "tfidf");
+    let db = rusqlite::Connection::open(p.path("sentiflow.db")).unwrap();
+    let (rows, texts, hashes): (i64, i64, i64) = db
+        .query_row(
+            "SELECT count(*), count(text), sum(length(text_sha256) = 64) FROM predictions",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!((rows, texts, hashes), (600, 0, 600));
+}
