@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: builds sentiflow, trains the IMDB pipeline (pipelines/imdb.yaml), scores two
-# reviews with the exported model and serves it over HTTP (Ctrl-C stops the server).
+# The main job: builds sentiflow, sets up the Python environment of the BERT stages, trains the
+# IMDB pipeline (pipelines/imdb.yaml: TF-IDF and MiniLM-L6 branches), scores two reviews with
+# both exported models and serves them over HTTP (Ctrl-C stops the server).
 #
 #   ./quickstart.sh [PATH/TO/aclImdb_v1.tar.gz]      (or SENTIFLOW_IMDB=PATH ./quickstart.sh)
 #
@@ -20,6 +21,9 @@ cd "$(dirname "$0")"
 
 cargo build --release --quiet
 sentiflow="${CARGO_TARGET_DIR:-target}/release/sentiflow"
+venv="$(scripts/setup-python)"
+# The BERT stages' interpreter; ONNX Runtime's library comes from the same environment's wheel.
+export SENTIFLOW_PYTHON="$venv/bin/python" VIRTUAL_ENV="$venv"
 
 set_data=()
 if [ -n "$archive" ]; then
@@ -39,16 +43,19 @@ if ! "$sentiflow" run pipelines/imdb.yaml "${set_data[@]}"; then
   fi
   exit 1
 fi
-echo
-echo "Predictions of models/tfidf:"
-"$sentiflow" predict --model models/tfidf \
-  "One of the best films I have seen in years: moving, funny and beautifully acted." \
-  "A boring, badly written mess. I want my two hours back."
+for model in tfidf bert; do
+  echo
+  echo "Predictions of models/$model:"
+  "$sentiflow" predict --model "models/$model" \
+    "One of the best films I have seen in years: moving, funny and beautifully acted." \
+    "A boring, badly written mess. I want my two hours back."
+done
 
 key=$("$sentiflow" keys create --role admin --label quickstart)
 addr="${SENTIFLOW_ADDR:-127.0.0.1:8080}"
 echo
-echo "Serving models/tfidf on http://$addr with a new admin key (stored hashed in sentiflow.db). Try:"
+echo "Serving models/tfidf and models/bert on http://$addr with a new admin key (stored hashed in sentiflow.db). Try:"
 echo "  curl -s http://$addr/prediction -H 'Authorization: Bearer $key' -H 'Content-Type: application/json' -d '{\"text\": \"A wonderful film.\"}'"
+echo "  curl -s http://$addr/prediction -H 'Authorization: Bearer $key' -H 'Content-Type: application/json' -d '{\"text\": \"A wonderful film.\", \"model\": \"bert\"}'"
 echo "  curl -s http://$addr/best_model_parameter -H 'Authorization: Bearer $key'"
 exec "$sentiflow" serve --addr "$addr"

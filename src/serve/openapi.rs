@@ -34,7 +34,8 @@ pub fn document(config: &super::Config) -> Value {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object",
                     "required": ["code", "message", "request_id"],
                     "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "request_id": {"type": "string"}}}}},
-                "Prediction": {"type": "object", "required": ["label", "score", "probabilities"], "properties": {
+                "Prediction": {"type": "object", "required": ["id", "label", "score", "probabilities"], "properties": {
+                    "id": {"type": "string"},
                     "label": {"type": "string", "enum": ["negative", "positive"]},
                     "score": {"type": "number", "minimum": 0, "maximum": 1},
                     "probabilities": {"type": "object", "properties": {"negative": {"type": "number"}, "positive": {"type": "number"}}},
@@ -88,6 +89,16 @@ pub fn document(config: &super::Config) -> Value {
                     {"$ref": "#/components/schemas/Prediction"},
                     {"type": "object", "required": ["predictions"], "properties": {"predictions": {"type": "array", "items": {"$ref": "#/components/schemas/Prediction"}}, "model": {"type": "string"}, "version": {"type": "string"}}}
                 ]}))}), error_responses(&["400", "401", "403", "404", "413", "415", "422", "429", "500", "503"]))}},
+            "/feedback": {"post": {"summary": "The true label of an earlier prediction (drift monitoring)", "security": secured,
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "additionalProperties": false,
+                    "required": ["prediction_id", "label"], "properties": {"prediction_id": {"type": "string"},
+                    "label": {"type": "string", "enum": ["negative", "positive"]}}}}}},
+                "responses": with(json!({"200": ok(json!({"type": "object", "required": ["correct"]}))}),
+                                  error_responses(&["400", "401", "403", "404", "409", "413", "415", "429"]))}},
+            "/drift": {"get": {"summary": "Drift of each served model's recent predictions against its reference", "security": secured,
+                "parameters": [{"name": "history", "in": "query", "required": false, "schema": {"type": "string", "enum": ["1"]}}],
+                "responses": with(json!({"200": ok(json!({"type": "object", "required": ["models"]}))}),
+                                  error_responses(&["401", "403", "429"]))}},
             "/models": {"get": {"summary": "Registered model versions", "security": secured,
                 "responses": with(json!({"200": ok(json!({"type": "object", "properties": {"models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}}))}),
                                   error_responses(&["401", "403", "429"]))}},

@@ -76,12 +76,19 @@ pub fn events(p: &Pipeline, report: &Report, plots: &Path) -> Result<Vec<Event>,
     if let Some(commit) = git_commit(&p.root) {
         tags.push(("mlflow.source.git.commit".into(), commit));
     }
+    // The run starts when its first stage did.
+    let started = report.stages.iter().map(|r| r.started_at).fold(f64::INFINITY, f64::min);
+    let start_ms = if started.is_finite() {
+        (started * 1000.0) as u64
+    } else {
+        now_ms()
+    };
     let mut out = vec![Event::CreateRun {
         handle: RUN.into(),
         name: p.name.clone(),
         parent: None,
         tags,
-        start_ms: now_ms(),
+        start_ms,
     }];
 
     let mut params = Vec::new();
