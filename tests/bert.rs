@@ -11,66 +11,6 @@ use std::path::Path;
 use common::{http, key, Project, Server};
 use serde_json::{json, Value};
 
-/// Both branches on the 400-review fixture; BERT on 256 reviews of 64 tokens for one epoch.
-const PIPELINE: &str = r#"
-name: both
-params:
-  seed: 42
-stages:
-  load:
-    uses: load
-    with: {path: tests/fixtures/imdb_sample.tar.gz, out: data/reviews.parquet}
-  clean:
-    uses: clean
-    needs: [load]
-    with: {lowercase: true, out: data/clean.parquet}
-  split:
-    uses: split
-    needs: [clean]
-    with: {validation: 0.2, seed: 42, out: data/split}
-  vectorize:
-    uses: vectorize
-    needs: [split]
-    with: {ngram: [1, 2], out: data/tfidf}
-  train:
-    uses: train
-    needs: [vectorize]
-    with: {model: {model: logreg, C: 10}, out: data/model}
-  export_tfidf:
-    uses: export
-    needs: [train]
-    with: {name: tfidf, out: models/tfidf}
-  finetune_bert:
-    uses: bert_finetune
-    needs: [split]
-    with:
-      max_length: 64
-      epochs: 1
-      lr: 1.0e-4
-      batch_size: 16
-      subset: 256
-      processes: 2
-      seed: ${params.seed}
-      out: data/bert
-  export_bert:
-    uses: bert_export
-    needs: [finetune_bert, split]
-    with: {name: bert, parity_reviews: 16, out: models/bert}
-"#;
-
-fn project() -> Project {
-    let p = common::quickstart();
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for script in ["finetune.py", "export_onnx.py"] {
-        p.write(
-            &format!("stages/bert/{script}"),
-            &std::fs::read_to_string(repo.join("stages/bert").join(script)).unwrap(),
-        );
-    }
-    p.write("pipelines/both.yaml", PIPELINE);
-    p
-}
-
 fn python() -> String {
     std::env::var("SENTIFLOW_PYTHON").unwrap_or_else(|_| "python3".into())
 }
@@ -128,7 +68,7 @@ const REVIEWS: [&str; 4] = [
 
 #[test]
 fn bert_branch_end_to_end() {
-    let p = project();
+    let p = common::both_models();
     let run = p.sentiflow(&["run", "pipelines/both.yaml", "--json"]);
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
     let report = run.json();

@@ -173,6 +173,31 @@ impl TfidfModel {
     }
 }
 
+impl TfidfModel {
+    /// The `k` n-grams of `text` that pushed its score most towards each label: each present
+    /// term's weight × TF-IDF value (its share of the decision function), strongest first.
+    pub fn explain(&self, text: &str, k: usize) -> Explanation {
+        let row = self.vectorizer.transform_one(text);
+        let mut terms: Vec<(String, f64)> = row
+            .iter()
+            .map(|&(col, v)| (col, v as f64 * self.model.weights[col as usize] as f64))
+            .filter(|(_, c)| *c != 0.0)
+            .map(|(col, c)| (self.vectorizer.term(col as usize), c))
+            .collect();
+        terms.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let positive = terms.iter().filter(|t| t.1 > 0.0).take(k).cloned().collect();
+        let negative = terms.iter().rev().filter(|t| t.1 < 0.0).take(k).cloned().collect();
+        Explanation { positive, negative }
+    }
+}
+
+/// Terms and their contributions to the decision function, towards each label.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    pub positive: Vec<(String, f64)>,
+    pub negative: Vec<(String, f64)>,
+}
+
 /// A loaded model of either family.
 pub enum Model {
     Tfidf(Box<TfidfModel>),

@@ -463,9 +463,15 @@ fn copy_dir_atomic(src: &Path, dest: &Path) -> std::io::Result<()> {
 /// The methods a path answers, for `405` responses.
 fn allowed_methods(parts: &[&str]) -> Option<&'static str> {
     match parts {
-        ["health"] | ["ready"] | ["metrics"] | ["openapi.json"] | ["best_model_parameter"] | ["models"] | ["drift"] => {
-            Some("GET")
-        }
+        [""]
+        | ["health"]
+        | ["ready"]
+        | ["metrics"]
+        | ["openapi.json"]
+        | ["best_model_parameter"]
+        | ["models"]
+        | ["drift"]
+        | ["pipelines"] => Some("GET"),
         ["training", _] | ["training", _, "logs"] => Some("GET"),
         ["prediction"] | ["feedback"] | ["training"] | ["models", _, "promote"] => Some("POST"),
         _ => None,
@@ -552,6 +558,12 @@ impl App {
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         let ok = |v: Value| Ok(json_response(StatusCode::OK, &v));
         match (method, parts.as_slice()) {
+            (&Method::GET, [""]) => {
+                let mut r = Response::new(UI.into());
+                r.headers_mut()
+                    .insert("content-type", HeaderValue::from_static("text/html; charset=utf-8"));
+                Ok(r)
+            }
             (&Method::GET, ["health"]) => ok(json!({"status": "ok", "started_at": self.started})),
             (&Method::GET, ["ready"]) => {
                 let names = self.model_names();
@@ -581,6 +593,10 @@ impl App {
             (&Method::POST, ["prediction"]) => {
                 let quota = self.authorize(headers, Role::Predict, self.config.open_prediction)?;
                 self.predict(request_id, headers, body).await.map(|r| quota.annotate(r))
+            }
+            (&Method::GET, ["pipelines"]) => {
+                let quota = self.authorize(headers, Role::Admin, false)?;
+                training::list(self).map(|r| quota.annotate(r))
             }
             (&Method::GET, ["drift"]) => {
                 let quota = self.authorize(headers, Role::Predict, false)?;
@@ -670,7 +686,12 @@ impl App {
 
     async fn predict(&self, request_id: &str, headers: &HeaderMap, body: &Bytes) -> ApiResult {
         let request = parse_json(headers, body)?;
-        only_fields(&request, &["text", "texts", "model"])?;
+        only_fields(&request, &["text", "texts", "model", "explain"])?;
+        let explain = match request.get("explain") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(bad_field("explain", "must be a boolean")),
+        };
         let texts: Vec<String> = match (request.get("text"), request.get("texts")) {
             (None, None) => return Err(bad_field("text", "missing: send `text` or `texts`")),
             (Some(Value::String(t)), None) => vec![t.clone()],
@@ -746,8 +767,12 @@ impl App {
                     label: p.label,
                 };
                 self.journal.add(id.clone(), made, s, text, self.config.store_texts);
-                json!({"id": id, "label": p.label, "score": p.score,
-                       "probabilities": {LABELS[0]: 1.0 - p.score, LABELS[1]: p.score}})
+                let mut answer = json!({"id": id, "label": p.label, "score": p.score,
+                       "probabilities": {LABELS[0]: 1.0 - p.score, LABELS[1]: p.score}});
+                if let (true, Model::Tfidf(m)) = (explain, &serving.bundle.model) {
+                    answer["explanation"] = json!(m.explain(text, 8));
+                }
+                answer
             })
             .collect();
         let body = if single {
@@ -874,6 +899,10 @@ async fn recover(app: Arc<App>, rejection: warp::Rejection) -> Result<Response, 
     app.metrics.request("rejected", status, 0.0);
     Ok(r)
 }
+
+/// The web interface: one self-contained page (HTML, CSS and JavaScript, no build step) that
+/// talks to this API.
+const UI: &str = include_str!("ui.html");
 
 /// Largest request body accepted.
 const MAX_BODY: u64 = 8 * 1024 * 1024;

@@ -47,7 +47,8 @@ pub fn document(config: &super::Config) -> Value {
                     "properties": {
                         "text": {"$ref": "#/components/schemas/Text"},
                         "texts": {"type": "array", "items": {"$ref": "#/components/schemas/Text"}, "minItems": 1, "maxItems": config.max_batch},
-                        "model": {"type": "string"}
+                        "model": {"type": "string"},
+                        "explain": {"type": "boolean"}
                     },
                     "oneOf": [{"required": ["text"]}, {"required": ["texts"]}]
                 },
@@ -95,6 +96,9 @@ pub fn document(config: &super::Config) -> Value {
                     "label": {"type": "string", "enum": ["negative", "positive"]}}}}}},
                 "responses": with(json!({"200": ok(json!({"type": "object", "required": ["correct"]}))}),
                                   error_responses(&["400", "401", "403", "404", "409", "413", "415", "429"]))}},
+            "/pipelines": {"get": {"summary": "Pipelines the server can run, with parameters and stages (admin)", "security": secured,
+                "responses": with(json!({"200": ok(json!({"type": "object", "required": ["pipelines"]}))}),
+                                  error_responses(&["401", "403", "429"]))}},
             "/drift": {"get": {"summary": "Drift of each served model's recent predictions against its reference", "security": secured,
                 "parameters": [{"name": "history", "in": "query", "required": false, "schema": {"type": "string", "enum": ["1"]}}],
                 "responses": with(json!({"200": ok(json!({"type": "object", "required": ["models"]}))}),

@@ -64,6 +64,26 @@ fn available(dir: &std::path::Path) -> Vec<String> {
     names
 }
 
+/// `GET /pipelines`: each pipeline the server may run, with its parameters and its stages.
+pub fn list(app: &App) -> ApiResult {
+    let dir = &app.config.pipelines;
+    let pipelines: Vec<Value> = available(dir)
+        .into_iter()
+        .filter_map(|name| {
+            let file = find_pipeline(dir, &name)?;
+            Some(match Pipeline::load(&file, &[]) {
+                Ok(p) => json!({
+                    "name": name,
+                    "params": p.params,
+                    "stages": p.stages.iter().map(|s| json!({"name": s.name, "kind": s.kind.name(), "needs": s.needs})).collect::<Vec<_>>(),
+                }),
+                Err(d) => json!({"name": name, "error": d.to_string()}),
+            })
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &json!({ "pipelines": pipelines })))
+}
+
 /// Turns a JSON parameter value into the `NAME=VALUE` form `--set` takes.
 fn override_of(name: &str, value: &Value) -> Result<String, ApiError> {
     let text = match value {

@@ -93,6 +93,67 @@ pub fn quickstart() -> Project {
     p
 }
 
+/// Both branches on the 400-review fixture; BERT on 256 reviews of 64 tokens for one epoch.
+pub const BOTH: &str = r#"
+name: both
+params:
+  seed: 42
+stages:
+  load:
+    uses: load
+    with: {path: tests/fixtures/imdb_sample.tar.gz, out: data/reviews.parquet}
+  clean:
+    uses: clean
+    needs: [load]
+    with: {lowercase: true, out: data/clean.parquet}
+  split:
+    uses: split
+    needs: [clean]
+    with: {validation: 0.2, seed: 42, out: data/split}
+  vectorize:
+    uses: vectorize
+    needs: [split]
+    with: {ngram: [1, 2], out: data/tfidf}
+  train:
+    uses: train
+    needs: [vectorize]
+    with: {model: {model: logreg, C: 10}, out: data/model}
+  export_tfidf:
+    uses: export
+    needs: [train]
+    with: {name: tfidf, out: models/tfidf}
+  finetune_bert:
+    uses: bert_finetune
+    needs: [split]
+    with:
+      max_length: 64
+      epochs: 1
+      lr: 1.0e-4
+      batch_size: 16
+      subset: 256
+      processes: 2
+      seed: ${params.seed}
+      out: data/bert
+  export_bert:
+    uses: bert_export
+    needs: [finetune_bert, split]
+    with: {name: bert, parity_reviews: 16, out: models/bert}
+"#;
+
+/// A scratch project with the fixture, the BERT stage programs and `pipelines/both.yaml`.
+pub fn both_models() -> Project {
+    let p = quickstart();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for script in ["finetune.py", "export_onnx.py"] {
+        p.write(
+            &format!("stages/bert/{script}"),
+            &std::fs::read_to_string(repo.join("stages/bert").join(script)).unwrap(),
+        );
+    }
+    p.write("pipelines/both.yaml", BOTH);
+    p
+}
+
 /// An HTTP response, read whole.
 #[derive(Debug)]
 pub struct Response {
