@@ -10,12 +10,17 @@ same ONNX file and the same real reviews.
    without (`--batch-window-ms 0`).
 
 Usage: bench/bert.py [--reviews 50] [--repeats 20] [--connections 16] [--duration 15]
+                     [--bundle DIR] [--valid FILE.parquet] [--skip-latency]
 Needs: models/bert (run pipelines/imdb.yaml), data/imdb/split/valid.parquet, the Python
-environment of scripts/setup-python, wrk (Debian package).
+environment of scripts/setup-python, and wrk (Debian package) or, without it, a client of
+threads here (one keep-alive connection each).
 """
 
 import argparse
+import http.client
 import json
+import shutil
+import threading
 import os
 import signal
 import statistics
@@ -23,11 +28,44 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from api import wait_http, wrk  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def thread_load(port, key, bodies, connections, duration):
+    """wrk's measurements from `connections` threads, each posting on its own keep-alive connection."""
+    latencies, errors, lock = [], [0], threading.Lock()
+    stop = time.perf_counter() + duration
+
+    def client(i):
+        conn = http.client.HTTPConnection("127.0.0.1", port)
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+        n = i
+        while time.perf_counter() < stop:
+            body = bodies[n % len(bodies)]
+            n += connections
+            start = time.perf_counter()
+            conn.request("POST", "/prediction", body, headers)
+            r = conn.getresponse()
+            r.read()
+            with lock:
+                latencies.append((time.perf_counter() - start) * 1000)
+                errors[0] += r.status != 200
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(connections)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+    return len(latencies) / elapsed, {"50": pct(0.5), "90": pct(0.9), "99": pct(0.99)}, errors[0], ""
 
 
 def python_latencies(bundle, texts, max_length, repeats):
@@ -71,13 +109,15 @@ def main():
     ap.add_argument("--connections", type=int, default=16)
     ap.add_argument("--duration", type=int, default=15)
     ap.add_argument("--sentiflow", default=os.path.join(ROOT, "target", "release", "sentiflow"))
+    ap.add_argument("--valid", default=os.path.join(ROOT, "data", "imdb", "split", "valid.parquet"))
+    ap.add_argument("--skip-latency", action="store_true", help="only the served throughput")
+    ap.add_argument("--client", choices=["wrk", "threads"], default="wrk" if shutil.which("wrk") else "threads")
     args = ap.parse_args()
     manifest = json.load(open(os.path.join(args.bundle, "manifest.json")))
     max_length = manifest["max_length"]
 
     import pyarrow.parquet as pq
-    texts = pq.read_table(os.path.join(ROOT, "data", "imdb", "split", "valid.parquet"),
-                          columns=["text"]).column("text").to_pylist()[: args.reviews]
+    texts = pq.read_table(args.valid, columns=["text"]).column("text").to_pylist()[: args.reviews]
 
     with tempfile.TemporaryDirectory(prefix="sentiflow-bench-bert-") as tmp:
         reviews = os.path.join(tmp, "reviews.jsonl")
@@ -87,14 +127,15 @@ def main():
 
         # 1. Latency: alternate the two runtimes twice so neither gets a cooler machine.
         rust, py = [], []
-        for _ in range(2):
+        for _ in range(0 if args.skip_latency else 2):
             out = subprocess.run(["cargo", "bench", "--quiet", "--bench", "onnx_latency", "--", args.bundle, reviews,
                                   str(args.repeats)], cwd=ROOT, check=True, capture_output=True, text=True).stdout
             rust.append(json.loads(out.strip().splitlines()[-1]))
             medians, _ = python_latencies(args.bundle, texts, max_length, args.repeats)
             py.append(medians)
-        rust_ms = statistics.median([min(a, b) for a, b in zip(*rust)]) * 1000
-        py_ms = statistics.median([min(a, b) for a, b in zip(*py)]) * 1000
+        if rust:
+            rust_ms = statistics.median([min(a, b) for a, b in zip(*rust)]) * 1000
+            py_ms = statistics.median([min(a, b) for a, b in zip(*py)]) * 1000
 
         # 2. Served throughput with and without dynamic batching.
         db = os.path.join(tmp, "bench.db")
@@ -106,6 +147,9 @@ def main():
             f.write(f'wrk.headers["Authorization"] = "Bearer {key}"\n')
             f.write("bodies = {" + ",".join(json.dumps(json.dumps({"model": "bert", "text": t})) for t in texts) + "}\n")
             f.write("i = 0\nrequest = function()\n  i = i % #bodies + 1\n  return wrk.format(nil, nil, nil, bodies[i])\nend\n")
+        bodies = [json.dumps({"model": "bert", "text": t}) for t in texts]
+        load = (lambda seconds: wrk("http://127.0.0.1:18090/prediction", lua, args.connections, seconds)) \
+            if args.client == "wrk" else (lambda seconds: thread_load(18090, key, bodies, args.connections, seconds))
         served = {}
         for name, window in (("batched", "5"), ("unbatched", "0")):
             sf = subprocess.Popen([args.sentiflow, "serve", "--addr", "127.0.0.1:18090", "--db", db,
@@ -113,10 +157,9 @@ def main():
                                   stderr=subprocess.DEVNULL)
             try:
                 wait_http("http://127.0.0.1:18090/health")
-                wrk("http://127.0.0.1:18090/prediction", lua, args.connections, 3)
-                served[name] = wrk("http://127.0.0.1:18090/prediction", lua, args.connections, args.duration)
-                metrics = subprocess.run(["curl", "-s", "http://127.0.0.1:18090/metrics"], capture_output=True,
-                                         text=True).stdout
+                load(3)
+                served[name] = load(args.duration)
+                metrics = urllib.request.urlopen("http://127.0.0.1:18090/metrics").read().decode()
                 batches = texts_n = 0
                 for line in metrics.splitlines():
                     if line.startswith('sentiflow_onnx_batches_total{model="bert"}'):
@@ -129,12 +172,13 @@ def main():
                 sf.wait()
 
     print(f"cores: {os.cpu_count()}; model {manifest['name']} {manifest['version']}, max_length {max_length}; "
-          f"{len(texts)} validation reviews")
-    print("\n| single review, tokenize + run | median ms |")
-    print("|---|---:|")
-    print(f"| sentiflow (Rust: tokenizers + ort) | {rust_ms:.2f} |")
-    print(f"| Python onnxruntime + tokenizers | {py_ms:.2f} |")
-    print(f"\nRust / Python latency: {rust_ms / py_ms:.3f}x (target <= 1.05x)")
+          f"{len(texts)} validation reviews; load from {args.client}")
+    if rust:
+        print("\n| single review, tokenize + run | median ms |")
+        print("|---|---:|")
+        print(f"| sentiflow (Rust: tokenizers + ort) | {rust_ms:.2f} |")
+        print(f"| Python onnxruntime + tokenizers | {py_ms:.2f} |")
+        print(f"\nRust / Python latency: {rust_ms / py_ms:.3f}x (target <= 1.05x)")
     print(f"\n| POST /prediction, {args.connections} clients, {args.duration} s | requests/s | p50 ms | p99 ms | "
           "non-2xx | mean batch |")
     print("|---|---:|---:|---:|---:|---:|")

@@ -10,7 +10,7 @@ use std::sync::{Mutex, OnceLock};
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::Tensor;
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::{Encoding, Tokenizer, TruncationParams};
 
 use crate::drift::Sample;
 use crate::text::normalize;
@@ -126,21 +126,12 @@ pub fn find_runtime() -> Result<PathBuf, BertError> {
     })
 }
 
-/// A tokenized batch.
-struct Encoded {
-    /// Batch size and padded length.
-    shape: Vec<i64>,
-    /// Input ids, attention mask and type ids, one after the other.
-    data: Vec<i64>,
-    /// Each text's unknown and total token counts.
-    counts: Vec<(usize, usize)>,
-}
-
 /// A loaded ONNX classifier and its tokenizer.
 pub struct BertModel {
     session: Mutex<Session>,
     tokenizer: Tokenizer,
     unknown_id: Option<u32>,
+    pad_id: u32,
     pub max_length: usize,
 }
 
@@ -179,67 +170,75 @@ impl BertModel {
                 ..Default::default()
             }))
             .map_err(|e| bad(&tokenizer_path, e.to_string()))?;
-        let pad_id = tokenizer.token_to_id("[PAD]").unwrap_or(0);
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::BatchLongest,
-            pad_id,
-            pad_token: "[PAD]".into(),
-            ..Default::default()
-        }));
+        // Padding is done per group in `run`.
+        tokenizer.with_padding(None);
         Ok(BertModel {
             session: Mutex::new(session),
             unknown_id: tokenizer.token_to_id("[UNK]"),
+            pad_id: tokenizer.token_to_id("[PAD]").unwrap_or(0),
             tokenizer,
             max_length,
         })
     }
 
-    /// Tokenizes `texts` as one padded batch.
-    fn encode(&self, texts: &[&str]) -> Result<Encoded, BertError> {
+    /// P(positive) and token counts of each text. The texts are tokenized, sorted by length
+    /// and run in groups padded to their own longest text, so that a short review batched with
+    /// long ones does not pay for their padding.
+    pub fn predict_batch(&self, texts: &[&str]) -> Result<Vec<Sample>, BertError> {
         let encodings = self
             .tokenizer
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| BertError::Inference(format!("tokenizer: {e}")))?;
-        let counts = encodings
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| encodings[i].len());
+        let mut scores = vec![0.0; texts.len()];
+        let mut rest = order.as_slice();
+        while !rest.is_empty() {
+            let n = group_size(rest.iter().map(|&i| encodings[i].len()));
+            let (group, tail) = rest.split_at(n);
+            let rows: Vec<&Encoding> = group.iter().map(|&i| &encodings[i]).collect();
+            for (&i, score) in group.iter().zip(self.run(&rows)?) {
+                scores[i] = score;
+            }
+            rest = tail;
+        }
+        Ok(texts
             .iter()
-            .map(|e| {
-                let tokens = e.get_attention_mask().iter().filter(|&&m| m == 1).count();
-                let unknown = e.get_ids().iter().filter(|&&id| Some(id) == self.unknown_id).count();
+            .zip(&encodings)
+            .zip(scores)
+            .map(|((text, e), score)| Sample {
+                score,
+                // Measured on normalised text, as the reference's cleaned validation reviews.
+                chars: normalize(text, false).chars().count(),
+                unknown: e.get_ids().iter().filter(|&&id| Some(id) == self.unknown_id).count(),
                 // [CLS] and [SEP] are not the text's.
-                (unknown, tokens.saturating_sub(2))
+                tokens: e.len().saturating_sub(2),
             })
-            .collect();
-        let width = encodings.first().map_or(0, |e| e.len());
-        let shape = vec![texts.len() as i64, width as i64];
-        let mut data = Vec::with_capacity(3 * texts.len() * width);
-        for part in 0..3 {
-            for e in &encodings {
+            .collect())
+    }
+
+    /// One forward pass over `rows`, padded to the longest.
+    fn run(&self, rows: &[&Encoding]) -> Result<Vec<f64>, BertError> {
+        let width = rows.iter().map(|e| e.len()).max().unwrap_or(0);
+        let shape = vec![rows.len() as i64, width as i64];
+        let plane = |part: usize| -> Result<Tensor<i64>, BertError> {
+            let mut data = Vec::with_capacity(rows.len() * width);
+            for e in rows {
                 let row = match part {
                     0 => e.get_ids(),
                     1 => e.get_attention_mask(),
                     _ => e.get_type_ids(),
                 };
                 data.extend(row.iter().map(|&v| v as i64));
+                let pad = if part == 0 { self.pad_id as i64 } else { 0 };
+                data.resize(data.len() + width - row.len(), pad);
             }
-        }
-        Ok(Encoded { shape, data, counts })
-    }
-
-    /// P(positive) and token counts of each text, run as one batch.
-    pub fn predict_batch(&self, texts: &[&str]) -> Result<Vec<Sample>, BertError> {
-        if texts.is_empty() {
-            return Ok(Vec::new());
-        }
-        let Encoded { shape, data, counts } = self.encode(texts)?;
-        let plane = data.len() / 3;
-        let tensor = |i: usize| {
-            Tensor::from_array((shape.clone(), data[i * plane..(i + 1) * plane].to_vec()))
-                .map_err(|e| BertError::Inference(e.to_string()))
+            Tensor::from_array((shape.clone(), data)).map_err(|e| BertError::Inference(e.to_string()))
         };
         let inputs = ort::inputs![
-            INPUTS[0] => tensor(0)?,
-            INPUTS[1] => tensor(1)?,
-            INPUTS[2] => tensor(2)?,
+            INPUTS[0] => plane(0)?,
+            INPUTS[1] => plane(1)?,
+            INPUTS[2] => plane(2)?,
         ];
         let mut session = self.session.lock().unwrap_or_else(|p| p.into_inner());
         let outputs = session.run(inputs).map_err(|e| BertError::Inference(e.to_string()))?;
@@ -248,16 +247,25 @@ impl BertModel {
             .map_err(|e| BertError::Inference(e.to_string()))?;
         Ok(logits
             .chunks_exact(2)
-            .zip(texts.iter().zip(counts))
-            .map(|(l, (text, (unknown, tokens)))| Sample {
-                score: positive_probability(l[0], l[1]),
-                // Measured on normalised text, as the reference's cleaned validation reviews.
-                chars: normalize(text, false).chars().count(),
-                unknown,
-                tokens,
-            })
+            .map(|l| positive_probability(l[0], l[1]))
             .collect())
     }
+}
+
+/// How many of the next texts (lengths in increasing order) to run together: as many as keep
+/// the padding under a quarter of the group's tokens.
+fn group_size(lengths: impl Iterator<Item = usize>) -> usize {
+    let mut n = 0;
+    let mut total = 0;
+    for len in lengths {
+        // Sorted: `len` is the group's new width.
+        if n > 0 && (n + 1) * len > (total + len) * 5 / 4 {
+            break;
+        }
+        n += 1;
+        total += len;
+    }
+    n.max(1)
 }
 
 /// Softmax over two logits, computed in f64 from the model's f32 outputs.
@@ -269,6 +277,13 @@ fn positive_probability(negative: f32, positive: f32) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn groups_bound_padding() {
+        assert_eq!(group_size([10, 10, 10, 10].into_iter()), 4);
+        assert_eq!(group_size([10, 11, 12, 40, 41].into_iter()), 3);
+        assert_eq!(group_size([100].into_iter()), 1);
+    }
 
     #[test]
     fn softmax_of_two_logits() {
