@@ -69,9 +69,29 @@ const REVIEWS: [&str; 4] = [
 #[test]
 fn bert_branch_end_to_end() {
     let p = common::both_models();
-    let run = p.sentiflow(&["run", "pipelines/both.yaml", "--json"]);
+    // Tracking to a server that is not there: the run's events, plots and per-epoch scores
+    // included, are planned and queued.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let out = p
+        .cmd(&["run", "pipelines/both.yaml", "--json"])
+        .env("MLFLOW_TRACKING_URI", format!("http://{dead}"))
+        .output()
+        .unwrap();
+    let run = common::Run::from(out);
     assert_eq!(run.code, 0, "{}\n{}", run.stdout, run.stderr);
     let report = run.json();
+    assert_eq!(report["tracking"]["status"], "queued", "{}", report["tracking"]);
+    let outbox: Value = serde_json::from_str(
+        &std::fs::read_to_string(Path::new(report["tracking"]["outbox"].as_str().unwrap()).join("outbox.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    let text = outbox.to_string();
+    assert!(text.contains("finetune_bert.epoch.valid_accuracy"), "per-epoch scores");
+    assert!(text.contains("export_bert/roc_curve.png"), "plots of the BERT export");
     let finetune = common::stage(&report, "finetune_bert");
     assert_eq!(
         finetune["metrics"]["world_size"], 2,

@@ -151,26 +151,48 @@ pub fn events(p: &Pipeline, report: &Report, plots: &Path) -> Result<Vec<Event>,
             StageKind::Train(t) => {
                 let dir = p.root.join(&t.out);
                 out.push(upload(format!("{name}/metrics.json"), dir.join("metrics.json")));
-                let confusion = &read_json(&dir.join("metrics.json"))?["validation"]["confusion"];
                 out.extend(classifier_plots(
                     name,
                     plots,
-                    confusion,
-                    &dir.join("predictions.json"),
+                    &dir,
+                    "metrics.json",
+                    "/validation/confusion",
                     &upload,
                 )?);
+            }
+            StageKind::BertFinetune(f) => {
+                // Each epoch's scores as steps, so the UI draws the learning curve.
+                let report_file = p.root.join(&f.out).join("metrics.json");
+                let report = read_json(&report_file)?;
+                let mut metrics = Vec::new();
+                for e in report["epochs"].as_array().into_iter().flatten() {
+                    let step = e["epoch"].as_i64().unwrap_or(0);
+                    for k in ["train_loss", "valid_loss", "valid_accuracy"] {
+                        if let Some(v) = e[k].as_f64() {
+                            metrics.push((key(&format!("{name}.epoch.{k}")), v, step));
+                        }
+                    }
+                }
+                out.push(Event::LogBatch {
+                    handle: RUN.into(),
+                    params: Vec::new(),
+                    metrics,
+                    tags: Vec::new(),
+                    timestamp_ms: now_ms(),
+                });
+                out.push(upload(format!("{name}/metrics.json"), report_file));
             }
             _ => {}
         }
         if let Some(bundle) = stage.kind.bundle_out() {
             let dir = p.root.join(bundle);
             if let StageKind::BertExport(_) = &stage.kind {
-                let confusion = &read_json(&dir.join("manifest.json"))?["metrics"]["confusion"];
                 out.extend(classifier_plots(
                     name,
                     plots,
-                    confusion,
-                    &dir.join("predictions.json"),
+                    &dir,
+                    "manifest.json",
+                    "/metrics/confusion",
                     &upload,
                 )?);
             }
@@ -268,17 +290,21 @@ fn score_chart(stage: &str, trials: &Value) -> Vec<u8> {
     plot::score_vs_param(&series, "C", "mean CV accuracy", &format!("{stage}: score vs C"))
 }
 
-/// Confusion matrix and ROC curve of a classifier's validation predictions.
+/// Confusion matrix and ROC curve of a classifier's validation predictions, from the confusion
+/// matrix at `pointer` in `dir/metrics_file` and the ROC curve in `dir/predictions.json`.
 fn classifier_plots(
     stage: &str,
     plots: &Path,
-    confusion: &Value,
-    predictions: &Path,
+    dir: &Path,
+    metrics_file: &str,
+    pointer: &str,
     upload: &dyn Fn(String, PathBuf) -> Event,
 ) -> Result<Vec<Event>, TrackingError> {
+    let metrics = read_json(&dir.join(metrics_file))?;
+    let confusion = metrics.pointer(pointer).unwrap_or(&Value::Null);
     let cell = |r: usize, c: usize| confusion[r][c].as_u64().unwrap_or(0);
     let matrix = [[cell(0, 0), cell(0, 1)], [cell(1, 0), cell(1, 1)]];
-    let predictions = read_json(predictions)?;
+    let predictions = read_json(&dir.join("predictions.json"))?;
     let roc: Vec<(f64, f64)> = predictions["roc_curve"]
         .as_array()
         .into_iter()
