@@ -13,7 +13,7 @@ use anyhow::Context as _;
 
 use crate::cache::Cache;
 use crate::models::bert::BertError;
-use crate::models::bundle::{Bundle, BundleError, Prediction};
+use crate::models::bundle::{Bundle, BundleError, Prediction, LABELS};
 use crate::pipeline::exec::{self, Observer, Options, StageReport, State};
 use crate::pipeline::graph::DagFormat;
 use crate::pipeline::{lock, spec, Pipeline};
@@ -455,18 +455,59 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     }
 }
 
-fn predict(model: &Path, input: Option<&Path>, texts: &[String]) -> anyhow::Result<i32> {
-    use std::io::{BufRead, Write};
-    let bundle = match Bundle::load(model, 0) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("error: {e}");
-            // A missing ONNX Runtime is the machine's problem, not the bundle's.
-            return Ok(match e {
-                BundleError::Bert(BertError::RuntimeMissing { .. } | BertError::RuntimeBroken { .. }) => exit::FAILED,
-                _ => exit::INVALID,
-            });
+/// Loads the bundle at `model`, or prints why not and gives the exit code: a missing ONNX Runtime
+/// is the machine's problem (1), anything else the bundle's (2).
+fn load_bundle(model: &Path) -> Result<Bundle, i32> {
+    Bundle::load(model, 0).map_err(|e| {
+        eprintln!("error: {e}");
+        match e {
+            BundleError::Bert(BertError::RuntimeMissing { .. } | BertError::RuntimeBroken { .. }) => exit::FAILED,
+            _ => exit::INVALID,
         }
+    })
+}
+
+/// The non-empty JSON Lines of `path` (`-`: standard input), each an object with a string
+/// `text`, with their line numbers; an error names the file and line.
+fn read_reviews(path: &Path) -> Result<Vec<(usize, serde_json::Value)>, i32> {
+    use std::io::BufRead;
+    let reader: Box<dyn BufRead> = if path == Path::new("-") {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let file = std::fs::File::open(path).map_err(|e| {
+            eprintln!("error: {}: {e}", path.display());
+            exit::INVALID
+        })?;
+        Box::new(std::io::BufReader::new(file))
+    };
+    let mut rows = Vec::new();
+    for (n, line) in reader.lines().enumerate() {
+        let at = format!("{}:{}", path.display(), n + 1);
+        let line = line.map_err(|e| {
+            eprintln!("error: {at}: {e}");
+            exit::INVALID
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let row: serde_json::Value = serde_json::from_str(&line).map_err(|e| {
+            eprintln!("error: {at}: invalid JSON: {e}");
+            exit::INVALID
+        })?;
+        if !row["text"].is_string() {
+            eprintln!("error: {at}: missing string field `text`");
+            return Err(exit::INVALID);
+        }
+        rows.push((n + 1, row));
+    }
+    Ok(rows)
+}
+
+fn predict(model: &Path, input: Option<&Path>, texts: &[String]) -> anyhow::Result<i32> {
+    use std::io::Write;
+    let bundle = match load_bundle(model) {
+        Ok(b) => b,
+        Err(code) => return Ok(code),
     };
     let mut rows: Vec<(serde_json::Value, String)> = texts
         .iter()
@@ -474,39 +515,17 @@ fn predict(model: &Path, input: Option<&Path>, texts: &[String]) -> anyhow::Resu
         .map(|(i, t)| ((i + 1).into(), t.clone()))
         .collect();
     if let Some(path) = input {
-        let reader: Box<dyn BufRead> = if path == Path::new("-") {
-            Box::new(std::io::stdin().lock())
-        } else {
-            match std::fs::File::open(path) {
-                Ok(f) => Box::new(std::io::BufReader::new(f)),
-                Err(e) => {
-                    eprintln!("error: {}: {e}", path.display());
-                    return Ok(exit::INVALID);
-                }
-            }
+        let lines = match read_reviews(path) {
+            Ok(l) => l,
+            Err(code) => return Ok(code),
         };
-        for (n, line) in reader.lines().enumerate() {
-            let line = line.with_context(|| format!("{}:{}", path.display(), n + 1))?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let parsed: serde_json::Value = match serde_json::from_str(&line) {
-                Ok(v) => v,
-                Err(e) => {
-                    eprintln!("error: {}:{}: invalid JSON: {e}", path.display(), n + 1);
-                    return Ok(exit::INVALID);
-                }
-            };
-            let Some(text) = parsed["text"].as_str() else {
-                eprintln!("error: {}:{}: missing string field `text`", path.display(), n + 1);
-                return Ok(exit::INVALID);
-            };
-            let id = if parsed["id"].is_null() {
-                (n + 1).into()
+        for (n, row) in lines {
+            let id = if row["id"].is_null() {
+                n.into()
             } else {
-                parsed["id"].clone()
+                row["id"].clone()
             };
-            rows.push((id, text.to_string()));
+            rows.push((id, row["text"].as_str().unwrap_or_default().to_string()));
         }
     }
     if rows.is_empty() {
@@ -528,12 +547,9 @@ fn predict(model: &Path, input: Option<&Path>, texts: &[String]) -> anyhow::Resu
 }
 
 fn drift(model: &Path, input: &Path, chart: Option<&Path>) -> anyhow::Result<i32> {
-    let bundle = match Bundle::load(model, 0) {
+    let bundle = match load_bundle(model) {
         Ok(b) => b,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return Ok(exit::INVALID);
-        }
+        Err(code) => return Ok(code),
     };
     let Some(reference) = &bundle.drift else {
         eprintln!(
@@ -542,29 +558,27 @@ fn drift(model: &Path, input: &Path, chart: Option<&Path>) -> anyhow::Result<i32
         );
         return Ok(exit::INVALID);
     };
-    let text = match std::fs::read_to_string(input) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {}: {e}", input.display());
-            return Ok(exit::INVALID);
-        }
+    let rows = match read_reviews(input) {
+        Ok(r) => r,
+        Err(code) => return Ok(code),
     };
-    let mut texts = Vec::new();
-    let mut labels = Vec::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        let row: serde_json::Value = match serde_json::from_str(line) {
-            Ok(v) => v,
-            Err(e) => {
-                eprintln!("error: {}:{}: invalid JSON: {e}", input.display(), n + 1);
+    let texts: Vec<String> = rows
+        .iter()
+        .map(|(_, r)| r["text"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let mut labels: Vec<Option<&str>> = Vec::with_capacity(rows.len());
+    for (n, r) in &rows {
+        match &r["label"] {
+            serde_json::Value::Null => labels.push(None),
+            serde_json::Value::String(l) if LABELS.contains(&l.as_str()) => labels.push(Some(l.as_str())),
+            other => {
+                eprintln!(
+                    "error: {}:{n}: `label` must be one of {LABELS:?}, got {other}",
+                    input.display()
+                );
                 return Ok(exit::INVALID);
             }
-        };
-        let Some(t) = row["text"].as_str() else {
-            eprintln!("error: {}:{}: missing string field `text`", input.display(), n + 1);
-            return Ok(exit::INVALID);
-        };
-        texts.push(t.to_string());
-        labels.push(row["label"].as_str().map(str::to_string));
+        }
     }
     let mut samples = Vec::with_capacity(texts.len());
     for chunk in texts.chunks(32) {
@@ -574,7 +588,7 @@ fn drift(model: &Path, input: &Path, chart: Option<&Path>) -> anyhow::Result<i32
     let feedback: Vec<bool> = samples
         .iter()
         .zip(&labels)
-        .filter_map(|(s, l)| l.as_deref().map(|l| Prediction::from_score(s.score).label == l))
+        .filter_map(|(s, l)| l.map(|l| Prediction::from_score(s.score).label == l))
         .collect();
     let mut report = crate::drift::evaluate(reference, &samples, &feedback, &Default::default());
     report["model"] = bundle.manifest.name.clone().into();

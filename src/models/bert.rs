@@ -26,7 +26,7 @@ pub enum BertError {
          to the library file, e.g. .venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.1.32.0"
     )]
     RuntimeMissing { searched: String },
-    #[error("ONNX Runtime at {path} (ORT_DYLIB_PATH or found) cannot be used: {reason}")]
+    #[error("ONNX Runtime at {path} cannot be used: {reason}")]
     RuntimeBroken { path: String, reason: String },
     #[error("{path}: {reason}")]
     Model { path: String, reason: String },
@@ -132,7 +132,6 @@ pub struct BertModel {
     tokenizer: Tokenizer,
     unknown_id: Option<u32>,
     pad_id: u32,
-    pub max_length: usize,
 }
 
 impl BertModel {
@@ -177,7 +176,6 @@ impl BertModel {
             unknown_id: tokenizer.token_to_id("[UNK]"),
             pad_id: tokenizer.token_to_id("[PAD]").unwrap_or(0),
             tokenizer,
-            max_length,
         })
     }
 

@@ -64,14 +64,16 @@ pub struct Made {
     pub label: &'static str,
 }
 
-/// Recent predictions by id (bounded), and those not yet written to the database.
+/// Recent predictions by id (bounded), and those not yet written to the database (bounded too:
+/// past the bound, a period's further predictions are counted, not stored).
 #[derive(Default)]
 pub struct Journal {
     recent: Mutex<(HashMap<String, Made>, VecDeque<String>)>,
-    unsaved: Mutex<Vec<PredictionRow>>,
+    unsaved: Mutex<(Vec<PredictionRow>, u64)>,
 }
 
-/// How many predictions `POST /feedback` finds without the database.
+/// How many predictions `POST /feedback` finds without the database, and how many one period
+/// stores at most.
 const RECENT: usize = 100_000;
 
 impl Journal {
@@ -96,14 +98,20 @@ impl Journal {
             r.1.push_back(id.clone());
             r.0.insert(id, made);
         }
-        lock(&self.unsaved).push(row);
+        let mut unsaved = lock(&self.unsaved);
+        if unsaved.0.len() < RECENT {
+            unsaved.0.push(row);
+        } else {
+            unsaved.1 += 1;
+        }
     }
 
     pub fn find(&self, id: &str) -> Option<Made> {
         lock(&self.recent).0.get(id).cloned()
     }
 
-    fn take_unsaved(&self) -> Vec<PredictionRow> {
+    /// The rows to store, and how many predictions were past the bound.
+    fn take_unsaved(&self) -> (Vec<PredictionRow>, u64) {
         std::mem::take(&mut *lock(&self.unsaved))
     }
 }
@@ -203,7 +211,10 @@ pub async fn watch(app: Arc<App>, period: Duration) {
 }
 
 fn evaluate_once(app: &App, mut mlflow_runs: HashMap<String, String>, step: i64) -> HashMap<String, String> {
-    let rows = app.journal.take_unsaved();
+    let (rows, skipped) = app.journal.take_unsaved();
+    if skipped > 0 {
+        tracing::warn!("{skipped} predictions of this period were not stored (at most {RECENT} a period)");
+    }
     if let Err(e) = app.store.add_predictions(&rows) {
         tracing::error!("saving {} predictions: {e}", rows.len());
     }

@@ -108,9 +108,10 @@ pub struct Serving {
 }
 
 impl Serving {
-    async fn predict(&self, texts: Vec<String>) -> Result<Vec<Sample>, ApiError> {
+    async fn predict(&self, texts: &[String]) -> Result<Vec<Sample>, ApiError> {
         let samples = match (&self.bundle.model, &self.batcher) {
-            (Model::Bert(_), Some(batcher)) => batcher.predict(texts).await.map_err(|e| match e {
+            // The worker thread needs texts it owns.
+            (Model::Bert(_), Some(batcher)) => batcher.predict(texts.to_vec()).await.map_err(|e| match e {
                 BatchError::Busy => {
                     let mut e = ApiError::new(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -752,7 +753,7 @@ impl App {
         let serving = self.served(name)?;
         let version = &serving.row.version;
         let single = request["text"].is_string();
-        let samples = serving.predict(texts.clone()).await?;
+        let samples = serving.predict(&texts).await?;
         let predictions: Vec<Value> = samples
             .iter()
             .zip(&texts)

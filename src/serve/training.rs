@@ -262,7 +262,7 @@ fn run(app: &App, id: &str, pipeline: &Pipeline, stages: Vec<String>, cancel: &A
             let Some(stage) = pipeline.stage(&s.name) else {
                 continue;
             };
-            if let (Some(out), State::Ran | State::Cached) = (stage.kind.bundle_out(), s.state) {
+            if let (Some((_, out)), State::Ran | State::Cached) = (stage.kind.bundle(), s.state) {
                 match app.register(&pipeline.root.join(out), Some(id)) {
                     Ok(row) => match app.maybe_promote(&row) {
                         Ok(true) => recorder.log("", &format!("model {} version {} promoted", row.name, row.version)),

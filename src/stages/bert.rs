@@ -131,7 +131,9 @@ fn python(root: &Path) -> PathBuf {
 }
 
 fn python_command(ctx: &Context) -> std::process::Command {
-    let mut c = std::process::Command::new(python(ctx.root));
+    let python = python(ctx.root);
+    ctx.info(&format!("Python: {}", python.display()));
+    let mut c = std::process::Command::new(python);
     c.env("PYTHONUNBUFFERED", "1").env("TOKENIZERS_PARALLELISM", "false");
     c
 }

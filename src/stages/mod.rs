@@ -234,11 +234,11 @@ impl StageKind {
         }
     }
 
-    /// The model bundle directory the stage writes, for the kinds that export one.
-    pub fn bundle_out(&self) -> Option<&str> {
+    /// The name and directory of the model bundle the stage writes, for the kinds that export one.
+    pub fn bundle(&self) -> Option<(&str, &str)> {
         match self {
-            StageKind::Export(e) => Some(&e.out),
-            StageKind::BertExport(e) => Some(&e.out),
+            StageKind::Export(e) => Some((&e.name, &e.out)),
+            StageKind::BertExport(e) => Some((&e.name, &e.out)),
             _ => None,
         }
     }

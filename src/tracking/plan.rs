@@ -184,7 +184,7 @@ pub fn events(p: &Pipeline, report: &Report, plots: &Path) -> Result<Vec<Event>,
             }
             _ => {}
         }
-        if let Some(bundle) = stage.kind.bundle_out() {
+        if let Some((bundle_name, bundle)) = stage.kind.bundle() {
             let dir = p.root.join(bundle);
             if let StageKind::BertExport(_) = &stage.kind {
                 out.extend(classifier_plots(
@@ -207,10 +207,6 @@ pub fn events(p: &Pipeline, report: &Report, plots: &Path) -> Result<Vec<Event>,
                 let file_name = f.file_name().expect("files have names").to_string_lossy().into_owned();
                 out.push(upload(format!("{name}/{file_name}"), f));
             }
-            let bundle_name = read_json(&dir.join("manifest.json"))?["name"]
-                .as_str()
-                .unwrap_or(name)
-                .to_string();
             out.push(Event::RegisterModel {
                 handle: RUN.into(),
                 model: format!("{}-{bundle_name}", p.name),

@@ -81,8 +81,11 @@ def read_split(path, limit, seed):
 
 class Encoded(Dataset):
     def __init__(self, tokenizer, texts, labels, max_length):
-        enc = tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
-        self.enc = enc
+        self.enc = (
+            tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
+            if texts
+            else {}
+        )
         self.labels = torch.tensor(labels, dtype=torch.long)
 
     def __len__(self):
@@ -147,7 +150,8 @@ def main(argv):
     log(f"base model {base}; {sum(p.numel() for p in model.parameters()):,} parameters; world size {world}; {device}")
 
     split = Path(args.split)
-    train_texts, train_labels = read_split(split / "train.parquet", args.subset, args.seed)
+    # Nothing to train on when only scoring a checkpoint: skip tokenizing the training part.
+    train_texts, train_labels = read_split(split / "train.parquet", args.subset, args.seed) if args.epochs else ([], [])
     valid_texts, valid_labels = read_split(split / "valid.parquet", args.eval_subset, args.seed)
     train = Encoded(tokenizer, train_texts, train_labels, args.max_length)
     valid = Encoded(tokenizer, valid_texts, valid_labels, args.max_length)
