@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use anyhow::Context as _;
 
 use crate::cache::Cache;
-use crate::models::bert::BertError;
+use crate::models::bert::{BertError, Device, Runtime};
 use crate::models::bundle::{Bundle, BundleError, Prediction, LABELS};
 use crate::pipeline::exec::{self, Observer, Options, StageReport, State};
 use crate::pipeline::graph::DagFormat;
@@ -110,6 +110,9 @@ enum Command {
         input: Option<PathBuf>,
         /// Texts to score.
         texts: Vec<String>,
+        /// Where an ONNX model runs: `cpu` or `cuda[:N]` (an NVIDIA GPU).
+        #[arg(long, default_value = "cpu")]
+        device: Device,
     },
     /// Compare reviews with a bundle's reference statistics: the drift report as JSON.
     Drift {
@@ -379,7 +382,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(code)
         }
-        Command::Predict { model, input, texts } => predict(&model, input.as_deref(), &texts),
+        Command::Predict {
+            model,
+            input,
+            texts,
+            device,
+        } => predict(&model, input.as_deref(), &texts, device),
         Command::Serve { config } => {
             let cache_dir = cli.cache_dir.clone().unwrap_or_else(|| config.root().join("cache"));
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -457,11 +465,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
 
 /// Loads the bundle at `model`, or prints why not and gives the exit code: a missing ONNX Runtime
 /// is the machine's problem (1), anything else the bundle's (2).
-fn load_bundle(model: &Path) -> Result<Bundle, i32> {
-    Bundle::load(model, 0).map_err(|e| {
+fn load_bundle(model: &Path, device: Device) -> Result<Bundle, i32> {
+    Bundle::load(model, Runtime { threads: 0, device }).map_err(|e| {
         eprintln!("error: {e}");
         match e {
-            BundleError::Bert(BertError::RuntimeMissing { .. } | BertError::RuntimeBroken { .. }) => exit::FAILED,
+            BundleError::Bert(
+                BertError::RuntimeMissing { .. } | BertError::RuntimeBroken { .. } | BertError::Device { .. },
+            ) => exit::FAILED,
             _ => exit::INVALID,
         }
     })
@@ -503,9 +513,9 @@ fn read_reviews(path: &Path) -> Result<Vec<(usize, serde_json::Value)>, i32> {
     Ok(rows)
 }
 
-fn predict(model: &Path, input: Option<&Path>, texts: &[String]) -> anyhow::Result<i32> {
+fn predict(model: &Path, input: Option<&Path>, texts: &[String], device: Device) -> anyhow::Result<i32> {
     use std::io::Write;
-    let bundle = match load_bundle(model) {
+    let bundle = match load_bundle(model, device) {
         Ok(b) => b,
         Err(code) => return Ok(code),
     };
@@ -547,7 +557,7 @@ fn predict(model: &Path, input: Option<&Path>, texts: &[String]) -> anyhow::Resu
 }
 
 fn drift(model: &Path, input: &Path, chart: Option<&Path>) -> anyhow::Result<i32> {
-    let bundle = match load_bundle(model) {
+    let bundle = match load_bundle(model, Device::Cpu) {
         Ok(b) => b,
         Err(code) => return Ok(code),
     };

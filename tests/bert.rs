@@ -184,6 +184,7 @@ fn bert_branch_end_to_end() {
 
     full_queue_answers_503_with_retry_after(&p, &auth);
     missing_onnx_runtime_is_named(&p);
+    gpu_without_its_runtime_is_explained(&p);
 }
 
 fn full_queue_answers_503_with_retry_after(p: &Project, auth: &str) {
@@ -226,4 +227,17 @@ fn missing_onnx_runtime_is_named(p: &Project) {
     let stderr = String::from_utf8_lossy(&r.stderr);
     assert_eq!(r.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("ORT_DYLIB_PATH"), "{stderr}");
+}
+
+fn gpu_without_its_runtime_is_explained(p: &Project) {
+    // The environment's onnxruntime is the CPU build: the CUDA execution provider cannot register.
+    let r = p
+        .cmd(&["predict", "--model", "models/bert", "--device", "cuda", "a fine film"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("cannot run on cuda:0"), "{stderr}");
+    assert!(stderr.contains("onnxruntime-gpu"), "{stderr}");
+    assert!(r.stdout.is_empty(), "{}", String::from_utf8_lossy(&r.stdout));
 }

@@ -4,7 +4,9 @@
 //! ONNX Runtime is loaded at run time (`load-dynamic`): from `ORT_DYLIB_PATH`, else from the
 //! `onnxruntime` wheel of a Python environment nearby, else from the system library paths.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::{Mutex, OnceLock};
 
 use ort::session::builder::GraphOptimizationLevel;
@@ -30,8 +32,68 @@ pub enum BertError {
     RuntimeBroken { path: String, reason: String },
     #[error("{path}: {reason}")]
     Model { path: String, reason: String },
+    #[error(
+        "cannot run on {device}: {reason}. The CUDA execution provider needs ONNX Runtime's GPU build \
+         (the onnxruntime-gpu wheel: point ORT_DYLIB_PATH at its libonnxruntime.so) and the CUDA 13 and \
+         cuDNN 9 libraries on LD_LIBRARY_PATH"
+    )]
+    Device { device: Device, reason: String },
     #[error("ONNX Runtime failed: {0}")]
     Inference(String),
+}
+
+/// Where ONNX Runtime runs a model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// An NVIDIA GPU through the CUDA execution provider, by device number.
+    Cuda(i32),
+}
+
+impl Device {
+    /// How much padding a forward pass may carry before a batch is split by length: on a CPU
+    /// padding costs as much as text, on a GPU a pass costs about the same however full it is.
+    fn padding_allowed(self) -> Option<(usize, usize)> {
+        match self {
+            Device::Cpu => Some((5, 4)),
+            Device::Cuda(_) => None,
+        }
+    }
+}
+
+impl FromStr for Device {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Device, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .filter(|&n: &i32| n >= 0)
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device `{s}`: expected cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// How ONNX Runtime runs a model.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Runtime {
+    /// Intra-op threads; 0 lets ONNX Runtime choose (one per core).
+    pub threads: usize,
+    pub device: Device,
 }
 
 /// The ONNX Runtime environment, created once per process.
@@ -132,11 +194,12 @@ pub struct BertModel {
     tokenizer: Tokenizer,
     unknown_id: Option<u32>,
     pad_id: u32,
+    device: Device,
 }
 
 impl BertModel {
-    /// Loads `model.onnx` and `tokenizer.json` from `dir`; `threads` = 0 lets ONNX Runtime choose.
-    pub fn load(dir: &Path, max_length: usize, threads: usize) -> Result<BertModel, BertError> {
+    /// Loads `model.onnx` and `tokenizer.json` from `dir`.
+    pub fn load(dir: &Path, max_length: usize, runtime: Runtime) -> Result<BertModel, BertError> {
         let env = environment()?;
         let model_path = dir.join("model.onnx");
         let bad = |path: &Path, reason: String| BertError::Model {
@@ -149,10 +212,24 @@ impl BertModel {
                     .map_err(Into::into)
             })
             .map_err(|e| bad(&model_path, e.to_string()))?;
-        if threads > 0 {
+        if runtime.threads > 0 {
             builder = builder
-                .with_intra_threads(threads)
+                .with_intra_threads(runtime.threads)
                 .map_err(|e| bad(&model_path, e.to_string()))?;
+        }
+        if let Device::Cuda(id) = runtime.device {
+            // Without TF32 the GPU's scores match the CPU's (and the bundle's metrics) to ~1e-6.
+            let cuda = ort::ep::CUDA::default()
+                .with_device_id(id)
+                .with_tf32(false)
+                .build()
+                .error_on_failure();
+            builder = builder
+                .with_execution_providers([cuda])
+                .map_err(|e| BertError::Device {
+                    device: runtime.device,
+                    reason: e.to_string().trim_end_matches('.').to_string(),
+                })?;
         }
         let session = builder
             .commit_from_file(&model_path)
@@ -176,12 +253,13 @@ impl BertModel {
             unknown_id: tokenizer.token_to_id("[UNK]"),
             pad_id: tokenizer.token_to_id("[PAD]").unwrap_or(0),
             tokenizer,
+            device: runtime.device,
         })
     }
 
-    /// P(positive) and token counts of each text. The texts are tokenized, sorted by length
-    /// and run in groups padded to their own longest text, so that a short review batched with
-    /// long ones does not pay for their padding.
+    /// P(positive) and token counts of each text. On a CPU the texts are sorted by length and
+    /// run in groups padded to their own longest text, so that a short review batched with long
+    /// ones does not pay for their padding; on a GPU they run in one pass.
     pub fn predict_batch(&self, texts: &[&str]) -> Result<Vec<Sample>, BertError> {
         let encodings = self
             .tokenizer
@@ -192,7 +270,10 @@ impl BertModel {
         let mut scores = vec![0.0; texts.len()];
         let mut rest = order.as_slice();
         while !rest.is_empty() {
-            let n = group_size(rest.iter().map(|&i| encodings[i].len()));
+            let n = match self.device.padding_allowed() {
+                Some(bound) => group_size(rest.iter().map(|&i| encodings[i].len()), bound),
+                None => rest.len(),
+            };
             let (group, tail) = rest.split_at(n);
             let rows: Vec<&Encoding> = group.iter().map(|&i| &encodings[i]).collect();
             for (&i, score) in group.iter().zip(self.run(&rows)?) {
@@ -251,13 +332,13 @@ impl BertModel {
 }
 
 /// How many of the next texts (lengths in increasing order) to run together: as many as keep
-/// the padding under a quarter of the group's tokens.
-fn group_size(lengths: impl Iterator<Item = usize>) -> usize {
+/// the group's padded tokens within `num / den` times its text tokens.
+fn group_size(lengths: impl Iterator<Item = usize>, (num, den): (usize, usize)) -> usize {
     let mut n = 0;
     let mut total = 0;
     for len in lengths {
         // Sorted: `len` is the group's new width.
-        if n > 0 && (n + 1) * len > (total + len) * 5 / 4 {
+        if n > 0 && (n + 1) * len * den > (total + len) * num {
             break;
         }
         n += 1;
@@ -278,9 +359,24 @@ mod tests {
 
     #[test]
     fn groups_bound_padding() {
-        assert_eq!(group_size([10, 10, 10, 10].into_iter()), 4);
-        assert_eq!(group_size([10, 11, 12, 40, 41].into_iter()), 3);
-        assert_eq!(group_size([100].into_iter()), 1);
+        let cpu = Device::Cpu.padding_allowed().unwrap();
+        assert_eq!(group_size([10, 10, 10, 10].into_iter(), cpu), 4);
+        assert_eq!(group_size([10, 11, 12, 40, 41].into_iter(), cpu), 3);
+        assert_eq!(group_size([100].into_iter(), cpu), 1);
+        assert_eq!(Device::Cuda(0).padding_allowed(), None);
+    }
+
+    #[test]
+    fn devices_parse_and_print() {
+        assert_eq!("cpu".parse(), Ok(Device::Cpu));
+        assert_eq!("cuda".parse(), Ok(Device::Cuda(0)));
+        assert_eq!(
+            "cuda:1".parse::<Device>().map(|d| d.to_string()),
+            Ok("cuda:1".to_string())
+        );
+        for bad in ["gpu", "cuda:", "cuda:-1", "cuda:x"] {
+            assert!(bad.parse::<Device>().unwrap_err().contains(bad), "{bad}");
+        }
     }
 
     #[test]

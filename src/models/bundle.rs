@@ -22,7 +22,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::bert::{BertError, BertModel};
+use super::bert::{BertError, BertModel, Runtime};
 use super::linear::LinearModel;
 use super::sparse::{read_vec, write_slice};
 use super::tfidf::{Tfidf, TfidfConfig, TfidfError};
@@ -232,13 +232,13 @@ pub struct Bundle {
 }
 
 impl Bundle {
-    /// Loads the bundle at `dir`; `threads` bounds ONNX Runtime's threads (0: its default).
-    pub fn load(dir: &Path, threads: usize) -> Result<Bundle, BundleError> {
+    /// Loads the bundle at `dir`; ONNX models run as `runtime` says.
+    pub fn load(dir: &Path, runtime: Runtime) -> Result<Bundle, BundleError> {
         let manifest = Manifest::read(dir)?;
         let model = match &manifest.family {
             Family::Tfidf { .. } => Model::Tfidf(Box::new(TfidfModel::load(dir)?)),
             Family::Bert { max_length, .. } => {
-                Model::Bert(std::sync::Arc::new(BertModel::load(dir, *max_length, threads)?))
+                Model::Bert(std::sync::Arc::new(BertModel::load(dir, *max_length, runtime)?))
             }
         };
         let path = dir.join("drift.json");

@@ -28,6 +28,7 @@ use warp::Filter;
 pub use auth::{create_key, KeyError, Role};
 
 use crate::drift::Sample;
+use crate::models::bert::{Device, Runtime};
 use crate::models::bundle::{Bundle, Model, Prediction, LABELS};
 use crate::store::{ModelRow, Store, StoreError};
 use batcher::{BatchConfig, BatchError, Batcher};
@@ -76,6 +77,9 @@ pub struct Config {
     /// ONNX Runtime threads per model (0: ONNX Runtime's default, one per core).
     #[arg(long, env = "SENTIFLOW_ONNX_THREADS", default_value_t = 0)]
     pub onnx_threads: usize,
+    /// ONNX models: where they run, `cpu` or `cuda[:N]` (an NVIDIA GPU).
+    #[arg(long, env = "SENTIFLOW_DEVICE", default_value = "cpu")]
+    pub device: Device,
     /// Drift monitoring: recent predictions (and feedback labels) each model's window holds.
     #[arg(long, env = "SENTIFLOW_DRIFT_WINDOW", default_value_t = 1000)]
     pub drift_window: usize,
@@ -91,6 +95,13 @@ impl Config {
     pub fn root(&self) -> PathBuf {
         let abs = std::path::absolute(&self.pipelines).unwrap_or_else(|_| self.pipelines.clone());
         abs.parent().map(Path::to_path_buf).unwrap_or(abs)
+    }
+
+    pub fn runtime(&self) -> Runtime {
+        Runtime {
+            threads: self.onnx_threads,
+            device: self.device,
+        }
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -228,9 +239,14 @@ impl App {
     /// promotes the bundles found in `<root>/models/*/`.
     fn load_models(&self) -> anyhow::Result<()> {
         for row in self.store.production()? {
-            match Bundle::load(Path::new(&row.path), self.config.onnx_threads) {
+            match Bundle::load(Path::new(&row.path), self.config.runtime()) {
                 Ok(bundle) => {
-                    tracing::info!("serving {} version {}", row.name, row.version);
+                    match bundle.model {
+                        Model::Bert(_) => {
+                            tracing::info!("serving {} version {} on {}", row.name, row.version, self.config.device)
+                        }
+                        Model::Tfidf(_) => tracing::info!("serving {} version {}", row.name, row.version),
+                    }
                     self.swap(row, bundle);
                 }
                 Err(e) => tracing::warn!("production model {} {}: {e}", row.name, row.version),
@@ -262,7 +278,7 @@ impl App {
 
     /// Records the bundle at `dir` in the registry (once per version).
     pub fn register(&self, dir: &Path, run_id: Option<&str>) -> anyhow::Result<ModelRow> {
-        let bundle = Bundle::load(dir, self.config.onnx_threads)?;
+        let bundle = Bundle::load(dir, self.config.runtime())?;
         let m = &bundle.manifest;
         let copy = self.registry_dir().join(&m.name).join(&m.version);
         if !copy.join("manifest.json").is_file() {
@@ -325,7 +341,7 @@ impl App {
                 format!("no model version `{version}`"),
             )
         })?;
-        let bundle = Bundle::load(Path::new(&row.path), self.config.onnx_threads).map_err(|e| {
+        let bundle = Bundle::load(Path::new(&row.path), self.config.runtime()).map_err(|e| {
             ApiError::new(
                 StatusCode::CONFLICT,
                 "bundle_unavailable",

@@ -17,7 +17,7 @@ use super::export::publish;
 use super::{read_json, write_json, Context, Metrics, Stage, StageError};
 use crate::data::Reviews;
 use crate::drift::{Reference, Sample};
-use crate::models::bert::BertModel;
+use crate::models::bert::{BertModel, Runtime};
 use crate::models::bundle::Family;
 use crate::models::metrics::{roc_curve, score};
 
@@ -294,7 +294,8 @@ impl Stage for BertExport {
             }
             run_process(ctx, command, &self.script)?;
             let mut onnx: Value = read_json(&staging.join("export.json"))?;
-            let model = BertModel::load(staging, max_length, 0).map_err(|e| StageError::Invalid(e.to_string()))?;
+            let model = BertModel::load(staging, max_length, Runtime::default())
+                .map_err(|e| StageError::Invalid(e.to_string()))?;
             let reference = onnx
                 .as_object_mut()
                 .and_then(|o| o.remove("reference"))
