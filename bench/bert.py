@@ -7,10 +7,11 @@ same ONNX file and the same real reviews.
    package and `onnxruntime.InferenceSession` (both with ONNX Runtime's default threads).
 2. Served throughput: `sentiflow serve` under wrk with 16 concurrent clients posting single
    reviews to `POST /prediction` (`"model": "bert"`), with dynamic batching (5 ms window) and
-   without (`--batch-window-ms 0`).
+   without (`--batch-window-ms 0`), on the CPU or, with `--device cuda`, on an NVIDIA GPU.
 
 Usage: bench/bert.py [--reviews 50] [--repeats 20] [--connections 16] [--duration 15]
                      [--bundle DIR] [--valid FILE.parquet] [--skip-latency]
+                     [--device cpu|cuda] [--windows 5,0]
 Needs: models/bert (run pipelines/imdb.yaml), data/imdb/split/valid.parquet, the Python
 environment of scripts/setup-python, and wrk (Debian package) or, without it, a client of
 threads here (one keep-alive connection each).
@@ -112,6 +113,8 @@ def main():
     ap.add_argument("--valid", default=os.path.join(ROOT, "data", "imdb", "split", "valid.parquet"))
     ap.add_argument("--skip-latency", action="store_true", help="only the served throughput")
     ap.add_argument("--client", choices=["wrk", "threads"], default="wrk" if shutil.which("wrk") else "threads")
+    ap.add_argument("--device", default="cpu", help="where the server runs the model: cpu or cuda[:N]")
+    ap.add_argument("--windows", default="5,0", help="batching windows to serve with, in ms (0: no batching)")
     args = ap.parse_args()
     manifest = json.load(open(os.path.join(args.bundle, "manifest.json")))
     max_length = manifest["max_length"]
@@ -151,10 +154,11 @@ def main():
         load = (lambda seconds: wrk("http://127.0.0.1:18090/prediction", lua, args.connections, seconds)) \
             if args.client == "wrk" else (lambda seconds: thread_load(18090, key, bodies, args.connections, seconds))
         served = {}
-        for name, window in (("batched", "5"), ("unbatched", "0")):
+        for window in args.windows.split(","):
+            name = window
             sf = subprocess.Popen([args.sentiflow, "serve", "--addr", "127.0.0.1:18090", "--db", db,
-                                   "--predict-rps", "1000000", "--batch-window-ms", window], cwd=ROOT,
-                                  stderr=subprocess.DEVNULL)
+                                   "--predict-rps", "1000000", "--batch-window-ms", window,
+                                   "--device", args.device], cwd=ROOT, stderr=subprocess.DEVNULL)
             try:
                 wait_http("http://127.0.0.1:18090/health")
                 load(3)
@@ -171,8 +175,8 @@ def main():
                 sf.send_signal(signal.SIGTERM)
                 sf.wait()
 
-    print(f"cores: {os.cpu_count()}; model {manifest['name']} {manifest['version']}, max_length {max_length}; "
-          f"{len(texts)} validation reviews; load from {args.client}")
+    print(f"cores: {os.cpu_count()}; served on {args.device}; model {manifest['name']} {manifest['version']}, "
+          f"max_length {max_length}; {len(texts)} validation reviews; load from {args.client}")
     if rust:
         print("\n| single review, tokenize + run | median ms |")
         print("|---|---:|")
@@ -182,11 +186,14 @@ def main():
     print(f"\n| POST /prediction, {args.connections} clients, {args.duration} s | requests/s | p50 ms | p99 ms | "
           "non-2xx | mean batch |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name in ("batched", "unbatched"):
-        rps, lat, errors, _, mean_batch = served[name]
-        label = "dynamic batching (5 ms window)" if name == "batched" else "no batching"
+    for window, (rps, lat, errors, _, mean_batch) in served.items():
+        label = f"dynamic batching ({window} ms window)" if window != "0" else "no batching"
         print(f"| {label} | {rps:.1f} | {lat['50']:.1f} | {lat['99']:.1f} | {errors} | {mean_batch:.1f} |")
-    print(f"\nbatched / unbatched throughput: {served['batched'][0] / served['unbatched'][0]:.2f}x (target >= 2x)")
+    if "0" in served:
+        for window in served:
+            if window != "0":
+                print(f"\nbatched ({window} ms) / unbatched throughput: {served[window][0] / served['0'][0]:.2f}x "
+                      "(target >= 2x)")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use sentiflow::models::bert::BertModel;
+use sentiflow::models::bert::{BertModel, Runtime};
 use sentiflow::models::bundle::{Family, Manifest};
 
 fn main() {
@@ -21,7 +21,7 @@ fn main() {
     let Family::Bert { max_length, .. } = manifest.family else {
         panic!("{bundle} is not a BERT bundle");
     };
-    let model = BertModel::load(dir, max_length, 0).expect("the model loads");
+    let model = BertModel::load(dir, max_length, Runtime::default()).expect("the model loads");
     let texts: Vec<String> = std::fs::read_to_string(reviews)
         .expect("the reviews file")
         .lines()
