@@ -4,13 +4,14 @@ same ONNX file and the same real reviews.
 
 1. Single-review latency: tokenize + run, one review at a time, median of --repeats runs per
    review; Rust through `cargo bench --bench onnx_latency`, Python through the `tokenizers`
-   package and `onnxruntime.InferenceSession` (both with ONNX Runtime's default threads).
+   package and `onnxruntime.InferenceSession` (both with ONNX Runtime's default threads, and on
+   the same device: with `--device cuda`, Python needs the onnxruntime-gpu package).
 2. Served throughput: `sentiflow serve` under wrk with 16 concurrent clients posting single
    reviews to `POST /prediction` (`"model": "bert"`), with dynamic batching (5 ms window) and
    without (`--batch-window-ms 0`), on the CPU or, with `--device cuda`, on an NVIDIA GPU.
 
 Usage: bench/bert.py [--reviews 50] [--repeats 20] [--connections 16] [--duration 15]
-                     [--bundle DIR] [--valid FILE.parquet] [--skip-latency]
+                     [--bundle DIR] [--valid FILE.parquet] [--skip-latency] [--latency-bin FILE]
                      [--device cpu|cuda] [--windows 5,0]
 Needs: models/bert (run pipelines/imdb.yaml), data/imdb/split/valid.parquet, the Python
 environment of scripts/setup-python, and wrk (Debian package) or, without it, a client of
@@ -69,7 +70,7 @@ def thread_load(port, key, bodies, connections, duration):
     return len(latencies) / elapsed, {"50": pct(0.5), "90": pct(0.9), "99": pct(0.99)}, errors[0], ""
 
 
-def python_latencies(bundle, texts, max_length, repeats):
+def python_latencies(bundle, texts, max_length, repeats, device):
     import numpy as np
     import onnxruntime as ort
     from tokenizers import Tokenizer
@@ -79,7 +80,12 @@ def python_latencies(bundle, texts, max_length, repeats):
     tok.no_padding()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(os.path.join(bundle, "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    # The settings sentiflow uses: TF32 off on a GPU.
+    providers = ["CPUExecutionProvider"] if device == "cpu" else [
+        ("CUDAExecutionProvider", {"device_id": int(device.partition(":")[2] or 0), "use_tf32": 0})]
+    sess = ort.InferenceSession(os.path.join(bundle, "model.onnx"), opts, providers=providers)
+    if device != "cpu" and sess.get_providers()[0] != "CUDAExecutionProvider":
+        sys.exit(f"Python onnxruntime cannot use {device}: {sess.get_providers()}")
 
     def predict(text):
         e = tok.encode(text)
@@ -115,6 +121,7 @@ def main():
     ap.add_argument("--client", choices=["wrk", "threads"], default="wrk" if shutil.which("wrk") else "threads")
     ap.add_argument("--device", default="cpu", help="where the server runs the model: cpu or cuda[:N]")
     ap.add_argument("--windows", default="5,0", help="batching windows to serve with, in ms (0: no batching)")
+    ap.add_argument("--latency-bin", help="a built onnx_latency benchmark to run instead of `cargo bench`")
     args = ap.parse_args()
     manifest = json.load(open(os.path.join(args.bundle, "manifest.json")))
     max_length = manifest["max_length"]
@@ -131,10 +138,11 @@ def main():
         # 1. Latency: alternate the two runtimes twice so neither gets a cooler machine.
         rust, py = [], []
         for _ in range(0 if args.skip_latency else 2):
-            out = subprocess.run(["cargo", "bench", "--quiet", "--bench", "onnx_latency", "--", args.bundle, reviews,
-                                  str(args.repeats)], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+            bench = [args.latency_bin] if args.latency_bin else ["cargo", "bench", "--quiet", "--bench", "onnx_latency", "--"]
+            out = subprocess.run(bench + [args.bundle, reviews, str(args.repeats), args.device], cwd=ROOT, check=True,
+                                 capture_output=True, text=True).stdout
             rust.append(json.loads(out.strip().splitlines()[-1]))
-            medians, _ = python_latencies(args.bundle, texts, max_length, args.repeats)
+            medians, _ = python_latencies(args.bundle, texts, max_length, args.repeats, args.device)
             py.append(medians)
         if rust:
             rust_ms = statistics.median([min(a, b) for a, b in zip(*rust)]) * 1000

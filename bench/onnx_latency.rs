@@ -1,27 +1,31 @@
 //! Single-review latency of a BERT bundle through sentiflow's runtime (tokenizers + ort), for
 //! `bench/bert.py`, which runs Python ONNX Runtime on the same file and reviews in the same run.
 //!
-//! Usage: cargo bench --bench onnx_latency -- BUNDLE REVIEWS.jsonl REPEATS
+//! Usage: cargo bench --bench onnx_latency -- BUNDLE REVIEWS.jsonl REPEATS [cpu|cuda[:N]]
 //! Prints one JSON line: the median seconds of each review, in input order.
 
 use std::path::Path;
 use std::time::Instant;
 
-use sentiflow::models::bert::{BertModel, Runtime};
+use sentiflow::models::bert::{BertModel, Device, Runtime};
 use sentiflow::models::bundle::{Family, Manifest};
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-    let [bundle, reviews, repeats] = args.as_slice() else {
-        eprintln!("usage: onnx_latency BUNDLE REVIEWS.jsonl REPEATS");
-        std::process::exit(2);
+    let (bundle, reviews, repeats, device) = match args.as_slice() {
+        [b, r, n] => (b, r, n, Device::Cpu),
+        [b, r, n, d] => (b, r, n, d.parse().expect("a device")),
+        _ => {
+            eprintln!("usage: onnx_latency BUNDLE REVIEWS.jsonl REPEATS [cpu|cuda[:N]]");
+            std::process::exit(2);
+        }
     };
     let dir = Path::new(bundle);
     let manifest = Manifest::read(dir).expect("a bundle");
     let Family::Bert { max_length, .. } = manifest.family else {
         panic!("{bundle} is not a BERT bundle");
     };
-    let model = BertModel::load(dir, max_length, Runtime::default()).expect("the model loads");
+    let model = BertModel::load(dir, max_length, Runtime { threads: 0, device }).expect("the model loads");
     let texts: Vec<String> = std::fs::read_to_string(reviews)
         .expect("the reviews file")
         .lines()
