@@ -543,6 +543,7 @@ fn predict(model: &Path, input: Option<&Path>, texts: &[String], device: Device)
         return Ok(exit::INVALID);
     }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    // In chunks, so that the first answers come out while the rest are scored.
     for chunk in rows.chunks(32) {
         let texts: Vec<&str> = chunk.iter().map(|(_, t)| t.as_str()).collect();
         let predictions = bundle.model.predict(&texts)?;
@@ -572,9 +573,9 @@ fn drift(model: &Path, input: &Path, chart: Option<&Path>) -> anyhow::Result<i32
         Ok(r) => r,
         Err(code) => return Ok(code),
     };
-    let texts: Vec<String> = rows
+    let texts: Vec<&str> = rows
         .iter()
-        .map(|(_, r)| r["text"].as_str().unwrap_or_default().to_string())
+        .map(|(_, r)| r["text"].as_str().unwrap_or_default())
         .collect();
     let mut labels: Vec<Option<&str>> = Vec::with_capacity(rows.len());
     for (n, r) in &rows {
@@ -590,11 +591,7 @@ fn drift(model: &Path, input: &Path, chart: Option<&Path>) -> anyhow::Result<i32
             }
         }
     }
-    let mut samples = Vec::with_capacity(texts.len());
-    for chunk in texts.chunks(32) {
-        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        samples.extend(bundle.model.predict(&refs)?);
-    }
+    let samples = bundle.model.predict(&texts)?;
     let feedback: Vec<bool> = samples
         .iter()
         .zip(&labels)

@@ -111,17 +111,15 @@ fn offline_reports_flag_the_statistic_that_moved() {
     assert_eq!(stat(&negative, "positive_rate_shift"), "alert", "{negative}");
     assert_eq!(stat(&negative, "length_psi"), "ok", "{negative}");
 
-    let labelled: Vec<Value> = reviews
-        .iter()
-        .map(|r| json!({"text": r.text, "label": if r.positive { "positive" } else { "negative" }}))
-        .collect();
-    let right = offline(&p, &labelled);
+    let labelled = |flip: bool| -> Vec<Value> {
+        reviews
+            .iter()
+            .map(|r| json!({"text": r.text, "label": if r.positive != flip { "positive" } else { "negative" }}))
+            .collect()
+    };
+    let right = offline(&p, &labelled(false));
     assert_eq!(right["performance"]["status"], "ok", "{right}");
-    let flipped: Vec<Value> = reviews
-        .iter()
-        .map(|r| json!({"text": r.text, "label": if r.positive { "negative" } else { "positive" }}))
-        .collect();
-    let wrong = offline(&p, &flipped);
+    let wrong = offline(&p, &labelled(true));
     assert_eq!(wrong["performance"]["status"], "alert", "{wrong}");
     assert_eq!(wrong["status"], "alert");
 }

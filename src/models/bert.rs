@@ -20,6 +20,10 @@ use crate::text::normalize;
 /// The ONNX model's inputs, in the order `export_onnx.py` declares them.
 const INPUTS: [&str; 3] = ["input_ids", "attention_mask", "token_type_ids"];
 
+/// Texts in one forward pass at most, whatever the caller gives: attention memory grows with
+/// the batch, and beyond this the throughput does not.
+const MAX_PASS: usize = 64;
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BertError {
     #[error(
@@ -259,7 +263,8 @@ impl BertModel {
 
     /// P(positive) and token counts of each text. On a CPU the texts are sorted by length and
     /// run in groups padded to their own longest text, so that a short review batched with long
-    /// ones does not pay for their padding; on a GPU they run in one pass.
+    /// ones does not pay for their padding; on a GPU they run in one pass. No pass holds more
+    /// than `MAX_PASS` texts.
     pub fn predict_batch(&self, texts: &[&str]) -> Result<Vec<Sample>, BertError> {
         let encodings = self
             .tokenizer
@@ -273,7 +278,8 @@ impl BertModel {
             let n = match self.device.padding_allowed() {
                 Some(bound) => group_size(rest.iter().map(|&i| encodings[i].len()), bound),
                 None => rest.len(),
-            };
+            }
+            .min(MAX_PASS);
             let (group, tail) = rest.split_at(n);
             let rows: Vec<&Encoding> = group.iter().map(|&i| &encodings[i]).collect();
             for (&i, score) in group.iter().zip(self.run(&rows)?) {
