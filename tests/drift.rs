@@ -53,9 +53,13 @@ fn scrambled(text: &str) -> String {
 
 fn project() -> Project {
     let p = common::quickstart();
+    // No refit: the reference scores are those of the fit on the training half, and a model
+    // refitted on twice as many reviews scores more confidently than that (on IMDB's 25,000 the
+    // refit adds a quarter and the scores stay within the reference: bench/unseen_movies.py).
     let yaml = p
         .read("pipelines/quickstart.yaml")
         .replace("validation: 0.2", "validation: 0.5")
+        .replace("refit: true", "refit: false")
         .replace("out: models/quickstart/tfidf", "out: models/tfidf");
     p.write("pipelines/quickstart.yaml", &yaml);
     let run = p.sentiflow(&["run", "pipelines/quickstart.yaml"]);

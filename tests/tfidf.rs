@@ -89,6 +89,146 @@ fn quickstart_trains_exports_and_predicts() {
         .all(|s| s["state"] == "cached"));
 }
 
+/// The movies of one part of a split.
+fn movies(p: &Project, part: &str) -> std::collections::BTreeSet<String> {
+    let reviews = sentiflow::data::Reviews::read_parquet(&p.path(part)).unwrap();
+    assert_eq!(reviews.without_movie(), 0, "{part}: every review has its movie");
+    reviews.movie.into_iter().flatten().collect()
+}
+
+#[test]
+fn grouped_split_keeps_each_movie_on_one_side_and_the_labels_balanced() {
+    let p = quickstart();
+    let r = p.sentiflow(&["run", "pipelines/quickstart.yaml", "--stage", "split", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let report = r.json();
+    assert_eq!(stage(&report, "load")["metrics"]["movies"], 352);
+    let m = &stage(&report, "split")["metrics"];
+    let (train, valid) = (
+        movies(&p, "data/quickstart/split/train.parquet"),
+        movies(&p, "data/quickstart/split/valid.parquet"),
+    );
+    assert!(
+        train.is_disjoint(&valid),
+        "shared: {:?}",
+        train.intersection(&valid).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        (m["train_movies"].as_u64(), m["valid_movies"].as_u64()),
+        (Some(train.len() as u64), Some(valid.len() as u64))
+    );
+    let valid_rows = m["valid_rows"].as_f64().unwrap();
+    assert!((valid_rows - 80.0).abs() <= 4.0, "about 20 % of 400: {m}");
+    for part in ["train", "valid"] {
+        let share = m[format!("{part}_positive_share")].as_f64().unwrap();
+        assert!((share - 0.5).abs() < 0.03, "{part}: {share}");
+    }
+}
+
+#[test]
+fn refit_changes_the_weights_but_not_the_reported_validation_metrics() {
+    let refitted = quickstart();
+    let plain = quickstart();
+    let yaml = plain.read("pipelines/quickstart.yaml");
+    assert!(yaml.contains("refit: true"));
+    plain.write(
+        "pipelines/quickstart.yaml",
+        &yaml.replace("refit: true", "refit: false"),
+    );
+    let mut cleaned = 0;
+    for p in [&refitted, &plain] {
+        let r = p.sentiflow(&["run", "pipelines/quickstart.yaml", "--json"]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        cleaned = stage(&r.json(), "clean")["metrics"]["rows"].as_u64().unwrap();
+    }
+    let manifest =
+        |p: &Project| -> Value { serde_json::from_str(&p.read("models/quickstart/tfidf/manifest.json")).unwrap() };
+    let (a, b) = (manifest(&refitted), manifest(&plain));
+    assert_eq!(
+        a["metrics"], b["metrics"],
+        "validation metrics come from the fit on the training part"
+    );
+    let valid_rows = a["metrics"]["confusion"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap())
+        .map(|v| v.as_u64().unwrap())
+        .sum::<u64>();
+    assert_eq!(
+        a["fitted_on"],
+        serde_json::json!({"parts": ["train", "valid"], "rows": cleaned})
+    );
+    assert_eq!(
+        b["fitted_on"],
+        serde_json::json!({"parts": ["train"], "rows": cleaned - valid_rows})
+    );
+    let weights = |p: &Project| std::fs::read(p.path("models/quickstart/tfidf/weights.bin")).unwrap();
+    assert_ne!(weights(&refitted), weights(&plain));
+    assert_ne!(a["features"], b["features"], "the vocabulary is refitted too");
+}
+
+#[test]
+fn grouping_needs_the_movie_of_every_review() {
+    let p = Project::new();
+    for (class, label) in [("pos", 9), ("neg", 2)] {
+        for i in 0..6 {
+            p.write(
+                &format!("imdb/aclImdb/train/{class}/{i}_{label}.txt"),
+                &format!("review {i} is {class}"),
+            );
+        }
+    }
+    let grouped = |data: &str, load_extra: &str| {
+        let yaml = format!("name: g\nstages:\n  load: {{uses: load, with: {{path: {data}, out: out/r.parquet{load_extra}}}}}\n  split: {{uses: split, needs: [load], with: {{validation: 0.25, group: movie, out: out/s}}}}\n");
+        p.write("pipelines/g.yaml", &yaml);
+        p.sentiflow(&["run", "pipelines/g.yaml", "--json"]).json()
+    };
+    // No url files: the split says why it cannot group, instead of splitting at random.
+    let report = grouped("imdb", "");
+    let e = error_of(&report, "split");
+    assert!(
+        e.contains("grouping by movie is impossible: 12 of 12 reviews have no movie"),
+        "{e}"
+    );
+    assert!(e.contains("urls_pos.txt") && e.contains("group_column"), "{e}");
+
+    // With them, one movie per pair of reviews.
+    for class in ["pos", "neg"] {
+        let urls: String = (0..6)
+            .map(|i| format!("http://www.imdb.com/title/tt{:07}/usercomments\n", i / 2))
+            .collect();
+        p.write(&format!("imdb/aclImdb/train/urls_{class}.txt"), &urls);
+    }
+    let report = grouped("imdb", "");
+    assert_eq!(stage(&report, "load")["metrics"]["movies"], 3, "{report}");
+    assert_eq!(stage(&report, "split")["state"], "ran", "{report}");
+    let (train, valid) = (movies(&p, "out/s/train.parquet"), movies(&p, "out/s/valid.parquet"));
+    assert!(
+        train.is_disjoint(&valid) && train.len() + valid.len() == 3,
+        "{train:?} {valid:?}"
+    );
+
+    // CSV: the movie comes from `group_column`.
+    let mut csv = String::from("review,sentiment,film\n");
+    for i in 0..12 {
+        csv.push_str(&format!(
+            "\"review {i}\",{},m{}\n",
+            if i % 2 == 0 { "positive" } else { "negative" },
+            i / 4
+        ));
+    }
+    p.write("r.csv", &csv);
+    let report = grouped("r.csv", ", group_column: film");
+    assert_eq!(stage(&report, "load")["metrics"]["movies"], 3, "{report}");
+    assert_eq!(stage(&report, "split")["state"], "ran", "{report}");
+    let report = grouped("r.csv", "");
+    assert!(
+        error_of(&report, "split").contains("12 of 12 reviews have no movie"),
+        "{report}"
+    );
+}
+
 #[test]
 fn bundles_are_byte_identical_whatever_the_parallelism() {
     let a = quickstart();

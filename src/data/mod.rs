@@ -1,6 +1,7 @@
 //! Review tables: the rows every stage passes on, stored as Parquet, and the readers for the
 //! formats reviews arrive in.
 
+pub mod partition;
 pub mod read;
 
 use std::fs::File;
@@ -8,7 +9,8 @@ use std::path::Path;
 
 use polars::prelude::*;
 
-/// Labelled reviews, column by column. `label` is 1 for positive, 0 for negative.
+/// Labelled reviews, column by column. `label` is 1 for positive, 0 for negative; `movie` is
+/// what the review is about (IMDB's `tt…` title id), the group that splits keep on one side.
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Reviews {
     pub id: Vec<String>,
@@ -16,6 +18,7 @@ pub struct Reviews {
     pub label: Vec<u8>,
     pub rating: Vec<Option<i32>>,
     pub source_split: Vec<String>,
+    pub movie: Vec<Option<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +63,7 @@ impl Reviews {
         self.label.push(label);
         self.rating.push(rating);
         self.source_split.push(split.to_string());
+        self.movie.push(None);
     }
 
     /// The rows at `indices`, in that order.
@@ -70,7 +74,13 @@ impl Reviews {
             label: indices.iter().map(|&i| self.label[i]).collect(),
             rating: indices.iter().map(|&i| self.rating[i]).collect(),
             source_split: indices.iter().map(|&i| self.source_split[i].clone()).collect(),
+            movie: indices.iter().map(|&i| self.movie[i].clone()).collect(),
         }
+    }
+
+    /// Rows without a movie, for the error when a grouped split or fold cannot be made.
+    pub fn without_movie(&self) -> usize {
+        self.movie.iter().filter(|m| m.is_none()).count()
     }
 
     pub fn positives(&self) -> usize {
@@ -88,6 +98,7 @@ impl Reviews {
             "label" => &self.label.iter().map(|&l| l as i32).collect::<Vec<_>>(),
             "rating" => &self.rating,
             "source_split" => &self.source_split,
+            "movie" => &self.movie,
         )
         .map_err(err)?;
         let file = File::create(path).map_err(|e| DataError::Io {
@@ -103,6 +114,12 @@ impl Reviews {
 
     /// Reads a table written by [`Reviews::write_parquet`].
     pub fn read_parquet(path: &Path) -> Result<Reviews, DataError> {
-        read::parquet(path, "text", "label", Some("id")).map(|(r, _)| r)
+        let columns = read::Columns {
+            text: "text",
+            label: "label",
+            id: Some("id"),
+            group: Some("movie"),
+        };
+        read::parquet(path, &columns).map(|(r, _)| r)
     }
 }

@@ -14,6 +14,15 @@ use super::{DataError, Reviews};
 /// Why records were not loaded, with counts.
 pub type Rejected = BTreeMap<&'static str, usize>;
 
+/// The columns (CSV, Parquet) or fields (JSONL) a table's reviews are read from.
+pub struct Columns<'a> {
+    pub text: &'a str,
+    pub label: &'a str,
+    pub id: Option<&'a str>,
+    /// The movie (or other group) of each review.
+    pub group: Option<&'a str>,
+}
+
 fn io(path: &Path) -> impl Fn(std::io::Error) -> DataError + '_ {
     move |source| DataError::Io {
         path: path.display().to_string(),
@@ -63,13 +72,50 @@ fn imdb_path(path: &str) -> Option<ImdbPath> {
     })
 }
 
+/// `train/urls_pos.txt` and the like: line N names the movie of review N of that split and class.
+fn imdb_urls(path: &str) -> Option<(String, u8)> {
+    let parts: Vec<&str> = path.trim_start_matches("./").split('/').collect();
+    let [.., split, file] = parts.as_slice() else {
+        return None;
+    };
+    let label = match *file {
+        "urls_pos.txt" => 1,
+        "urls_neg.txt" => 0,
+        _ => return None,
+    };
+    (*split == "train" || *split == "test").then(|| (split.to_string(), label))
+}
+
+/// The `tt…` title id of an IMDB url (`http://www.imdb.com/title/tt0453418/usercomments`), or
+/// the trimmed line itself for any other form; `None` for an empty line.
+fn movie_of(line: &str) -> Option<String> {
+    let line = line.trim();
+    let title = line
+        .split('/')
+        .find(|p| p.len() > 2 && p.starts_with("tt") && p[2..].bytes().all(|b| b.is_ascii_digit()));
+    match title {
+        Some(t) => Some(t.to_string()),
+        None if line.is_empty() => None,
+        None => Some(line.to_string()),
+    }
+}
+
+#[derive(Default)]
 struct ImdbCollector {
     rows: Vec<(ImdbPath, String)>,
+    /// (split, label) → the movie of each review id.
+    urls: BTreeMap<(String, u8), Vec<Option<String>>>,
     rejected: Rejected,
 }
 
 impl ImdbCollector {
     fn add(&mut self, path: &str, bytes: Result<Vec<u8>, std::io::Error>) {
+        if let Some(key) = imdb_urls(path) {
+            if let Ok(text) = bytes.map(|b| String::from_utf8_lossy(&b).into_owned()) {
+                self.urls.insert(key, text.lines().map(movie_of).collect());
+            }
+            return;
+        }
         let Some(meta) = imdb_path(path) else {
             // Only review files are counted; the README, vocabularies and `unsup/` are not records.
             if path.ends_with(".txt") && path.contains("/pos/") | path.contains("/neg/") {
@@ -95,6 +141,8 @@ impl ImdbCollector {
         for (m, text) in self.rows {
             let id = format!("{}_{}_{}", m.split, if m.label == 1 { "pos" } else { "neg" }, m.id);
             r.push(id, text, m.label, m.rating, &m.split);
+            let movie = self.urls.get(&(m.split.clone(), m.label));
+            *r.movie.last_mut().expect("just pushed") = movie.and_then(|u| u.get(m.id as usize)).cloned().flatten();
         }
         (r, self.rejected)
     }
@@ -104,10 +152,7 @@ impl ImdbCollector {
 pub fn imdb_archive(path: &Path) -> Result<(Reviews, Rejected), DataError> {
     let file = File::open(path).map_err(io(path))?;
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(BufReader::with_capacity(1 << 20, file)));
-    let mut c = ImdbCollector {
-        rows: Vec::new(),
-        rejected: Rejected::new(),
-    };
+    let mut c = ImdbCollector::default();
     let entries = archive
         .entries()
         .map_err(|e| DataError::format(path, format!("not a .tar.gz archive: {e}")))?;
@@ -120,7 +165,7 @@ pub fn imdb_archive(path: &Path) -> Result<(Reviews, Rejected), DataError> {
             .path()
             .map(|p| p.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if imdb_path(&name).is_none() && !name.ends_with(".txt") {
+        if imdb_path(&name).is_none() && imdb_urls(&name).is_none() && !name.ends_with(".txt") {
             continue;
         }
         let mut bytes = Vec::with_capacity(entry.size() as usize);
@@ -132,10 +177,7 @@ pub fn imdb_archive(path: &Path) -> Result<(Reviews, Rejected), DataError> {
 
 /// Reads the IMDB layout from an extracted directory (the one holding `train/` or `aclImdb/`).
 pub fn imdb_dir(path: &Path) -> Result<(Reviews, Rejected), DataError> {
-    let mut c = ImdbCollector {
-        rows: Vec::new(),
-        rejected: Rejected::new(),
-    };
+    let mut c = ImdbCollector::default();
     let base = if path.join("aclImdb").is_dir() {
         path.join("aclImdb")
     } else {
@@ -143,6 +185,10 @@ pub fn imdb_dir(path: &Path) -> Result<(Reviews, Rejected), DataError> {
     };
     for split in ["train", "test"] {
         for class in ["pos", "neg"] {
+            let urls = base.join(split).join(format!("urls_{class}.txt"));
+            if urls.is_file() {
+                c.add(&format!("{split}/urls_{class}.txt"), std::fs::read(&urls));
+            }
             let dir = base.join(split).join(class);
             let Ok(entries) = std::fs::read_dir(&dir) else {
                 continue;
@@ -182,7 +228,7 @@ impl RowCollector {
         }
     }
 
-    fn add(&mut self, id: Option<String>, text: Option<String>, label: Option<String>) {
+    fn add(&mut self, id: Option<String>, text: Option<String>, label: Option<String>, group: Option<String>) {
         let n = self.reviews.len() + self.rejected.values().sum::<usize>();
         let Some(text) = text.filter(|t| !t.trim().is_empty()) else {
             *self.rejected.entry("empty").or_default() += 1;
@@ -195,16 +241,12 @@ impl RowCollector {
         let id = id.unwrap_or_else(|| format!("row{n}"));
         let split = self.split.clone();
         self.reviews.push(id, text, label, None, &split);
+        *self.reviews.movie.last_mut().expect("just pushed") = group.filter(|g| !g.trim().is_empty());
     }
 }
 
-/// Reads a CSV file with a header, taking the named text and label columns.
-pub fn csv(
-    path: &Path,
-    text_col: &str,
-    label_col: &str,
-    id_col: Option<&str>,
-) -> Result<(Reviews, Rejected), DataError> {
+/// Reads a CSV file with a header, taking the named columns.
+pub fn csv(path: &Path, columns: &Columns) -> Result<(Reviews, Rejected), DataError> {
     let mut reader = ::csv::ReaderBuilder::new()
         .flexible(true)
         .from_path(path)
@@ -224,8 +266,9 @@ pub fn csv(
             )
         })
     };
-    let (t, l) = (find(text_col)?, find(label_col)?);
-    let i = id_col.map(find).transpose()?;
+    let (t, l) = (find(columns.text)?, find(columns.label)?);
+    let i = columns.id.map(find).transpose()?;
+    let g = columns.group.map(find).transpose()?;
     let mut c = RowCollector::new(path);
     for record in reader.byte_records() {
         let Ok(record) = record else {
@@ -237,20 +280,16 @@ pub fn csv(
             (Some(Err(_)), _) | (_, Some(Err(_))) => *c.rejected.entry("non_utf8").or_default() += 1,
             (text, label) => {
                 let id = i.and_then(field).and_then(Result::ok);
-                c.add(id, text.and_then(Result::ok), label.and_then(Result::ok));
+                let group = g.and_then(field).and_then(Result::ok);
+                c.add(id, text.and_then(Result::ok), label.and_then(Result::ok), group);
             }
         }
     }
     Ok((c.reviews, c.rejected))
 }
 
-/// Reads JSON Lines, one object per line, taking the named text and label fields.
-pub fn jsonl(
-    path: &Path,
-    text_col: &str,
-    label_col: &str,
-    id_col: Option<&str>,
-) -> Result<(Reviews, Rejected), DataError> {
+/// Reads JSON Lines, one object per line, taking the named fields.
+pub fn jsonl(path: &Path, columns: &Columns) -> Result<(Reviews, Rejected), DataError> {
     let file = File::open(path).map_err(io(path))?;
     let mut c = RowCollector::new(path);
     for line in BufReader::new(file).split(b'\n') {
@@ -274,18 +313,18 @@ pub fn jsonl(
                 _ => None,
             })
         };
-        c.add(id_col.and_then(get), get(text_col), get(label_col));
+        c.add(
+            columns.id.and_then(get),
+            get(columns.text),
+            get(columns.label),
+            columns.group.and_then(get),
+        );
     }
     Ok((c.reviews, c.rejected))
 }
 
-/// Reads a Parquet file, taking the named text and label columns (label as text or integer).
-pub fn parquet(
-    path: &Path,
-    text_col: &str,
-    label_col: &str,
-    id_col: Option<&str>,
-) -> Result<(Reviews, Rejected), DataError> {
+/// Reads a Parquet file, taking the named columns (label as text or integer).
+pub fn parquet(path: &Path, columns: &Columns) -> Result<(Reviews, Rejected), DataError> {
     let perr = |source| DataError::Parquet {
         path: path.display().to_string(),
         source,
@@ -301,12 +340,14 @@ pub fn parquet(
         let s = c.cast(&DataType::String).map_err(perr)?;
         Ok(s.str().map_err(perr)?.iter().map(|v| v.map(str::to_string)).collect())
     };
-    let texts = as_strings(col(text_col)?)?;
-    let labels = as_strings(col(label_col)?)?;
-    let ids = id_col
+    let texts = as_strings(col(columns.text)?)?;
+    let labels = as_strings(col(columns.label)?)?;
+    let ids = columns
+        .id
         .filter(|c| names.iter().any(|n| n == c))
         .map(|c| as_strings(col(c)?))
         .transpose()?;
+    let groups = columns.group.map(|c| as_strings(col(c)?)).transpose()?;
     let ratings: Option<Vec<Option<i32>>> = names
         .iter()
         .any(|n| n == "rating")
@@ -326,6 +367,7 @@ pub fn parquet(
             ids.as_ref().and_then(|v| v[k].clone()),
             texts[k].clone(),
             labels[k].clone(),
+            groups.as_ref().and_then(|v| v[k].clone()),
         );
         if c.reviews.len() > before {
             if let Some(r) = &ratings {

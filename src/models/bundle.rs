@@ -13,7 +13,8 @@
 //! - `model.json` (bias and probability calibration), `weights.bin` (f32 LE, one per term).
 //!
 //! A BERT bundle holds `model.onnx`, `tokenizer.json` and `export.json` (the ONNX export's parity
-//! check and reference probabilities); its manifest adds max_length and the fine-tuning report.
+//! check and reference probabilities); its manifest adds max_length, truncation and the fine-tuning
+//! report.
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, BufWriter, Write};
@@ -22,7 +23,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::bert::{BertError, BertModel, Runtime};
+use super::bert::{BertError, BertModel, Runtime, Truncation};
 use super::linear::LinearModel;
 use super::sparse::{read_vec, write_slice};
 use super::tfidf::{Tfidf, TfidfConfig, TfidfError};
@@ -80,14 +81,29 @@ pub enum Family {
         features: usize,
         vectorizer: TfidfConfig,
         tuning: Value,
+        /// The rows the exported vectorizer and weights were fitted on (bundles from before
+        /// refitting have none: the training part).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fitted_on: Option<FittedOn>,
     },
     Bert {
         max_length: usize,
+        /// Bundles from before the setting kept the head.
+        #[serde(default)]
+        truncation: Truncation,
         /// The fine-tuning run's settings and scores.
         training: Value,
         /// The ONNX export's report, without its reference probabilities.
         onnx: Value,
     },
+}
+
+/// Which parts of the split a model's weights were fitted on, and how many rows they hold. The
+/// validation metrics always come from a fit on the training part alone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FittedOn {
+    pub parts: Vec<String>,
+    pub rows: usize,
 }
 
 impl Manifest {
@@ -105,8 +121,15 @@ impl Manifest {
                 serde_json::json!({"model": model.spec, "vectorizer": vectorizer})
             }
             Family::Bert {
-                max_length, training, ..
-            } => serde_json::json!({"max_length": max_length, "fine_tuning": training["params"]}),
+                max_length,
+                truncation,
+                training,
+                ..
+            } => serde_json::json!({
+                "max_length": max_length,
+                "truncation": truncation,
+                "fine_tuning": training["params"],
+            }),
         }
     }
 
@@ -237,9 +260,14 @@ impl Bundle {
         let manifest = Manifest::read(dir)?;
         let model = match &manifest.family {
             Family::Tfidf { .. } => Model::Tfidf(Box::new(TfidfModel::load(dir)?)),
-            Family::Bert { max_length, .. } => {
-                Model::Bert(std::sync::Arc::new(BertModel::load(dir, *max_length, runtime)?))
-            }
+            Family::Bert {
+                max_length, truncation, ..
+            } => Model::Bert(std::sync::Arc::new(BertModel::load(
+                dir,
+                *max_length,
+                *truncation,
+                runtime,
+            )?)),
         };
         let path = dir.join("drift.json");
         let drift = match std::fs::read(&path) {

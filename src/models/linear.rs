@@ -25,29 +25,39 @@ use super::sparse::Csr;
 pub enum ModelSpec {
     /// Logistic regression with an L2 penalty; `C` is the inverse regularisation strength.
     Logreg {
+        /// Inverse regularisation strength: larger fits the training data more closely.
         #[serde(rename = "C")]
         c: f64,
     },
     /// Linear SVM (squared hinge loss, L2 penalty).
     Svm {
+        /// Inverse regularisation strength: larger fits the training data more closely.
         #[serde(rename = "C")]
         c: f64,
     },
     /// Logistic regression with the elastic-net penalty `l1_ratio·|w|₁ + (1 − l1_ratio)/2·|w|²`.
     Elasticnet {
+        /// Inverse regularisation strength: larger fits the training data more closely.
         #[serde(rename = "C")]
         c: f64,
+        /// Share of the L1 penalty, in [0, 1].
         l1_ratio: f64,
     },
     /// Naive-Bayes-scaled features with a logistic (`log`) or squared-hinge (`hinge`) loss.
     Nbsvm {
+        /// Inverse regularisation strength: larger fits the training data more closely.
         #[serde(rename = "C")]
         c: f64,
         /// Smoothing of the log-count ratio.
         #[serde(default = "one")]
         alpha: f64,
+        /// `log`: logistic regression; `hinge`: squared-hinge SVM with Platt-scaled probabilities.
         #[serde(default)]
         loss: Loss,
+        /// Interpolation between naive Bayes (towards 0) and the fitted weights (1): each weight
+        /// becomes `(1 − beta)·mean|w| + beta·w` (Wang & Manning's β).
+        #[serde(default = "one")]
+        beta: f64,
     },
 }
 
@@ -82,6 +92,9 @@ impl ModelSpec {
                 Err(format!("l1_ratio must be in [0, 1], got {l1_ratio}"))
             }
             ModelSpec::Nbsvm { alpha, .. } if *alpha <= 0.0 => Err(format!("alpha must be positive, got {alpha}")),
+            ModelSpec::Nbsvm { beta, .. } if !(*beta > 0.0 && *beta <= 1.0) => {
+                Err(format!("beta must be in (0, 1], got {beta}"))
+            }
             _ => Ok(()),
         }
     }
@@ -158,11 +171,16 @@ impl LinearModel {
                 let platt = platt_scale(&x, &signs, &w, b);
                 (w, b, platt)
             }
-            ModelSpec::Nbsvm { c, alpha, loss } => {
+            ModelSpec::Nbsvm { c, alpha, loss, beta } => {
                 let r = nb_ratio(&x, &signs, *alpha);
                 let scaled = x.scale_columns(&r.iter().map(|&v| v as f32).collect::<Vec<_>>());
-                let (w, b) = dual_cd(&scaled, &signs, *c, *loss, seed);
-                let platt = if *loss == Loss::Hinge {
+                let (mut w, b) = dual_cd(&scaled, &signs, *c, *loss, seed);
+                if *beta < 1.0 {
+                    let mean = w.iter().map(|v| v.abs()).sum::<f64>() / w.len().max(1) as f64;
+                    w.iter_mut().for_each(|v| *v = (1.0 - beta) * mean + beta * *v);
+                }
+                // Interpolated weights no longer give calibrated log-odds.
+                let platt = if *loss == Loss::Hinge || *beta < 1.0 {
                     platt_scale(&scaled, &signs, &w, b)
                 } else {
                     (1.0, 0.0)
@@ -457,11 +475,13 @@ mod tests {
                 c: 1.0,
                 alpha: 1.0,
                 loss: Loss::Log,
+                beta: 1.0,
             },
             ModelSpec::Nbsvm {
                 c: 1.0,
                 alpha: 1.0,
                 loss: Loss::Hinge,
+                beta: 1.0,
             },
         ] {
             let all: Vec<usize> = (0..x.rows()).collect();
@@ -471,6 +491,25 @@ mod tests {
             assert_eq!(correct, 200, "{spec:?}");
             assert!(m.weights[0] > 0.0 && m.weights[1] < 0.0, "{spec:?}: {:?}", m.weights);
         }
+    }
+
+    #[test]
+    fn nbsvm_beta_interpolates_towards_the_mean_weight() {
+        let (x, y) = data();
+        let all: Vec<usize> = (0..x.rows()).collect();
+        let fit = |beta| {
+            let spec = ModelSpec::Nbsvm {
+                c: 1.0,
+                alpha: 1.0,
+                loss: Loss::Log,
+                beta,
+            };
+            LinearModel::fit(&spec, &x, &y, &all, 1)
+        };
+        let (full, half) = (fit(1.0), fit(0.5));
+        let spread = |m: &LinearModel| m.weights[0] - m.weights[1];
+        assert!(spread(&half) > 0.0 && spread(&half) < spread(&full));
+        assert_ne!(half.platt, (1.0, 0.0), "interpolated weights are calibrated again");
     }
 
     #[test]

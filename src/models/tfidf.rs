@@ -37,6 +37,11 @@ pub struct TfidfConfig {
     /// Count each term once per document.
     #[serde(default)]
     pub binary: bool,
+    /// Weight terms by their smoothed inverse document frequency; off, every weight is 1 (plain
+    /// or binary counts, as NB-SVM on binarised n-grams uses them).
+    #[serde(default = "yes")]
+    pub use_idf: bool,
+    /// Lowercase texts before tokenising.
     #[serde(default = "yes")]
     pub lowercase: bool,
     /// Scale each row to unit length.
@@ -239,7 +244,10 @@ impl Tfidf {
         let index: FxHashMap<u64, u32> = vocab.iter().enumerate().map(|(c, (_, k, _))| (*k, c as u32)).collect();
         let idf: Vec<f32> = vocab
             .iter()
-            .map(|(_, _, df)| (((1 + n_docs) as f64 / (1 + *df) as f64).ln() + 1.0) as f32)
+            .map(|(_, _, df)| match config.use_idf {
+                true => (((1 + n_docs) as f64 / (1 + *df) as f64).ln() + 1.0) as f32,
+                false => 1.0,
+            })
             .collect();
         let keys: Vec<u64> = vocab.into_iter().map(|(_, k, _)| k).collect();
         let owned_unigrams: FxHashMap<String, u32> = unigrams.iter().map(|(k, v)| (k.to_string(), *v)).collect();

@@ -13,6 +13,7 @@ use crate::text::normalize;
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Clean {
+    /// Lowercase the text.
     #[serde(default)]
     pub lowercase: bool,
     /// Drop texts shorter than this many characters (after normalisation).

@@ -39,7 +39,7 @@ const MODEL_FILES: [&str; 9] = [
 
 impl Stage for Export {
     fn version(&self) -> u32 {
-        3
+        4
     }
 
     fn outs(&self) -> Vec<String> {
@@ -62,6 +62,7 @@ impl Stage for Export {
                     vectorizer: model.vectorizer.config.clone(),
                     model: model.model,
                     tuning: report["tuning"].clone(),
+                    fitted_on: serde_json::from_value(report["fitted_on"].clone()).ok(),
                 },
             ))
         })?;

@@ -1,5 +1,5 @@
 //! `uses: load`: reads reviews into a Parquet table with columns `id`, `text`, `label`,
-//! `rating` and `source_split`.
+//! `rating`, `source_split` and `movie`.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -8,7 +8,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Context, Metrics, Stage, StageError};
-use crate::data::read::{self, Rejected};
+use crate::data::read::{self, Columns, Rejected};
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -33,8 +33,13 @@ pub struct Load {
     /// Column or field holding the label (`positive`/`negative`, `pos`/`neg` or `1`/`0`).
     #[serde(default = "default_label")]
     pub label_column: String,
+    /// Column or field holding each review's id (default: its row number).
     #[serde(default)]
     pub id_column: Option<String>,
+    /// Column or field naming each review's movie (or other group), for splits that keep a
+    /// group on one side. The IMDB layout reads it from `urls_pos.txt` and `urls_neg.txt`.
+    #[serde(default)]
+    pub group_column: Option<String>,
     /// The Parquet table written.
     pub out: String,
 }
@@ -76,7 +81,7 @@ impl Load {
 
 impl Stage for Load {
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn deps(&self) -> Vec<String> {
@@ -109,12 +114,18 @@ impl Stage for Load {
 
     fn run(&self, ctx: &Context) -> Result<Metrics, StageError> {
         let path = ctx.path(&self.path);
+        let columns = Columns {
+            text: &self.text_column,
+            label: &self.label_column,
+            id: self.id_column.as_deref(),
+            group: self.group_column.as_deref(),
+        };
         let (mut reviews, rejected) = match self.format(&path) {
             Format::Imdb if path.is_dir() => read::imdb_dir(&path)?,
             Format::Imdb => read::imdb_archive(&path)?,
-            Format::Csv => read::csv(&path, &self.text_column, &self.label_column, self.id_column.as_deref())?,
-            Format::Jsonl => read::jsonl(&path, &self.text_column, &self.label_column, self.id_column.as_deref())?,
-            Format::Parquet => read::parquet(&path, &self.text_column, &self.label_column, self.id_column.as_deref())?,
+            Format::Csv => read::csv(&path, &columns)?,
+            Format::Jsonl => read::jsonl(&path, &columns)?,
+            Format::Parquet => read::parquet(&path, &columns)?,
         };
         if !self.splits.is_empty() {
             let keep: Vec<usize> = (0..reviews.len())
@@ -139,13 +150,21 @@ impl Stage for Load {
         m.insert("rows".into(), reviews.len().into());
         m.insert("positive".into(), reviews.positives().into());
         m.insert("negative".into(), (reviews.len() - reviews.positives()).into());
+        let movies: std::collections::BTreeSet<&str> = reviews.movie.iter().flatten().map(String::as_str).collect();
+        m.insert("movies".into(), movies.len().into());
+        m.insert("without_movie".into(), reviews.without_movie().into());
         for (reason, n) in &rejected {
             m.insert(format!("rejected_{reason}"), (*n).into());
         }
         ctx.info(&format!(
-            "loaded {} reviews ({} positive)",
+            "loaded {} reviews ({} positive) of {} movies{}",
             reviews.len(),
-            reviews.positives()
+            reviews.positives(),
+            movies.len(),
+            match reviews.without_movie() {
+                0 => String::new(),
+                n => format!("; {n} without a movie"),
+            }
         ));
         Ok(m)
     }

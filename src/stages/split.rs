@@ -1,12 +1,12 @@
 //! `uses: split`: a stratified, seeded train/validation split, written as `train.parquet` and
-//! `valid.parquet` in the output directory.
+//! `valid.parquet` in the output directory; with `group: movie`, no movie on both sides.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Context, Metrics, Stage, StageError};
+use crate::data::partition::{self, Grouping};
 use crate::data::Reviews;
-use crate::models::rng::Rng;
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -14,8 +14,13 @@ pub struct Split {
     /// Fraction of each class that goes to validation, in (0, 1).
     #[serde(default = "default_fraction")]
     pub validation: f64,
+    /// Seed of the shuffle that decides which reviews (or movies) go to validation.
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// `movie` keeps all reviews of a movie on one side, so validation scores predict reviews of
+    /// movies the model has never seen.
+    #[serde(default)]
+    pub group: Grouping,
     /// Output directory.
     pub out: String,
 }
@@ -27,35 +32,42 @@ fn default_seed() -> u64 {
     42
 }
 
-/// Row indices of the two parts, each class split in the same proportion.
-pub fn stratified(labels: &[u8], fraction: f64, seed: u64) -> Result<(Vec<usize>, Vec<usize>), String> {
+/// Row indices of the two parts, each class split in (about) the same proportion, and each group
+/// whole on one side.
+pub fn stratified(
+    labels: &[u8],
+    groups: &[usize],
+    fraction: f64,
+    seed: u64,
+) -> Result<(Vec<usize>, Vec<usize>), String> {
     if !(fraction > 0.0 && fraction < 1.0) {
         return Err(format!("validation fraction {fraction} must be between 0 and 1"));
     }
-    let mut rng = Rng::new(seed);
-    let (mut train, mut valid) = (Vec::new(), Vec::new());
-    for class in [0u8, 1] {
-        let mut rows: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == class).collect();
-        let name = if class == 1 { "positive" } else { "negative" };
-        if rows.len() < 2 {
+    for (class, name) in [(0u8, "negative"), (1, "positive")] {
+        let n = labels.iter().filter(|&&y| y == class).count();
+        if n < 2 {
             return Err(format!(
-                "only {} {name} review(s): each class needs at least 2 to split",
-                rows.len()
+                "only {n} {name} review(s): each class needs at least 2 to split"
             ));
         }
-        rng.shuffle(&mut rows);
-        let n_valid = ((rows.len() as f64 * fraction).round() as usize).clamp(1, rows.len() - 1);
-        valid.extend_from_slice(&rows[..n_valid]);
-        train.extend_from_slice(&rows[n_valid..]);
     }
-    train.sort_unstable();
-    valid.sort_unstable();
+    let part = partition::stratified(labels, groups, &[1.0 - fraction, fraction], seed);
+    let (train, valid): (Vec<usize>, Vec<usize>) = (0..labels.len()).partition(|&i| part[i] == 0);
+    for (rows, side) in [(&train, "training"), (&valid, "validation")] {
+        for (class, name) in [(0u8, "negative"), (1, "positive")] {
+            if !rows.iter().any(|&i| labels[i] == class) {
+                return Err(format!(
+                    "the {side} part has no {name} review: too few groups to split by {fraction}"
+                ));
+            }
+        }
+    }
     Ok((train, valid))
 }
 
 impl Stage for Split {
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn outs(&self) -> Vec<String> {
@@ -65,19 +77,34 @@ impl Stage for Split {
     fn run(&self, ctx: &Context) -> Result<Metrics, StageError> {
         let input = ctx.input(&["load", "clean"])?;
         let reviews = Reviews::read_parquet(&input)?;
-        let (train, valid) = stratified(&reviews.label, self.validation, self.seed).map_err(StageError::Invalid)?;
+        let groups = self.group.groups(&reviews.movie).map_err(StageError::Invalid)?;
+        let (train, valid) =
+            stratified(&reviews.label, &groups, self.validation, self.seed).map_err(StageError::Invalid)?;
         let dir = ctx.path(&self.out);
         std::fs::create_dir_all(&dir).map_err(|e| StageError::io(&dir, e))?;
-        reviews.select(&train).write_parquet(&dir.join("train.parquet"))?;
-        reviews.select(&valid).write_parquet(&dir.join("valid.parquet"))?;
-        ctx.info(&format!(
-            "{} training and {} validation reviews",
-            train.len(),
-            valid.len()
-        ));
         let mut m = Metrics::new();
-        m.insert("train_rows".into(), train.len().into());
-        m.insert("valid_rows".into(), valid.len().into());
+        for (rows, part, file) in [(&train, "train", "train.parquet"), (&valid, "valid", "valid.parquet")] {
+            let reviews = reviews.select(rows);
+            reviews.write_parquet(&dir.join(file))?;
+            let movies: std::collections::BTreeSet<&str> = reviews.movie.iter().flatten().map(String::as_str).collect();
+            m.insert(format!("{part}_rows"), rows.len().into());
+            m.insert(format!("{part}_movies"), movies.len().into());
+            m.insert(
+                format!("{part}_positive_share"),
+                serde_json::json!(reviews.positives() as f64 / rows.len() as f64),
+            );
+        }
+        ctx.info(&format!(
+            "{} training reviews of {} movies, {} validation reviews of {} movies{}",
+            train.len(),
+            m["train_movies"],
+            valid.len(),
+            m["valid_movies"],
+            match self.group {
+                Grouping::Movie => " (no movie on both sides)",
+                Grouping::None => "",
+            }
+        ));
         Ok(m)
     }
 }

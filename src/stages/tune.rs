@@ -1,6 +1,7 @@
 //! `uses: tune`: grid or random search over model hyper-parameters, and over vectorizers when
 //! several `vectorize` stages feed it, scored by stratified k-fold cross-validation on the
-//! training part. Trials run in parallel; results do not depend on the thread count.
+//! training part (grouped by movie with `group: movie`, so that a trial's score predicts new
+//! movies). Trials run in parallel; results do not depend on the thread count.
 
 use rayon::prelude::*;
 use schemars::JsonSchema;
@@ -9,6 +10,7 @@ use serde_json::{json, Map, Value};
 
 use super::vectorize::Features;
 use super::{write_json, Context, Metrics, Stage, StageError};
+use crate::data::partition::{self, Grouping};
 use crate::models::linear::{LinearModel, ModelSpec};
 use crate::models::metrics::{score, Scores};
 use crate::models::rng::Rng;
@@ -19,11 +21,16 @@ pub struct Tune {
     /// Number of cross-validation folds.
     #[serde(default = "default_folds")]
     pub folds: usize,
+    /// Seed of the folds, of random search's draws and of the solvers.
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// `movie` keeps all reviews of a movie in one fold (stratified group k-fold).
+    #[serde(default)]
+    pub group: Grouping,
     /// What the best trial maximises (`log_loss` is minimised).
     #[serde(default)]
     pub metric: Metric,
+    /// `grid` tries every combination of the listed values; `random` draws `trials` of them.
     #[serde(default)]
     pub search: Search,
     /// For random search: how many configurations to draw.
@@ -162,25 +169,28 @@ fn sample(entry: &Map<String, Value>, at: &str, rng: &mut Rng) -> Result<Map<Str
     Ok(config)
 }
 
-/// Fold number of every row: each class dealt round-robin after a seeded shuffle.
-pub fn stratified_folds(labels: &[u8], k: usize, seed: u64) -> Result<Vec<usize>, String> {
+/// Fold number of every row: stratified by label, each group whole in one fold.
+pub fn stratified_folds(labels: &[u8], groups: &[usize], k: usize, seed: u64) -> Result<Vec<usize>, String> {
     if k < 2 {
         return Err(format!("folds must be at least 2, got {k}"));
     }
-    let mut fold = vec![0usize; labels.len()];
-    let mut rng = Rng::new(seed);
-    for class in [0u8, 1] {
-        let mut rows: Vec<usize> = (0..labels.len()).filter(|&i| labels[i] == class).collect();
-        if rows.len() < k {
-            let name = if class == 1 { "positive" } else { "negative" };
+    for (class, name) in [(0u8, "negative"), (1, "positive")] {
+        let n = labels.iter().filter(|&&y| y == class).count();
+        if n < k {
             return Err(format!(
-                "{k}-fold cross-validation needs at least {k} {name} training reviews, found {}",
-                rows.len()
+                "{k}-fold cross-validation needs at least {k} {name} training reviews, found {n}"
             ));
         }
-        rng.shuffle(&mut rows);
-        for (n, &i) in rows.iter().enumerate() {
-            fold[i] = n % k;
+    }
+    let fold = partition::stratified(labels, groups, &vec![1.0; k], seed);
+    for f in 0..k {
+        for (class, name) in [(0u8, "negative"), (1, "positive")] {
+            if !(0..labels.len()).any(|i| fold[i] == f && labels[i] == class) {
+                return Err(format!(
+                    "{k}-fold cross-validation grouped by movie left fold {f} without a {name} \
+                     review: use fewer folds or more movies"
+                ));
+            }
         }
     }
     Ok(fold)
@@ -220,7 +230,7 @@ impl Tune {
 
 impl Stage for Tune {
     fn version(&self) -> u32 {
-        1
+        2
     }
 
     fn outs(&self) -> Vec<String> {
@@ -250,7 +260,11 @@ impl Stage for Tune {
                 "the vectorize stages were fitted on different training rows".into(),
             ));
         }
-        let fold = stratified_folds(labels, self.folds, self.seed).map_err(StageError::Invalid)?;
+        let groups = self
+            .group
+            .groups(&features[0].1.train_movies)
+            .map_err(StageError::Invalid)?;
+        let fold = stratified_folds(labels, &groups, self.folds, self.seed).map_err(StageError::Invalid)?;
         let trials: Vec<(usize, &ModelSpec)> = (0..features.len())
             .flat_map(|v| configs.iter().map(move |c| (v, c)))
             .collect();

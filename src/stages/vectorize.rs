@@ -6,7 +6,7 @@ use std::path::Path;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{write_json, Context, Metrics, Stage, StageError};
+use super::{read_json, write_json, Context, Metrics, Stage, StageError};
 use crate::data::Reviews;
 use crate::models::sparse::Csr;
 use crate::models::tfidf::{Tfidf, TfidfConfig};
@@ -23,6 +23,8 @@ pub struct Vectorize {
 pub struct Features {
     pub train: Csr,
     pub train_labels: Vec<u8>,
+    /// The movie of each training row, for grouped cross-validation.
+    pub train_movies: Vec<Option<String>>,
     pub valid: Csr,
     pub valid_labels: Vec<u8>,
 }
@@ -34,6 +36,7 @@ impl Features {
         Ok(Features {
             train: read("train.csr")?,
             train_labels: labels("train.labels")?,
+            train_movies: read_json(&dir.join("train_movies.json"))?,
             valid: read("valid.csr")?,
             valid_labels: labels("valid.labels")?,
         })
@@ -42,7 +45,7 @@ impl Features {
 
 impl Stage for Vectorize {
     fn version(&self) -> u32 {
-        3
+        4
     }
 
     fn outs(&self) -> Vec<String> {
@@ -68,6 +71,7 @@ impl Stage for Vectorize {
         x_valid.save(&dir.join("valid.csr")).map_err(io("valid.csr"))?;
         std::fs::write(dir.join("train.labels"), &train.label).map_err(io("train.labels"))?;
         std::fs::write(dir.join("valid.labels"), &valid.label).map_err(io("valid.labels"))?;
+        write_json(&dir.join("train_movies.json"), &train.movie)?;
         // What drift monitoring compares live texts with: each validation text's normalised
         // length in characters, its tokens outside the vocabulary, and all its tokens.
         let counts: Vec<[usize; 3]> = valid.text.iter().map(|t| vectorizer.transform_counting(t).1).collect();
