@@ -73,14 +73,24 @@ def thread_load(port, key, bodies, connections, duration):
     return len(latencies) / elapsed, {"50": pct(0.5), "90": pct(0.9), "99": pct(0.99)}, errors[0], ""
 
 
-def python_latencies(bundle, texts, max_length, repeats, device):
+def python_latencies(bundle, texts, max_length, truncation, repeats, device):
     import numpy as np
     import onnxruntime as ort
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(os.path.join(bundle, "tokenizer.json"))
-    tok.enable_truncation(max_length)
+    tok.no_truncation()
     tok.no_padding()
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    budget = max_length - 2
+    head = (budget + 2) // 4 if truncation == "head_tail" else budget
+
+    def ids_of(text):
+        # The bundle's cut, as sentiflow makes it: the head, and for head_tail the tail too.
+        ids = tok.encode(text, add_special_tokens=False).ids
+        if len(ids) > budget:
+            ids = ids[:head] + ids[len(ids) - (budget - head):] if budget > head else ids[:budget]
+        return [cls, *ids, sep]
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # The settings sentiflow uses: TF32 off on a GPU.
@@ -91,10 +101,10 @@ def python_latencies(bundle, texts, max_length, repeats, device):
         sys.exit(f"Python onnxruntime cannot use {device}: {sess.get_providers()}")
 
     def predict(text):
-        e = tok.encode(text)
-        feed = {"input_ids": np.array([e.ids], dtype=np.int64),
-                "attention_mask": np.array([e.attention_mask], dtype=np.int64),
-                "token_type_ids": np.array([e.type_ids], dtype=np.int64)}
+        ids = ids_of(text)
+        feed = {"input_ids": np.array([ids], dtype=np.int64),
+                "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
+                "token_type_ids": np.zeros((1, len(ids)), dtype=np.int64)}
         z = sess.run(["logits"], feed)[0][0]
         return 1 / (1 + np.exp(z[0] - z[1]))
 
@@ -130,6 +140,7 @@ def main():
     args = ap.parse_args()
     manifest = json.load(open(os.path.join(args.bundle, "manifest.json")))
     max_length = manifest["max_length"]
+    truncation = manifest.get("truncation", "head")
 
     import pyarrow.parquet as pq
     texts = pq.read_table(args.valid, columns=["text"]).column("text").to_pylist()[: args.reviews]
@@ -147,7 +158,7 @@ def main():
             out = subprocess.run(bench + [args.bundle, reviews, str(args.repeats), args.device], cwd=ROOT, check=True,
                                  capture_output=True, text=True).stdout
             rust.append(json.loads(out.strip().splitlines()[-1]))
-            medians, _ = python_latencies(args.bundle, texts, max_length, args.repeats, args.device)
+            medians, _ = python_latencies(args.bundle, texts, max_length, truncation, args.repeats, args.device)
             py.append(medians)
         if rust:
             rust_ms = statistics.median([min(r) for r in zip(*rust)]) * 1000

@@ -22,10 +22,13 @@ fn main() {
     };
     let dir = Path::new(bundle);
     let manifest = Manifest::read(dir).expect("a bundle");
-    let Family::Bert { max_length, .. } = manifest.family else {
+    let Family::Bert {
+        max_length, truncation, ..
+    } = manifest.family
+    else {
         panic!("{bundle} is not a BERT bundle");
     };
-    let model = BertModel::load(dir, max_length, Runtime { threads: 0, device }).expect("the model loads");
+    let model = BertModel::load(dir, max_length, truncation, Runtime { threads: 0, device }).expect("the model loads");
     let texts: Vec<String> = std::fs::read_to_string(reviews)
         .expect("the reviews file")
         .lines()

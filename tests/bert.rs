@@ -15,21 +15,27 @@ fn python() -> String {
     std::env::var("SENTIFLOW_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
-/// P(positive) from Python ONNX Runtime and the `tokenizers` package, one review at a time.
+/// P(positive) from Python ONNX Runtime and the `tokenizers` package, one review at a time, cut to
+/// the bundle's `max_length` as its `truncation` says.
 fn python_probabilities(bundle: &Path, texts: &[&str]) -> Vec<f64> {
     let script = r#"
 import json, sys
 import numpy as np, onnxruntime as ort
 from tokenizers import Tokenizer
-bundle, max_length = sys.argv[1], int(sys.argv[2])
+bundle, max_length, truncation = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+budget = max_length - 2
+head = {"head": budget, "head_tail": (budget + 2) // 4}[truncation]
 tok = Tokenizer.from_file(f"{bundle}/tokenizer.json")
-tok.enable_truncation(max_length)
+tok.no_truncation()
 tok.no_padding()
 sess = ort.InferenceSession(f"{bundle}/model.onnx", providers=["CPUExecutionProvider"])
 for line in sys.stdin:
-    e = tok.encode(json.loads(line)["text"])
+    ids = tok.encode(json.loads(line)["text"], add_special_tokens=False).ids
+    if len(ids) > budget:
+        ids = ids[:head] + ids[len(ids) - (budget - head):]
+    ids = [tok.token_to_id("[CLS]"), *ids, tok.token_to_id("[SEP]")]
     feed = {k: np.array([v], dtype=np.int64) for k, v in
-            [("input_ids", e.ids), ("attention_mask", e.attention_mask), ("token_type_ids", e.type_ids)]}
+            [("input_ids", ids), ("attention_mask", [1] * len(ids)), ("token_type_ids", [0] * len(ids))]}
     z = sess.run(["logits"], feed)[0][0].astype(np.float64)
     print(json.dumps(float(1 / (1 + np.exp(z[0] - z[1])))))
 "#;
@@ -39,6 +45,7 @@ for line in sys.stdin:
         .args(["-c", script])
         .arg(bundle)
         .arg(manifest["max_length"].to_string())
+        .arg(manifest["truncation"].as_str().unwrap())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -59,11 +66,18 @@ for line in sys.stdin:
         .collect()
 }
 
-const REVIEWS: [&str; 4] = [
+const REVIEWS: [&str; 5] = [
     "One of the best films I have seen in years: moving, funny and beautifully acted.",
     "A boring, badly written mess. I want my two hours back.",
     "The plot was thin, but the performances carried it and the score is gorgeous.",
     "I walked out halfway. Wooden acting, a script full of clichés, and it looked cheap.",
+    // Longer than the test's 64 tokens: its head and its tail are what the models see.
+    "I had high hopes for this one. The opening twenty minutes are wonderful: a sharp, funny script, a \
+     lovely score and two leads with real chemistry, and the photography of the old harbour town is \
+     gorgeous. Then the plot arrives. A kidnapping subplot nobody asked for takes over, the villain \
+     explains his plan three times, the jokes dry up, and the editing turns choppy and confusing. By the \
+     last act I had stopped caring about anyone on screen. The ending is lazy, predictable and far too \
+     long, and the final twist makes no sense at all. A dull, tedious waste of a promising start.",
 ];
 
 #[test]
@@ -104,6 +118,7 @@ fn bert_branch_end_to_end() {
     let manifest: Value = serde_json::from_str(&p.read("models/bert/manifest.json")).unwrap();
     assert_eq!(manifest["kind"], "bert");
     assert_eq!(manifest["max_length"], 64);
+    assert_eq!(manifest["truncation"], "head_tail");
     assert!(bundle.join("model.onnx").is_file() && bundle.join("tokenizer.json").is_file());
     let parity = manifest["onnx"]["parity"]["max_abs_logit_diff"].as_f64().unwrap();
     assert!(parity <= 1e-4, "PyTorch vs ONNX: {parity}");
@@ -174,12 +189,13 @@ fn bert_branch_end_to_end() {
     );
     assert_eq!(best.status, 200, "{}", best.body);
     assert_eq!(best.json()["parameters"]["max_length"], 64);
+    assert_eq!(best.json()["parameters"]["truncation"], "head_tail");
     let metrics = http(&s.addr, "GET", "/metrics", &[], b"").body;
     let texts_line = metrics
         .lines()
         .find(|l| l.starts_with("sentiflow_onnx_batch_texts_total{model=\"bert\"}"))
         .unwrap_or_else(|| panic!("{metrics}"));
-    assert!(texts_line.ends_with(" 4"), "{texts_line}");
+    assert!(texts_line.ends_with(&format!(" {}", REVIEWS.len())), "{texts_line}");
     drop(s);
 
     full_queue_answers_503_with_retry_after(&p, &auth);

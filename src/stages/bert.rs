@@ -17,7 +17,7 @@ use super::export::publish;
 use super::{read_json, write_json, Context, Metrics, Stage, StageError};
 use crate::data::Reviews;
 use crate::drift::{Reference, Sample};
-use crate::models::bert::{BertModel, Runtime};
+use crate::models::bert::{BertModel, Runtime, Truncation};
 use crate::models::bundle::Family;
 use crate::models::metrics::{roc_curve, score};
 
@@ -41,6 +41,10 @@ pub struct BertFinetune {
     /// Tokens per review; longer reviews are truncated.
     #[serde(default = "default_max_length")]
     pub max_length: usize,
+    /// Which tokens of a longer review to keep: `head` (the first) or `head_tail` (the first
+    /// quarter and the last three quarters). The export and the bundle follow it.
+    #[serde(default)]
+    pub truncation: Truncation,
     /// Passes over the training reviews; 0 scores the base model as it is (a checkpoint
     /// fine-tuned elsewhere) and passes it on.
     #[serde(default = "one")]
@@ -54,8 +58,10 @@ pub struct BertFinetune {
     /// Fraction of the steps spent warming up.
     #[serde(default = "default_warmup")]
     pub warmup: f64,
+    /// AdamW's weight decay.
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
+    /// Seed of the subset, the shuffles, dropout and the classifier's initial weights.
     #[serde(default = "default_seed")]
     pub seed: u64,
     /// Training reviews to use, class-balanced and seeded (0: all).
@@ -147,7 +153,8 @@ fn fresh_dir(path: &Path) -> Result<(), StageError> {
 
 impl Stage for BertFinetune {
     fn version(&self) -> u32 {
-        1
+        // 2: the report records `truncation`.
+        2
     }
 
     fn deps(&self) -> Vec<String> {
@@ -194,6 +201,10 @@ impl Stage for BertFinetune {
         for (flag, value) in [
             ("--base-model", self.base_model.clone()),
             ("--max-length", self.max_length.to_string()),
+            (
+                "--truncation",
+                json!(self.truncation).as_str().unwrap_or("head").to_string(),
+            ),
             ("--epochs", self.epochs.to_string()),
             ("--lr", self.lr.to_string()),
             ("--batch-size", self.batch_size.to_string()),
@@ -249,7 +260,8 @@ pub struct BertExport {
 
 impl Stage for BertExport {
     fn version(&self) -> u32 {
-        1
+        // 2: the manifest records `truncation`, which Python and Rust apply.
+        2
     }
 
     fn deps(&self) -> Vec<String> {
@@ -275,6 +287,10 @@ impl Stage for BertExport {
             .as_u64()
             .ok_or_else(|| StageError::Invalid(format!("{}: no params.max_length", checkpoint.display())))?
             as usize;
+        // Checkpoints from before the setting kept the head.
+        let truncation = serde_json::from_value::<Option<Truncation>>(training["params"]["truncation"].clone())
+            .map_err(|e| StageError::Invalid(format!("{}: params.truncation: {e}", checkpoint.display())))?
+            .unwrap_or_default();
         let manifest = publish(ctx, &self.name, &self.out, |staging| {
             let mut command = python_command(ctx);
             command
@@ -287,6 +303,8 @@ impl Stage for BertExport {
                 .arg(staging)
                 .arg("--max-length")
                 .arg(max_length.to_string())
+                .arg("--truncation")
+                .arg(json!(truncation).as_str().unwrap_or("head"))
                 .arg("--parity-reviews")
                 .arg(self.parity_reviews.to_string());
             if self.quantize {
@@ -294,7 +312,7 @@ impl Stage for BertExport {
             }
             run_process(ctx, command, &self.script)?;
             let mut onnx: Value = read_json(&staging.join("export.json"))?;
-            let model = BertModel::load(staging, max_length, Runtime::default())
+            let model = BertModel::load(staging, max_length, truncation, Runtime::default())
                 .map_err(|e| StageError::Invalid(e.to_string()))?;
             let reference = onnx
                 .as_object_mut()
@@ -311,6 +329,7 @@ impl Stage for BertExport {
                 metrics,
                 Family::Bert {
                     max_length,
+                    truncation,
                     training: training.clone(),
                     onnx,
                 },

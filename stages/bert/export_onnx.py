@@ -4,8 +4,8 @@ Writes into --out:
 - `model.onnx`: inputs `input_ids`, `attention_mask`, `token_type_ids` (int64, dynamic batch and
   sequence axes), output `logits` (float32, batch × 2);
 - `tokenizer.json`;
-- `export.json`: opset, max_length, the parity check (max |Δlogit| between PyTorch and ONNX
-  Runtime on real validation reviews; the export fails above --tolerance), the optional int8
+- `export.json`: opset, max_length, truncation, the parity check (max |Δlogit| between PyTorch and
+  ONNX Runtime on real validation reviews; the export fails above --tolerance), the optional int8
   quantisation's accuracy change, and reference probabilities from Python ONNX Runtime on those
   reviews, which the Rust evaluation compares with its own.
 """
@@ -31,6 +31,7 @@ def parse_args(argv):
     p.add_argument("--split", required=True, help="directory with valid.parquet")
     p.add_argument("--out", required=True)
     p.add_argument("--max-length", type=int, required=True)
+    p.add_argument("--truncation", choices=["head", "head_tail"], default="head", help="as the model was fine-tuned")
     p.add_argument("--parity-reviews", type=int, default=32)
     p.add_argument("--tolerance", type=float, default=1e-4)
     p.add_argument("--quantize", action="store_true", help="ship int8 dynamic quantisation as model.onnx")
@@ -38,11 +39,24 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def encode(tokenizer, texts, max_length):
-    enc = tokenizer(texts, truncation=True, max_length=max_length, padding="longest", return_tensors="np")
-    if "token_type_ids" not in enc:
-        enc["token_type_ids"] = np.zeros_like(enc["input_ids"])
-    return {k: enc[k].astype(np.int64) for k in INPUTS}
+def encode(tokenizer, texts, max_length, truncation):
+    """The model's inputs for `texts`, padded to the longest: [CLS] + at most max_length - 2 tokens
+    of each + [SEP], cut as finetune.py's `token_ids` cuts them (and sentiflow's runtime):
+    the first tokens (`head`), or the first quarter, rounded half up, and the last three quarters
+    (`head_tail`)."""
+    budget = max_length - 2
+    head = budget if truncation == "head" else (budget + 2) // 4
+    rows = []
+    for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
+        if len(ids) > budget:
+            ids = ids[:head] + ids[len(ids) - (budget - head) :]
+        rows.append([tokenizer.cls_token_id, *ids, tokenizer.sep_token_id])
+    ids = np.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
 
 
 def onnx_logits(session, feeds, batch=32):
@@ -76,7 +90,7 @@ def main(argv):
     texts = table.column("text").to_pylist()
     labels = np.array(table.column("label").to_pylist())
 
-    sample = encode(tokenizer, texts[:2], args.max_length)
+    sample = encode(tokenizer, texts[:2], args.max_length, args.truncation)
     onnx_path = out / "model.onnx"
     with torch.no_grad():
         torch.onnx.export(
@@ -92,12 +106,12 @@ def main(argv):
 
     # Parity on real reviews: padded batches and a single unpadded review.
     parity_texts = texts[: args.parity_reviews]
-    feeds = encode(tokenizer, parity_texts, args.max_length)
+    feeds = encode(tokenizer, parity_texts, args.max_length, args.truncation)
     with torch.no_grad():
         torch_logits = model(*(torch.from_numpy(feeds[k]) for k in INPUTS))[0].numpy()
     fp32 = session(onnx_path)
     ort_logits = onnx_logits(fp32, feeds)
-    single = encode(tokenizer, parity_texts[:1], args.max_length)
+    single = encode(tokenizer, parity_texts[:1], args.max_length, args.truncation)
     with torch.no_grad():
         torch_single = model(*(torch.from_numpy(single[k]) for k in INPUTS))[0].numpy()
     max_diff = float(max(np.abs(torch_logits - ort_logits).max(), np.abs(torch_single - onnx_logits(fp32, single)).max()))
@@ -108,6 +122,7 @@ def main(argv):
     report = {
         "opset": OPSET,
         "max_length": args.max_length,
+        "truncation": args.truncation,
         "inputs": INPUTS,
         "parity": {"reviews": len(parity_texts), "max_abs_logit_diff": max_diff, "tolerance": args.tolerance},
         "quantization": None,
@@ -118,7 +133,7 @@ def main(argv):
         int8_path = out / "model.int8.onnx"
         quantize_dynamic(str(onnx_path), str(int8_path), weight_type=QuantType.QInt8)
         n = min(args.quantize_eval, len(texts))
-        eval_feeds = encode(tokenizer, texts[:n], args.max_length)
+        eval_feeds = encode(tokenizer, texts[:n], args.max_length, args.truncation)
         acc_fp32 = float((onnx_logits(fp32, eval_feeds).argmax(1) == labels[:n]).mean())
         acc_int8 = float((onnx_logits(session(int8_path), eval_feeds).argmax(1) == labels[:n]).mean())
         report["quantization"] = {
@@ -135,7 +150,10 @@ def main(argv):
         fp32 = session(onnx_path)
 
     # What Python ONNX Runtime says about these reviews, one at a time as a client would send them.
-    probs = [float(softmax_positive(onnx_logits(fp32, encode(tokenizer, [t], args.max_length)))[0]) for t in parity_texts]
+    probs = [
+        float(softmax_positive(onnx_logits(fp32, encode(tokenizer, [t], args.max_length, args.truncation)))[0])
+        for t in parity_texts
+    ]
     report["reference"] = [{"text": t, "p_positive": p} for t, p in zip(parity_texts, probs)]
     tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
     (out / "export.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -36,6 +36,9 @@ def parse_args(argv):
     p.add_argument("--base-model", required=True, help="local directory, installed model package, or hub id")
     p.add_argument("--out", required=True)
     p.add_argument("--max-length", type=int, default=128)
+    p.add_argument(
+        "--truncation", choices=["head", "head_tail"], default="head", help="which tokens of a longer review to keep"
+    )
     p.add_argument("--epochs", type=int, default=1, help="0 scores the base model without training")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--batch-size", type=int, default=16, help="per process")
@@ -79,13 +82,36 @@ def read_split(path, limit, seed):
     return [texts[i] for i in order], [labels[i] for i in order]
 
 
+def token_ids(tokenizer, texts, max_length, truncation):
+    """[CLS] + at most max_length - 2 tokens of each text + [SEP]: the first ones (`head`), or the
+    first quarter, rounded half up, and the last three quarters (`head_tail`, Sun et al. 2019).
+    export_onnx.py and sentiflow's runtime (`Truncation::apply`) cut texts the same way."""
+    if not texts:
+        return []
+    budget = max_length - 2
+    head = budget if truncation == "head" else (budget + 2) // 4
+    rows = []
+    for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
+        if len(ids) > budget:
+            ids = ids[:head] + ids[len(ids) - (budget - head) :]
+        rows.append([tokenizer.cls_token_id, *ids, tokenizer.sep_token_id])
+    return rows
+
+
+def padded(rows, width, pad_id):
+    """The model's inputs for `rows` of token ids, padded to `width`: one sequence each."""
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
 class Encoded(Dataset):
-    def __init__(self, tokenizer, texts, labels, max_length):
-        self.enc = (
-            tokenizer(texts, truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
-            if texts
-            else {}
-        )
+    def __init__(self, tokenizer, texts, labels, max_length, truncation):
+        rows = token_ids(tokenizer, texts, max_length, truncation)
+        self.enc = {k: torch.from_numpy(v) for k, v in padded(rows, max_length, tokenizer.pad_token_id).items()}
         self.labels = torch.tensor(labels, dtype=torch.long)
 
     def __len__(self):
@@ -153,9 +179,9 @@ def main(argv):
     # Nothing to train on when only scoring a checkpoint: skip tokenizing the training part.
     train_texts, train_labels = read_split(split / "train.parquet", args.subset, args.seed) if args.epochs else ([], [])
     valid_texts, valid_labels = read_split(split / "valid.parquet", args.eval_subset, args.seed)
-    train = Encoded(tokenizer, train_texts, train_labels, args.max_length)
-    valid = Encoded(tokenizer, valid_texts, valid_labels, args.max_length)
-    log(f"{len(train)} training and {len(valid)} validation reviews, max_length {args.max_length}")
+    train = Encoded(tokenizer, train_texts, train_labels, args.max_length, args.truncation)
+    valid = Encoded(tokenizer, valid_texts, valid_labels, args.max_length, args.truncation)
+    log(f"{len(train)} training and {len(valid)} validation reviews, max_length {args.max_length} ({args.truncation})")
 
     train_sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     valid_sampler = DistributedSampler(valid, num_replicas=world, rank=rank, shuffle=False)

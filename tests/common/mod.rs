@@ -93,7 +93,8 @@ pub fn quickstart() -> Project {
     p
 }
 
-/// Both branches on the 400-review fixture; BERT on 256 reviews of 64 tokens for one epoch.
+/// Both branches on the 400-review fixture; BERT on 256 reviews of 64 tokens (head and tail of
+/// longer ones) for one epoch.
 pub const BOTH: &str = r#"
 name: both
 params:
@@ -127,6 +128,7 @@ stages:
     needs: [split]
     with:
       max_length: 64
+      truncation: head_tail
       epochs: 1
       lr: 1.0e-4
       batch_size: 16
