@@ -13,25 +13,38 @@ const errors = [];
 page.on("pageerror", (e) => errors.push(e.message));
 const step = (name) => console.log("step:", name);
 const expect = (ok, what) => { if (!ok) throw new Error("expected " + what); };
+// The texts of the error messages a person can see.
+const shownErrors = () => page.$$eval(".error", (es) => es.filter((e) => e.offsetParent !== null).map((e) => e.textContent));
 
 try {
   await page.goto(base + "/");
   expect((await page.title()) === "sentiflow", "the page title");
 
-  step("without a key, errors are shown as messages");
+  step("without a key, an error shows in the panel of the action that failed, and only there");
   await page.click("#tab-models");
-  await page.waitForSelector("#messages .message");
-  expect((await page.textContent("#messages")).includes("API key"), "a message asking for a key");
+  await page.waitForSelector("#error-models:not(:empty)");
+  expect((await page.textContent("#error-models")).includes("API key"), "an error asking for a key, got " + await page.textContent("#error-models"));
+  await page.click("#tab-try");
+  expect((await shownErrors()).length === 0, "no error over the Try tab, got " + await shownErrors());
 
-  step("the key, asked once, kept for the session");
+  step("an action's error goes away when that action next succeeds");
+  await page.click("#score");
+  await page.waitForSelector("#error-score:not(:empty)");
+  expect((await page.textContent("#error-score")).includes("Type a review"), "an error asking for a review");
+  await page.fill("#review", "A wonderful, moving film: the acting is superb and the story is beautiful. " +
+    "Only the ending felt a bit boring and predictable.");
+  await page.click("#score");
+  await page.waitForSelector("#error-score:empty", { state: "attached" });
+  await page.waitForSelector('#results .card[data-model="tfidf"] .error:not(:empty)');
+  expect((await page.textContent('#results .card[data-model="tfidf"] .error')).includes("API key"), "the card's own error");
+
+  step("the key, asked once, kept for the session; the old key's errors are gone");
   await page.fill("#key", key);
   await page.press("#key", "Enter");
   expect(await page.evaluate(() => sessionStorage.getItem("sentiflow.key")) === key, "the key in sessionStorage");
+  expect((await shownErrors()).length === 0, "no error after a new key, got " + await shownErrors());
 
   step("try: both models side by side, n-grams highlighted");
-  await page.click("#tab-try");
-  await page.fill("#review", "A wonderful, moving film: the acting is superb and the story is beautiful. " +
-    "Only the ending felt a bit boring and predictable.");
   await page.click("#score");
   for (const model of ["tfidf", "bert"]) {
     await page.waitForSelector(`#results .card[data-model="${model}"] .probability`, { timeout: 30000 });
@@ -40,13 +53,22 @@ try {
   }
   const marks = await page.$$eval('#results .card[data-model="tfidf"] .highlighted mark', (m) => m.length);
   expect(marks > 0, "highlighted n-grams in the review");
+  expect((await shownErrors()).length === 0, "no error beside the answers, got " + await shownErrors());
   await page.screenshot({ path: `${shots}/ui-try.png`, fullPage: true });
 
-  step("train: start the quickstart pipeline and watch it finish");
+  step("train: a rejected start shows why beside it, until a start succeeds");
   await page.click("#tab-train");
   await page.waitForSelector('#pipeline option[value="quickstart"]', { state: "attached" });
   await page.selectOption("#pipeline", "quickstart");
+  await page.fill('#params input[data-param="seed"]', "not a number");
   await page.click("#start");
+  await page.waitForSelector("#error-training:not(:empty)");
+  expect((await page.textContent("#error-training")).startsWith("POST /training:"), "the start's error");
+
+  step("train: start the quickstart pipeline and watch it finish");
+  await page.fill('#params input[data-param="seed"]', "42");
+  await page.click("#start");
+  await page.waitForSelector("#error-training:empty", { state: "attached" });
   await page.waitForFunction(() => {
     const s = document.querySelector("#run-state");
     return s && !["running", "queued"].includes(s.textContent);
@@ -56,12 +78,14 @@ try {
   const stages = await page.$$eval("#dag g.stage", (g) => g.map((x) => x.dataset.state));
   expect(stages.length === 7 && stages.every((s) => s === "ran" || s === "cached"), `7 finished stages, got ${stages}`);
   expect((await page.textContent("#log")).length > 0, "log lines");
+  expect((await shownErrors()).length === 0, "no error after a successful run, got " + await shownErrors());
   await page.screenshot({ path: `${shots}/ui-train.png`, fullPage: true });
 
   step("models: versions and best parameters");
   await page.click("#tab-models");
   await page.waitForSelector("#models tbody tr");
   await page.waitForSelector("#best .card");
+  expect((await shownErrors()).length === 0, "no error once the key is set, got " + await shownErrors());
   await page.screenshot({ path: `${shots}/ui-models.png`, fullPage: true });
 
   step("drift: statuses and charts");
