@@ -136,6 +136,72 @@ fn unknown_target_stage_and_missing_file_exit_2() {
     assert_eq!(r.code, 2, "usage errors exit 2");
 }
 
+/// The YAML files of a folder of the repository.
+fn yaml_files(dir: &str) -> Vec<std::path::PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<_> = std::fs::read_dir(root.join(dir))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// `check-jsonschema`, the validator behind editors' YAML plugins, from the test environment.
+fn check_jsonschema(file: &Path) -> std::process::Output {
+    let venv = std::env::var("VIRTUAL_ENV").unwrap_or_else(|_| ".venv".into());
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines/schema.json");
+    std::process::Command::new(Path::new(&venv).join("bin/check-jsonschema"))
+        .arg("--schemafile")
+        .arg(schema)
+        .arg(file)
+        .output()
+        .expect("check-jsonschema runs (scripts/setup-python installs it)")
+}
+
+#[test]
+fn editors_accept_our_pipelines_and_reject_what_a_schema_can_catch() {
+    // `${params.*}` and `${env.*}` stand in typed fields of every kind in valid/references.yaml.
+    for file in yaml_files("pipelines")
+        .into_iter()
+        .chain(yaml_files("tests/pipelines/valid"))
+    {
+        let out = check_jsonschema(&file);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // The mistakes a schema can see: structure, names, kinds, unknown keys and wrong types.
+    // (Cycles, undefined parameters and the like need `sentiflow validate`.)
+    for name in [
+        "bad_pipeline_name",
+        "bad_stage_name",
+        "empty_stages",
+        "missing_run",
+        "missing_stages",
+        "missing_uses",
+        "not_a_mapping",
+        "params_not_mapping",
+        "stage_not_mapping",
+        "unknown_kind",
+        "unknown_stage_key",
+        "unknown_top_key",
+        "unknown_with_field",
+        "wrong_type_needs",
+        "wrong_type_outs",
+    ] {
+        let file = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/pipelines/invalid/{name}.yaml"));
+        assert!(
+            !check_jsonschema(&file).status.success(),
+            "{name}.yaml passed the schema"
+        );
+    }
+}
+
 #[test]
 fn committed_schema_matches_the_types() {
     let out = std::process::Command::new(BIN).arg("schema").output().unwrap();

@@ -55,10 +55,79 @@ pub struct StageSchema {
     kind: StageKind,
 }
 
-/// The JSON Schema of pipeline files, pretty-printed.
+/// The JSON Schema of pipeline files, pretty-printed. Every typed field also accepts a string
+/// that is one `${params.NAME}` or `${env.NAME}` reference: the file is checked as written, and
+/// `sentiflow validate` checks the resolved values.
 pub fn json_schema() -> String {
-    let schema = schemars::schema_for!(PipelineFile);
+    let mut schema = serde_json::to_value(schemars::schema_for!(PipelineFile)).expect("schemas serialize");
+    // What serde's attributes cannot say: the name rules of `pipeline::valid_name`, at least one
+    // stage, and no unknown key beside a stage's flattened kind.
+    let name = serde_json::json!({"pattern": NAME});
+    merge(&mut schema["properties"]["name"], &name);
+    merge(
+        &mut schema["properties"]["stages"],
+        &serde_json::json!({"minProperties": 1, "propertyNames": name}),
+    );
+    merge(
+        &mut schema["$defs"]["StageSchema"],
+        &serde_json::json!({"unevaluatedProperties": false}),
+    );
+    allow_references(&mut schema);
     let mut text = serde_json::to_string_pretty(&schema).expect("schemas serialize");
     text.push('\n');
     text
+}
+
+const NAME: &str = "^[A-Za-z0-9_-]+$";
+
+fn merge(target: &mut Value, extra: &Value) {
+    if let (Value::Object(t), Value::Object(e)) = (target, extra) {
+        t.extend(e.clone());
+    }
+}
+
+/// A whole-value reference, as `pipeline::interp` resolves it.
+const REFERENCE: &str = r"^\$\{(params|env)\.[^${}]+\}$";
+
+/// Rewrites every property and array item that is not a plain string as `anyOf: [its schema, a
+/// reference]`, keeping its description and default outside for editors' hover text.
+fn allow_references(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            if let Some(Value::Object(props)) = map.get_mut("properties") {
+                for (name, prop) in props.iter_mut() {
+                    if name != "uses" {
+                        accept_reference(prop);
+                    }
+                }
+            }
+            if let Some(items) = map.get_mut("items") {
+                accept_reference(items);
+            }
+            map.values_mut().for_each(allow_references);
+        }
+        Value::Array(list) => list.iter_mut().for_each(allow_references),
+        _ => {}
+    }
+}
+
+fn accept_reference(prop: &mut Value) {
+    let Value::Object(map) = prop else { return };
+    let plain_string =
+        map.get("type") == Some(&Value::from("string")) && !map.contains_key("enum") && !map.contains_key("const");
+    if plain_string {
+        return;
+    }
+    let mut outer = Map::new();
+    for key in ["description", "default"] {
+        if let Some(v) = map.remove(key) {
+            outer.insert(key.into(), v);
+        }
+    }
+    let reference = serde_json::json!({"type": "string", "pattern": REFERENCE});
+    outer.insert(
+        "anyOf".into(),
+        Value::Array(vec![Value::Object(std::mem::take(map)), reference]),
+    );
+    *prop = Value::Object(outer);
 }
