@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
+use clap::{ArgAction, CommandFactory, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use anyhow::Context as _;
@@ -44,14 +44,62 @@ struct Cli {
     /// Cache directory [default: <project root>/cache, or ./cache outside a pipeline].
     #[arg(long, global = true, env = "SENTIFLOW_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Print only errors: no progress, stage lines or summaries.
+    #[arg(short, long, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Log more: -v information, -vv debugging, -vvv everything (`SENTIFLOW_LOG` overrides).
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    verbose: u8,
+    /// When to colour the output: `auto` colours a terminal unless `NO_COLOR` is set.
+    #[arg(long, global = true, value_enum, default_value = "auto", value_name = "WHEN")]
+    color: Color,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum Color {
+    Auto,
+    Always,
+    Never,
+}
+
+impl Color {
+    fn enabled(self) -> bool {
+        match self {
+            Color::Always => true,
+            Color::Never => false,
+            Color::Auto => std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        }
+    }
+}
+
+const RUN_EXAMPLES: &str = "Examples:
+  sentiflow run pipelines/imdb.yaml --set data=aclImdb_v1.tar.gz
+  sentiflow run pipelines/imdb.yaml --stage export_tfidf     # one branch and what it needs
+  sentiflow run pipelines/quickstart.yaml --force --jobs 1 --json > report.json";
+
+const SERVE_EXAMPLES: &str = "Examples:
+  sentiflow keys create --role admin --label me
+  sentiflow serve                                   # http://127.0.0.1:8080, models of ./models
+  sentiflow serve --addr 0.0.0.0:8080 --db /var/lib/sentiflow/sentiflow.db --device cuda
+  sentiflow serve --config serve.yaml               # settings from a YAML file";
+
+const PREDICT_EXAMPLES: &str = "Examples:
+  sentiflow predict --model models/tfidf \"A moving, beautifully acted film.\"
+  sentiflow predict --model models/bert --input reviews.jsonl > scores.jsonl
+  cat reviews.jsonl | sentiflow predict --model models/tfidf --input -";
+
+const DRIFT_EXAMPLES: &str = "Examples:
+  sentiflow drift --model models/tfidf --input last_week.jsonl
+  sentiflow drift --model models/tfidf --input last_week.jsonl --chart drift.png";
+
 #[derive(Subcommand)]
 enum Command {
     /// Run a pipeline; unchanged stages are restored from the cache.
+    #[command(after_help = RUN_EXAMPLES)]
     Run {
+        /// The pipeline file (e.g. pipelines/imdb.yaml).
         file: PathBuf,
         /// Run only this stage and what it needs (repeatable).
         #[arg(long = "stage", value_name = "STAGE")]
@@ -71,26 +119,39 @@ enum Command {
     },
     /// Show which stages are up to date and why the others are stale.
     Status {
+        /// The pipeline file (e.g. pipelines/imdb.yaml).
         file: PathBuf,
+        /// Override a parameter: NAME=VALUE (repeatable), as in `run`.
         #[arg(long = "set", value_name = "NAME=VALUE")]
         set: Vec<String>,
+        /// Print the status as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Exit with 1 when some stage is not up to date (for scripts; with -q, print nothing).
+        #[arg(long)]
+        check: bool,
     },
     /// Print the stage graph.
     Dag {
+        /// The pipeline file (e.g. pipelines/imdb.yaml).
         file: PathBuf,
+        /// `text` for people, `dot` for Graphviz, `mermaid` for Markdown.
         #[arg(long, value_enum, default_value = "text")]
         format: DagFormat,
     },
     /// Check pipeline files without running them.
     Validate {
+        /// The pipeline files to check.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Print one JSON object per file on stdout: its name, whether it is valid, its errors.
+        #[arg(long)]
+        json: bool,
     },
     /// Print the JSON Schema of pipeline files.
     Schema,
     /// Serve predictions, the model registry and training over HTTP.
+    #[command(after_help = SERVE_EXAMPLES)]
     Serve {
         #[command(flatten)]
         config: crate::serve::Config,
@@ -101,6 +162,7 @@ enum Command {
         command: KeysCommand,
     },
     /// Score reviews with a model bundle; prints one JSON object per line.
+    #[command(after_help = PREDICT_EXAMPLES)]
     Predict {
         /// The bundle directory (e.g. models/tfidf).
         #[arg(long)]
@@ -115,6 +177,7 @@ enum Command {
         device: Device,
     },
     /// Compare reviews with a bundle's reference statistics: the drift report as JSON.
+    #[command(after_help = DRIFT_EXAMPLES)]
     Drift {
         /// The bundle directory (e.g. models/tfidf).
         #[arg(long)]
@@ -136,26 +199,69 @@ enum Command {
         #[command(subcommand)]
         command: TrackingCommand,
     },
+    /// Print a shell completion script: `sentiflow completions bash > ~/.local/share/bash-completion/completions/sentiflow`.
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
 enum KeysCommand {
     /// Create a key; it is printed once and only its hash is stored.
     Create {
+        /// `predict` may call `POST /prediction`; `admin` may call everything.
         #[arg(long, value_enum)]
         role: crate::serve::Role,
         /// A note on who or what the key is for.
         #[arg(long)]
         label: Option<String>,
         #[command(flatten)]
-        config: crate::serve::Config,
+        db: KeyDatabase,
     },
+    /// List the keys: id, label, role, when created and last used (never the key itself).
+    List {
+        /// Print the keys as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        db: KeyDatabase,
+    },
+    /// Revoke a key by id or label: a running server refuses it from its next request on.
+    Revoke {
+        /// The key's id, or its label when no id matches.
+        key: String,
+        #[command(flatten)]
+        db: KeyDatabase,
+    },
+}
+
+/// The database the server keeps its keys in, found as `sentiflow serve` finds it.
+#[derive(clap::Args)]
+struct KeyDatabase {
+    /// SQLite database [default: <project root>/sentiflow.db].
+    #[arg(long, env = "SENTIFLOW_DB")]
+    db: Option<PathBuf>,
+    /// Directory of the pipelines; its parent is the project root.
+    #[arg(long, env = "SENTIFLOW_PIPELINES", default_value = "pipelines")]
+    pipelines: PathBuf,
+}
+
+impl KeyDatabase {
+    fn open(&self) -> anyhow::Result<(crate::store::Store, PathBuf)> {
+        let path = crate::serve::db_path(self.db.as_deref(), &self.pipelines);
+        Ok((crate::store::Store::open(&path)?, path))
+    }
 }
 
 #[derive(Subcommand)]
 enum CacheCommand {
     /// Delete everything the latest run of each pipeline does not use.
-    Gc,
+    Gc {
+        /// Only say what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -171,15 +277,6 @@ enum TrackingCommand {
 static CANCEL: AtomicBool = AtomicBool::new(false);
 
 pub fn main() -> i32 {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SENTIFLOW_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .without_time()
-        .init();
     let parse = || {
         Cli::try_parse().map_err(|e| {
             let _ = e.print();
@@ -194,6 +291,29 @@ pub fn main() -> i32 {
         Ok(cli) => cli,
         Err(code) => return code,
     };
+    if !matches!(cli.command, Command::Serve { .. }) {
+        // A command piped into `head` should end quietly when the reader goes, as Unix tools do;
+        // the server keeps Rust's default (a write error) so a client hanging up harms nothing.
+        // SAFETY: single-threaded here, and SIG_DFL is a valid disposition.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+    let level = match (cli.quiet, cli.verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        (false, _) => "trace",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SENTIFLOW_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(cli.color.enabled())
+        .with_target(false)
+        .without_time()
+        .init();
     if let Some(path) = cli.config.clone() {
         if let Err(e) = apply_config_file(&path) {
             eprintln!("error: {e:#}");
@@ -214,23 +334,56 @@ pub fn main() -> i32 {
     }
 }
 
+/// The names a config file may set: every option that reads a `SENTIFLOW_<NAME>` variable, as
+/// `name` (`SENTIFLOW_PREDICT_RPS` is `predict_rps`).
+fn settings() -> std::collections::BTreeSet<String> {
+    fn collect(cmd: &clap::Command, out: &mut std::collections::BTreeSet<String>) {
+        for arg in cmd.get_arguments() {
+            if let Some(name) = arg.get_env().and_then(|e| e.to_str()?.strip_prefix("SENTIFLOW_")) {
+                out.insert(name.to_ascii_lowercase());
+            }
+        }
+        cmd.get_subcommands().for_each(|sub| collect(sub, out));
+    }
+    let mut out = std::collections::BTreeSet::new();
+    collect(&Cli::command(), &mut out);
+    out.remove("config");
+    out
+}
+
 /// `--config FILE` (or `SENTIFLOW_CONFIG`): a YAML mapping of setting names to values, e.g.
 /// `addr: 0.0.0.0:8080`. Each setting becomes the environment variable `SENTIFLOW_<NAME>` unless
-/// that is already set, so flags win over the environment, which wins over the file.
+/// that is already set, so flags win over the environment, which wins over the file. An unknown
+/// name is an error, located, with the closest known name.
 fn apply_config_file(path: &Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading the config file {}", path.display()))?;
     let doc = crate::pipeline::yaml::parse(&text)
         .map_err(|e| anyhow::anyhow!("{}:{}:{}: {}", path.display(), e.pos.line, e.pos.col, e.message))?;
-    let serde_json::Value::Object(settings) = doc.value else {
+    let serde_json::Value::Object(settings) = &doc.value else {
         anyhow::bail!(
             "{}: expected a mapping of settings, e.g. `addr: 127.0.0.1:8080`",
             path.display()
         );
     };
+    let known = self::settings();
+    for name in settings.keys() {
+        let normal = name.to_ascii_lowercase().replace('-', "_");
+        if !known.contains(&normal) {
+            let at = doc.key_pos(&crate::pipeline::yaml::child_path("", name));
+            anyhow::bail!(
+                "{}:{}:{}: unknown setting `{name}`\n  = hint: {}settings: {}",
+                path.display(),
+                at.line,
+                at.col,
+                crate::pipeline::diag::did_you_mean(&normal, known.iter().map(String::as_str)),
+                known.iter().map(String::as_str).collect::<Vec<_>>().join(", ")
+            );
+        }
+    }
     for (name, value) in settings {
         let var = format!("SENTIFLOW_{}", name.to_ascii_uppercase().replace('-', "_"));
         let value = match value {
-            serde_json::Value::String(s) => s,
+            serde_json::Value::String(s) => s.clone(),
             other => other.to_string(),
         };
         if std::env::var_os(&var).is_none() {
@@ -278,14 +431,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 force,
                 targets: stages,
             };
-            let console = Console::new(p.stages.len(), !json && std::io::stderr().is_terminal());
+            let console = Console::new(p.stages.len(), !json && std::io::stderr().is_terminal(), cli.quiet);
             let clock = Instant::now();
             let report = match exec::run(&p, &cache, &opts, &CANCEL, &console) {
                 Ok(r) => r,
                 Err(exec::ExecError::UnknownStage(s, known)) => {
                     eprintln!(
-                        "error: {}: unknown stage `{s}`\n  = hint: stages in this pipeline: {known}",
-                        file.display()
+                        "error: {}: unknown stage `{s}`\n  = hint: {}stages in this pipeline: {known}",
+                        file.display(),
+                        crate::pipeline::diag::did_you_mean(&s, known.split(", "))
                     );
                     return Ok(exit::INVALID);
                 }
@@ -321,15 +475,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 }
                 println!("{}", serde_json::to_string_pretty(&value)?);
             }
-            eprintln!(
-                "{}: {} ran, {} cached, {} failed, {} skipped in {:.2}s",
-                p.name,
-                report.count(State::Ran),
-                report.count(State::Cached),
-                report.count(State::Failed) + report.count(State::Interrupted),
-                report.count(State::Skipped),
-                clock.elapsed().as_secs_f64()
-            );
+            if !cli.quiet {
+                eprintln!(
+                    "{}: {} ran, {} cached, {} failed, {} skipped in {:.2}s",
+                    p.name,
+                    report.count(State::Ran),
+                    report.count(State::Cached),
+                    report.count(State::Failed) + report.count(State::Interrupted),
+                    report.count(State::Skipped),
+                    clock.elapsed().as_secs_f64()
+                );
+            }
             Ok(if report.interrupted {
                 exit::INTERRUPTED
             } else if report.ok {
@@ -338,7 +494,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 exit::FAILED
             })
         }
-        Command::Status { file, set, json } => {
+        Command::Status { file, set, json, check } => {
             let p = match load(&file, &set) {
                 Ok(p) => p,
                 Err(code) => return Ok(code),
@@ -356,13 +512,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     })
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&list)?);
-            } else {
+            } else if !cli.quiet {
                 let width = status.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
                 for (name, s) in &status {
                     println!("{name:width$}  {s}");
                 }
             }
-            Ok(exit::OK)
+            let stale = status.iter().any(|(_, s)| *s != lock::Staleness::UpToDate);
+            Ok(if check && stale { exit::FAILED } else { exit::OK })
         }
         Command::Dag { file, format } => {
             let p = match load(&file, &[]) {
@@ -372,12 +529,31 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             print!("{}", p.dag.render(&p.stages, format));
             Ok(exit::OK)
         }
-        Command::Validate { files } => {
+        Command::Validate { files, json } => {
             let mut code = exit::OK;
             for file in &files {
-                match load(file, &[]) {
-                    Ok(p) => println!("ok: {} ({}, {} stages)", file.display(), p.name, p.stages.len()),
-                    Err(c) => code = c,
+                let result = Pipeline::load(file, &[]);
+                if result.is_err() {
+                    code = exit::INVALID;
+                }
+                match (result, json) {
+                    (Ok(p), false) => println!("ok: {} ({}, {} stages)", file.display(), p.name, p.stages.len()),
+                    (Err(d), false) => eprint!("{}", d.render()),
+                    (Ok(p), true) => println!(
+                        "{}",
+                        serde_json::json!({"file": file, "valid": true, "pipeline": p.name, "stages": p.stages.len(), "errors": []})
+                    ),
+                    (Err(d), true) => {
+                        let errors: Vec<_> = d
+                            .items
+                            .iter()
+                            .map(|e| serde_json::json!({"line": e.pos.line, "col": e.pos.col, "message": e.message, "hint": e.hint}))
+                            .collect();
+                        println!(
+                            "{}",
+                            serde_json::json!({"file": file, "valid": false, "errors": errors})
+                        );
+                    }
                 }
             }
             Ok(code)
@@ -398,16 +574,94 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(exit::OK)
         }
         Command::Keys {
-            command: KeysCommand::Create { role, label, config },
+            command: KeysCommand::Create { role, label, db },
         } => {
-            let store = crate::store::Store::open(&config.db_path())?;
+            let (store, path) = db.open()?;
             let key = crate::serve::create_key(&store, role, label.as_deref())?;
-            eprintln!(
-                "created a `{}` key in {}; it is shown only now:",
-                role.as_str(),
-                config.db_path().display()
-            );
+            if !cli.quiet {
+                eprintln!(
+                    "created a `{}` key in {}; it is shown only now:",
+                    role.as_str(),
+                    path.display()
+                );
+            }
             println!("{key}");
+            Ok(exit::OK)
+        }
+        Command::Keys {
+            command: KeysCommand::List { json, db },
+        } => {
+            let keys = db.open()?.0.keys()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&keys)?);
+                return Ok(exit::OK);
+            }
+            let never = || "never".to_string();
+            println!(
+                "{:>4}  {:<20}  {:<7}  {:<24}  {:<24}  revoked",
+                "id", "label", "role", "created", "last used"
+            );
+            for k in &keys {
+                println!(
+                    "{:>4}  {:<20}  {:<7}  {:<24}  {:<24}  {}",
+                    k.id,
+                    k.label.as_deref().unwrap_or("-"),
+                    k.role,
+                    k.created_at,
+                    k.last_used_at.clone().unwrap_or_else(never),
+                    k.revoked_at.as_deref().unwrap_or("-")
+                );
+            }
+            Ok(exit::OK)
+        }
+        Command::Keys {
+            command: KeysCommand::Revoke { key, db },
+        } => {
+            let (store, path) = db.open()?;
+            let keys = store.keys()?;
+            let by_id: Vec<_> = keys.iter().filter(|k| k.id.to_string() == key).collect();
+            let matches = if by_id.is_empty() {
+                keys.iter()
+                    .filter(|k| k.label.as_deref() == Some(key.as_str()))
+                    .collect()
+            } else {
+                by_id
+            };
+            match matches.as_slice() {
+                [one] => {
+                    store.revoke_key(one.id)?;
+                    if !cli.quiet {
+                        eprintln!(
+                            "revoked key {} ({}) in {}",
+                            one.id,
+                            one.label.as_deref().unwrap_or("no label"),
+                            path.display()
+                        );
+                    }
+                    Ok(exit::OK)
+                }
+                [] => {
+                    let labels = keys.iter().filter_map(|k| k.label.as_deref());
+                    eprintln!(
+                        "error: no key has the id or label `{key}` in {}\n  = hint: {}`sentiflow keys list` shows them",
+                        path.display(),
+                        crate::pipeline::diag::did_you_mean(&key, labels)
+                    );
+                    Ok(exit::INVALID)
+                }
+                many => {
+                    let ids: Vec<String> = many.iter().map(|k| k.id.to_string()).collect();
+                    eprintln!(
+                        "error: {} keys have the label `{key}`\n  = hint: revoke them by id: {}",
+                        many.len(),
+                        ids.join(", ")
+                    );
+                    Ok(exit::INVALID)
+                }
+            }
+        }
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "sentiflow", &mut std::io::stdout());
             Ok(exit::OK)
         }
         Command::Schema => {
@@ -445,13 +699,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             Ok(if failed == 0 { exit::OK } else { exit::FAILED })
         }
         Command::Cache {
-            command: CacheCommand::Gc,
+            command: CacheCommand::Gc { dry_run },
         } => {
             let cwd = std::env::current_dir()?;
             let cache = open_cache(&cli.cache_dir, &cwd)?;
-            let r = cache.gc()?;
+            let r = cache.gc(dry_run)?;
             println!(
-                "removed {} run entries and {} objects ({:.1} MiB); kept {} run entries and {} objects",
+                "{} {} run entries and {} objects ({:.1} MiB); kept {} run entries and {} objects",
+                if dry_run { "would remove" } else { "removed" },
                 r.runs_removed,
                 r.objects_removed,
                 r.bytes_freed as f64 / (1 << 20) as f64,
@@ -646,11 +901,13 @@ fn drift(model: &Path, input: &Path, chart: Option<&Path>) -> anyhow::Result<i32
 struct Console {
     bar: Option<ProgressBar>,
     running: Mutex<Vec<String>>,
+    /// Only failures and warnings.
+    quiet: bool,
 }
 
 impl Console {
-    fn new(total: usize, terminal: bool) -> Self {
-        let bar = terminal.then(|| {
+    fn new(total: usize, terminal: bool, quiet: bool) -> Self {
+        let bar = (terminal && !quiet).then(|| {
             let bar = ProgressBar::new(total as u64);
             bar.set_style(
                 ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {elapsed} {msg}")
@@ -663,6 +920,7 @@ impl Console {
         Console {
             bar,
             running: Mutex::new(Vec::new()),
+            quiet,
         }
     }
 
@@ -701,7 +959,9 @@ impl Observer for Console {
             State::Skipped => format!("skipped  {}: {}", r.name, r.error.as_deref().unwrap_or("")),
             State::Interrupted => format!("stopped  {}", r.name),
         };
-        self.line(&text);
+        if !self.quiet || r.state == State::Failed {
+            self.line(&text);
+        }
         if let Some(bar) = &self.bar {
             bar.inc(1);
         }
@@ -709,7 +969,9 @@ impl Observer for Console {
     }
 
     fn log(&self, stage: &str, line: &str) {
-        self.line(&format!("[{stage}] {line}"));
+        if !self.quiet {
+            self.line(&format!("[{stage}] {line}"));
+        }
     }
 
     fn warn(&self, message: &str) {

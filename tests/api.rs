@@ -284,6 +284,38 @@ fn bad_requests_get_clear_json_errors_and_the_server_keeps_serving() {
 }
 
 #[test]
+fn keys_are_listed_without_secrets_and_a_revoked_key_is_refused_at_once() {
+    let p = quickstart();
+    let r = p.sentiflow(&["keys", "create", "--role", "predict", "--label", "dashboard"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let dashboard = r.stdout.trim().to_string();
+    let other = key(&p, "predict");
+    let s = Server::start(&p, &[]);
+    assert_eq!(get(&s, "/models", &dashboard).status, 200);
+    assert_eq!(get(&s, "/models", &other).status, 200);
+
+    let listed = p.sentiflow(&["keys", "list", "--json"]);
+    assert_eq!(listed.code, 0, "{}", listed.stderr);
+    assert!(
+        !listed.stdout.contains(&dashboard) && !listed.stdout.contains(&other),
+        "no key is ever shown again"
+    );
+    let keys = listed.json();
+    assert_eq!(keys[0]["label"], "dashboard");
+    assert!(keys[0]["last_used_at"].is_string(), "use is recorded: {keys}");
+    assert!(keys[0]["revoked_at"].is_null());
+
+    let r = p.sentiflow(&["keys", "revoke", "dashboard"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_error(&get(&s, "/models", &dashboard), 401, "unauthorized");
+    assert_eq!(get(&s, "/models", &other).status, 200, "other keys keep working");
+    assert!(p.sentiflow(&["keys", "list", "--json"]).json()[0]["revoked_at"].is_string());
+    let r = p.sentiflow(&["keys", "revoke", "dashbord"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("did you mean `dashboard`?"), "{}", r.stderr);
+}
+
+#[test]
 fn rate_limits_answer_429_with_retry_after() {
     let p = quickstart();
     let predictor = key(&p, "predict");

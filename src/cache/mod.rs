@@ -221,7 +221,8 @@ impl Cache {
     }
 
     /// Removes every run entry and object that no pipeline's latest run uses.
-    pub fn gc(&self) -> Result<GcReport, CacheError> {
+    pub fn gc(&self, dry_run: bool) -> Result<GcReport, CacheError> {
+        let remove = |path: &Path| remove_counted(path, dry_run);
         let mut keys = BTreeSet::new();
         for file in list_files(&self.dir.join("pipelines"))? {
             let usage: serde_json::Value = fs::read(&file)
@@ -250,7 +251,7 @@ impl Cache {
                     }
                 }
                 None => {
-                    report.bytes_freed += remove_counted(&file);
+                    report.bytes_freed += remove(&file);
                     report.runs_removed += 1;
                 }
             }
@@ -260,19 +261,23 @@ impl Cache {
             if objects.contains(&hash) {
                 report.objects_kept += 1;
             } else {
-                report.bytes_freed += remove_counted(&file);
+                report.bytes_freed += remove(&file);
                 report.objects_removed += 1;
             }
         }
         for file in list_files(&self.dir.join("tmp"))? {
-            report.bytes_freed += remove_counted(&file);
+            report.bytes_freed += remove(&file);
         }
         Ok(report)
     }
 }
 
-fn remove_counted(path: &Path) -> u64 {
+/// Removes a file and gives its size; with `dry_run`, only gives the size.
+fn remove_counted(path: &Path, dry_run: bool) -> u64 {
     let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+    if dry_run {
+        return size;
+    }
     match fs::remove_file(path) {
         Ok(()) => size,
         Err(_) => 0,

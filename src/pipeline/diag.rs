@@ -84,3 +84,33 @@ impl fmt::Display for Diagnostics {
         f.write_str(&lines.join("\n"))
     }
 }
+
+/// The candidate most like `word`, if it is alike enough to be a likely typo: Jaro-Winkler
+/// similarity above 0.7, as clap judges mistyped flags.
+pub fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::jaro_winkler(word, c), c))
+        .filter(|(score, _)| *score > 0.7)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
+/// "did you mean `x`? " when some candidate is like `word`, else nothing.
+pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    closest(word, candidates).map_or(String::new(), |c| format!("did you mean `{c}`? "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typos_find_their_word_and_strangers_nothing() {
+        assert_eq!(closest("need", ["uses", "needs", "with"]), Some("needs"));
+        assert_eq!(closest("adress", ["addr", "db", "pipelines"]), Some("addr"));
+        assert_eq!(closest("vectorise", ["vectorize", "tune"]), Some("vectorize"));
+        assert_eq!(closest("banana", ["uses", "needs", "with"]), None);
+        assert_eq!(did_you_mean("sed", ["seed", "data"]), "did you mean `seed`? ");
+    }
+}

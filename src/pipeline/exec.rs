@@ -305,6 +305,7 @@ fn run_stage(
     };
     let kind = &stage.kind;
     let key = cache_key(kind.name(), kind.stage().version(), &kind.params(), &inputs);
+    tracing::debug!("{}: cache key {key} over {} inputs", stage.name, inputs.len());
     report.inputs = inputs;
     report.key = Some(key.clone());
 
@@ -312,6 +313,7 @@ fn run_stage(
         match cache.lookup(&key) {
             Ok(Some(entry)) => match cache.restore(&p.root, &entry.outs) {
                 Ok(()) => {
+                    tracing::debug!("{}: restored {} outputs from the cache", stage.name, entry.outs.len());
                     report.state = State::Cached;
                     report.outs = entry.outs;
                     report.metrics = entry.metrics;
@@ -328,7 +330,7 @@ fn run_stage(
                 }
                 Err(e) => return fail(report, State::Failed, format!("restoring outputs: {e}")),
             },
-            Ok(None) => {}
+            Ok(None) => tracing::debug!("{}: not in the cache", stage.name),
             Err(e) => obs.warn(&format!("{}: {e}; running the stage again", stage.name)),
         }
     }

@@ -100,7 +100,11 @@ fn resolve(
                 if known.is_empty() {
                     "declare it under `params:` at the top of the file".into()
                 } else {
-                    format!("declared parameters: {}", known.join(", "))
+                    format!(
+                        "{}declared parameters: {}",
+                        super::diag::did_you_mean(name, known.iter().copied()),
+                        known.join(", ")
+                    )
                 },
             )
         }),

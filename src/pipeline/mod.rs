@@ -213,10 +213,11 @@ impl Checker<'_> {
             let parent = path.strip_suffix(key).map(|p| p.trim_end_matches('.')).unwrap_or(path);
             let field = if parent.is_empty() { "the pipeline" } else { parent };
             let expected = rest.split_once(", expected ").map(|x| x.1).unwrap_or("");
+            let names = expected.split('`').skip(1).step_by(2);
             let hint = if expected.is_empty() {
                 "remove it".to_string()
             } else {
-                format!("expected {expected}")
+                format!("{}expected {expected}", diag::did_you_mean(key, names))
             };
             return Diagnostic::new(
                 self.file,
@@ -255,7 +256,11 @@ impl Checker<'_> {
             .hint(if known.is_empty() {
                 "declare it under `params:` first".to_string()
             } else {
-                format!("declared parameters: {}", known.join(", "))
+                format!(
+                    "{}declared parameters: {}",
+                    diag::did_you_mean(key, known.iter().copied()),
+                    known.join(", ")
+                )
             }));
         }
         // Values are YAML scalars: `--set seed=7` is a number, `--set name=x` a string.
@@ -302,8 +307,13 @@ impl Checker<'_> {
             if !head.stages.contains_key(need) {
                 let known: Vec<&str> = head.stages.keys().map(String::as_str).collect();
                 return Err(
-                    Diagnostic::new(self.file, at, format!("stage `{name}` needs unknown stage `{need}`"))
-                        .hint(format!("stages in this pipeline: {}", known.join(", "))),
+                    Diagnostic::new(self.file, at, format!("stage `{name}` needs unknown stage `{need}`")).hint(
+                        format!(
+                            "{}stages in this pipeline: {}",
+                            diag::did_you_mean(need, known.iter().copied()),
+                            known.join(", ")
+                        ),
+                    ),
                 );
             }
         }
@@ -316,7 +326,11 @@ impl Checker<'_> {
             if d.message.contains("unknown variant") {
                 d.pos = self.doc.value_pos(&child_path(path, "uses"));
                 d.message = format!("unknown stage kind `{}` in stage `{name}`", raw.uses);
-                d.hint = Some(format!("known kinds: {}", crate::stages::KINDS.join(", ")));
+                d.hint = Some(format!(
+                    "{}known kinds: {}",
+                    diag::did_you_mean(&raw.uses, crate::stages::KINDS.iter().copied()),
+                    crate::stages::KINDS.join(", ")
+                ));
             }
             d
         })?;
@@ -332,7 +346,10 @@ impl Checker<'_> {
                     self.doc.key_pos(&child_path(&with_path, key)),
                     format!("unknown field `{key}` in {with_path}"),
                 )
-                .hint(format!("expected one of {list}")));
+                .hint(format!(
+                    "{}expected one of {list}",
+                    diag::did_you_mean(key, fields.iter().map(|f| f.as_str()))
+                )));
             }
         }
         kind.stage()

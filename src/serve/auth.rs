@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::cache::sha256_hex;
 use crate::store::{Store, StoreError};
@@ -63,26 +63,52 @@ pub fn create_key(store: &Store, role: Role, label: Option<&str>) -> Result<Stri
     Ok(key)
 }
 
-/// Known keys by hash, filled from the database as keys are first seen.
+/// Known keys by hash, filled from the database as keys are first seen and forgotten whenever
+/// another process changes the database (a key revoked with `sentiflow keys revoke` is refused
+/// from the next request on).
 #[derive(Default)]
 pub struct Keys {
-    known: Mutex<HashMap<String, (i64, Role)>>,
+    known: Mutex<KnownKeys>,
 }
 
+#[derive(Default)]
+struct KnownKeys {
+    data_version: i64,
+    /// Hash → id, role and when its use was last written.
+    by_hash: HashMap<String, (i64, Role, Option<Instant>)>,
+}
+
+/// How often a key's `last_used_at` is written, at most.
+const TOUCH_EVERY: Duration = Duration::from_secs(60);
+
 impl Keys {
-    /// The id and role of `key`, or `None` for an unknown key.
+    /// The id and role of `key`, or `None` for an unknown or revoked key.
     pub fn lookup(&self, store: &Store, key: &str) -> Result<Option<(i64, Role)>, StoreError> {
         let hash = sha256_hex(key.as_bytes());
-        if let Some(found) = self.known.lock().unwrap_or_else(|p| p.into_inner()).get(&hash) {
-            return Ok(Some(*found));
+        let version = store.outside_changes()?;
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if known.data_version != version {
+            known.by_hash.clear();
+            known.data_version = version;
         }
-        let found = store
-            .key_role(&hash)?
-            .and_then(|(id, role)| Role::parse(&role).map(|r| (id, r)));
-        if let Some(f) = found {
-            self.known.lock().unwrap_or_else(|p| p.into_inner()).insert(hash, f);
+        let entry = match known.by_hash.get(&hash) {
+            Some(e) => Some(*e),
+            None => store
+                .key_role(&hash)?
+                .and_then(|(id, role)| Role::parse(&role).map(|r| (id, r, None))),
+        };
+        let Some((id, role, touched)) = entry else {
+            return Ok(None);
+        };
+        let now = Instant::now();
+        let due = touched.is_none_or(|t| now.duration_since(t) >= TOUCH_EVERY);
+        if due {
+            store.touch_key(id)?;
         }
-        Ok(found)
+        known
+            .by_hash
+            .insert(hash, (id, role, if due { Some(now) } else { touched }));
+        Ok(Some((id, role)))
     }
 }
 

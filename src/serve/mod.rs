@@ -93,8 +93,7 @@ pub struct Config {
 
 impl Config {
     pub fn root(&self) -> PathBuf {
-        let abs = std::path::absolute(&self.pipelines).unwrap_or_else(|_| self.pipelines.clone());
-        abs.parent().map(Path::to_path_buf).unwrap_or(abs)
+        project_root(&self.pipelines)
     }
 
     pub fn runtime(&self) -> Runtime {
@@ -105,8 +104,20 @@ impl Config {
     }
 
     pub fn db_path(&self) -> PathBuf {
-        self.db.clone().unwrap_or_else(|| self.root().join("sentiflow.db"))
+        db_path(self.db.as_deref(), &self.pipelines)
     }
+}
+
+/// The project root: the parent of the pipelines directory.
+fn project_root(pipelines: &Path) -> PathBuf {
+    let abs = std::path::absolute(pipelines).unwrap_or_else(|_| pipelines.to_path_buf());
+    abs.parent().map(Path::to_path_buf).unwrap_or(abs)
+}
+
+/// The database: `db`, else `sentiflow.db` in the project root.
+pub fn db_path(db: Option<&Path>, pipelines: &Path) -> PathBuf {
+    db.map(Path::to_path_buf)
+        .unwrap_or_else(|| project_root(pipelines).join("sentiflow.db"))
 }
 
 /// A model being served.

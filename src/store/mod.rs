@@ -102,7 +102,22 @@ CREATE TABLE drift_evaluations (
     created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
 "#,
+    r#"
+ALTER TABLE api_keys ADD COLUMN last_used_at TEXT;
+ALTER TABLE api_keys ADD COLUMN revoked_at TEXT;
+"#,
 ];
+
+/// An API key as `sentiflow keys list` shows it: never the key, nor its hash.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KeyRow {
+    pub id: i64,
+    pub label: Option<String>,
+    pub role: String,
+    pub created_at: String,
+    pub last_used_at: Option<String>,
+    pub revoked_at: Option<String>,
+}
 
 /// A prediction as the drift monitor keeps it: the text only when the server is told to.
 #[derive(Debug, Clone)]
@@ -279,14 +294,61 @@ impl Store {
         })
     }
 
-    /// The role of the key whose SHA-256 is `hash`, with the key's id.
+    /// The role of the unrevoked key whose SHA-256 is `hash`, with the key's id.
     pub fn key_role(&self, hash: &str) -> Result<Option<(i64, String)>, StoreError> {
         self.with(|c| {
-            c.query_row("SELECT id, role FROM api_keys WHERE hash = ?1", [hash], |r| {
-                Ok((r.get(0)?, r.get(1)?))
-            })
+            c.query_row(
+                "SELECT id, role FROM api_keys WHERE hash = ?1 AND revoked_at IS NULL",
+                [hash],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
             .optional()
         })
+    }
+
+    /// Every key, oldest first, without its hash.
+    pub fn keys(&self) -> Result<Vec<KeyRow>, StoreError> {
+        self.with(|c| {
+            let mut q =
+                c.prepare("SELECT id, label, role, created_at, last_used_at, revoked_at FROM api_keys ORDER BY id")?;
+            let rows = q.query_map([], |r| {
+                Ok(KeyRow {
+                    id: r.get(0)?,
+                    label: r.get(1)?,
+                    role: r.get(2)?,
+                    created_at: r.get(3)?,
+                    last_used_at: r.get(4)?,
+                    revoked_at: r.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn revoke_key(&self, id: i64) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE api_keys SET revoked_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?1 AND revoked_at IS NULL",
+                [id],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn touch_key(&self, id: i64) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE api_keys SET last_used_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?1",
+                [id],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// A number that changes whenever another connection (another process) commits a change to
+    /// the database (SQLite's `data_version`): cheap enough to ask on every request.
+    pub fn outside_changes(&self) -> Result<i64, StoreError> {
+        self.with(|c| c.pragma_query_value(None, "data_version", |r| r.get(0)))
     }
 
     // --- models ---
