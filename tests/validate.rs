@@ -212,3 +212,36 @@ fn committed_schema_matches_the_types() {
     let schema: serde_json::Value = serde_json::from_str(&generated).unwrap();
     assert!(schema["properties"]["stages"].is_object());
 }
+
+#[test]
+fn hostile_pipeline_files_get_a_located_error_not_a_crash() {
+    let p = Project::new();
+    let mut bomb = String::from("name: b\nparams:\n  a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+    for (name, prev) in ["b", "c", "d", "e", "f", "g", "h", "i"]
+        .iter()
+        .zip(["a", "b", "c", "d", "e", "f", "g", "h"])
+    {
+        let row = vec![format!("*{prev}"); 10].join(", ");
+        bomb.push_str(&format!("  {name}: &{name} [{row}]\n"));
+    }
+    bomb.push_str("stages:\n  s: {uses: command, with: {run: 'true'}}\n");
+    let cases = [
+        ("bomb", bomb, "aliases expand the document past"),
+        ("dashes", format!("name: d\nstages:\n{}x\n", "- ".repeat(20_000)), "nested more than 64"),
+        ("nul", "name: n\nstages:\n  s: {uses: command, with: {run: 'true'}}\n\0  t: {}\n".into(), "a NUL byte"),
+        ("two", "name: t\nstages:\n  s: {uses: command, with: {run: 'true'}}\n---\nname: u\n".into(), "a second YAML document"),
+        ("big", "name: big\nparams: {n: 123456789012345678901234567890123}\nstages:\n  s: {uses: command, with: {run: 'true'}}\n".into(), "too large for an integer"),
+        ("trials", "name: tr\nstages:\n  t: {uses: tune, with: {search: random, trials: 1000000000000, models: [{model: logreg, C: [1]}], out: o}}\n".into(), "at most 100000"),
+    ];
+    for (name, text, expected) in cases {
+        p.write(&format!("pipelines/{name}.yaml"), &text);
+        let r = p.sentiflow(&["validate", &format!("pipelines/{name}.yaml")]);
+        assert_eq!(r.code, 2, "{name}: {}", r.stderr);
+        assert!(r.stderr.contains(expected), "{name}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(&format!("pipelines/{name}.yaml:")),
+            "{name} is located: {}",
+            r.stderr
+        );
+    }
+}

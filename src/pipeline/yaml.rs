@@ -87,15 +87,50 @@ pub fn index_path(parent: &str, i: usize) -> String {
     format!("{parent}[{i}]")
 }
 
+/// The most a file may hold: pipeline and settings files are a few kilobytes.
+const MAX_BYTES: usize = 4 << 20;
+/// Deepest nesting of sequences and mappings.
+const MAX_DEPTH: usize = 64;
+/// Most values a document may expand to, aliases counted with all they repeat.
+const MAX_NODES: usize = 1_000_000;
+
+/// Parses one YAML document, with limits on size, nesting and alias expansion, so that no file
+/// can exhaust memory or the stack; a NUL byte or a second document is an error, not silently
+/// the end of the file.
 pub fn parse(src: &str) -> Result<Document, SyntaxError> {
+    let pos_of = |byte: usize| {
+        let before = &src[..byte];
+        let line = before.matches('\n').count() + 1;
+        let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        Pos { line, col }
+    };
+    if src.len() > MAX_BYTES {
+        return Err(SyntaxError {
+            pos: Pos { line: 1, col: 1 },
+            message: format!("the file has {} bytes; at most {MAX_BYTES} are read", src.len()),
+        });
+    }
+    if let Some(nul) = src.find('\0') {
+        return Err(SyntaxError {
+            pos: pos_of(nul),
+            message: "a NUL byte: YAML files are text".into(),
+        });
+    }
     let mut builder = Builder::default();
     let mut parser = Parser::new_from_str(src);
-    parser.load(&mut builder, false).map_err(|e| SyntaxError {
-        pos: Pos::from_marker(*e.marker()),
-        message: e.info().to_string(),
-    })?;
-    if let Some(err) = builder.error {
-        return Err(err);
+    // Events one at a time: yaml-rust2's `load` recurses once per nesting level.
+    loop {
+        let (event, mark) = parser.next_token().map_err(|e| SyntaxError {
+            pos: Pos::from_marker(*e.marker()),
+            message: e.info().to_string(),
+        })?;
+        if event == Event::StreamEnd {
+            break;
+        }
+        builder.on_event(event, mark);
+        if let Some(err) = builder.error.take() {
+            return Err(err);
+        }
     }
     let value = builder.root.unwrap_or(Value::Null);
     let mut spans = builder.spans;
@@ -132,7 +167,11 @@ struct Builder {
     stack: Vec<Frame>,
     root: Option<Value>,
     spans: HashMap<String, Span>,
-    anchors: HashMap<usize, Value>,
+    /// Anchored values with the number of values each holds.
+    anchors: HashMap<usize, (Value, usize)>,
+    /// Values built so far, aliases counted with everything they repeat.
+    nodes: usize,
+    documents: usize,
     error: Option<SyntaxError>,
 }
 
@@ -163,7 +202,7 @@ impl Builder {
 
     fn push_value(&mut self, value: Value, anchor: usize) {
         if anchor > 0 {
-            self.anchors.insert(anchor, value.clone());
+            self.anchors.insert(anchor, (value.clone(), count_nodes(&value)));
         }
         match self.stack.last_mut() {
             None => self.root = Some(value),
@@ -177,9 +216,30 @@ impl Builder {
     }
 }
 
+/// The values in `value`, itself included.
+fn count_nodes(value: &Value) -> usize {
+    let mut count = 0;
+    let mut todo = vec![value];
+    while let Some(v) = todo.pop() {
+        count += 1;
+        match v {
+            Value::Array(items) => todo.extend(items),
+            Value::Object(map) => todo.extend(map.values()),
+            _ => {}
+        }
+    }
+    count
+}
+
 impl MarkedEventReceiver for Builder {
     fn on_event(&mut self, ev: Event, mark: Marker) {
         let pos = Pos::from_marker(mark);
+        if matches!(
+            ev,
+            Event::Scalar(..) | Event::SequenceStart(..) | Event::MappingStart(..)
+        ) {
+            self.nodes += 1;
+        }
         match ev {
             Event::Scalar(text, style, anchor, _) => {
                 if self.expecting_key() {
@@ -195,8 +255,10 @@ impl MarkedEventReceiver for Builder {
                 }
                 let (path, key) = self.next_path();
                 self.spans.insert(path, Span { key, value: pos });
-                let value = scalar(&text, style);
-                self.push_value(value, anchor);
+                match scalar(&text, style) {
+                    Ok(value) => self.push_value(value, anchor),
+                    Err(message) => self.fail(pos, message),
+                }
             }
             Event::Alias(id) => {
                 if self.expecting_key() {
@@ -205,12 +267,24 @@ impl MarkedEventReceiver for Builder {
                 }
                 let (path, key) = self.next_path();
                 self.spans.insert(path, Span { key, value: pos });
-                let value = self.anchors.get(&id).cloned().unwrap_or(Value::Null);
+                let (value, nodes) = self.anchors.get(&id).cloned().unwrap_or((Value::Null, 1));
+                self.nodes += nodes;
+                if self.nodes > MAX_NODES {
+                    self.fail(
+                        pos,
+                        format!("aliases expand the document past {MAX_NODES} values: write it out instead"),
+                    );
+                    return;
+                }
                 self.push_value(value, 0);
             }
             Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
                 if self.expecting_key() {
                     self.fail(pos, "keys must be plain strings, not collections".into());
+                }
+                if self.stack.len() >= MAX_DEPTH {
+                    self.fail(pos, format!("nested more than {MAX_DEPTH} levels deep"));
+                    return;
                 }
                 let (path, key) = self.next_path();
                 self.spans.insert(path.clone(), Span { key, value: pos });
@@ -238,18 +312,34 @@ impl MarkedEventReceiver for Builder {
                 };
                 self.push_value(value, anchor);
             }
-            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentStart | Event::DocumentEnd => {}
+            Event::DocumentStart => {
+                self.documents += 1;
+                if self.documents > 1 {
+                    self.fail(
+                        pos,
+                        "a second YAML document: a file holds one (remove the `---`)".into(),
+                    );
+                }
+            }
+            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => {}
         }
     }
 }
 
 /// Resolves a scalar with YAML 1.2 core-schema rules: only plain scalars can be numbers,
-/// booleans or null.
-fn scalar(text: &str, style: TScalarStyle) -> Value {
+/// booleans or null. An integer too large for 64 bits is an error rather than a rounded float.
+fn scalar(text: &str, style: TScalarStyle) -> Result<Value, String> {
     if style != TScalarStyle::Plain {
-        return Value::String(text.to_string());
+        return Ok(Value::String(text.to_string()));
     }
-    match Yaml::from_str(text) {
+    let digits = text.strip_prefix(['-', '+']).unwrap_or(text);
+    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) && text.parse::<i64>().is_err() {
+        return Err(format!(
+            "`{text}` is too large for an integer (at most {}): quote it to keep it as text",
+            i64::MAX
+        ));
+    }
+    Ok(match Yaml::from_str(text) {
         Yaml::Integer(i) => Value::Number(i.into()),
         Yaml::Real(r) => r
             .parse::<f64>()
@@ -260,7 +350,7 @@ fn scalar(text: &str, style: TScalarStyle) -> Value {
         Yaml::Boolean(b) => Value::Bool(b),
         Yaml::Null => Value::Null,
         _ => Value::String(text.to_string()),
-    }
+    })
 }
 
 /// Writes a JSON value as block-style YAML (used for the lock file).
@@ -313,6 +403,41 @@ mod tests {
         assert_eq!(doc.value["b"], Value::from(42));
         assert_eq!(doc.value["c"], Value::Null);
         assert_eq!(doc.value["d"], Value::from(1.5));
+    }
+
+    #[test]
+    fn hostile_documents_are_refused_where_they_go_wrong() {
+        let deep = |n: usize| format!("a: {}x{}\n", "[".repeat(n), "]".repeat(n));
+        let err = parse(&deep(100)).unwrap_err();
+        assert!(err.message.contains("nested more than 64"), "{}", err.message);
+        assert!(parse(&deep(20_000)).is_err());
+        let dashes = format!("a:\n{}x\n", "- ".repeat(20_000));
+        assert!(parse(&dashes).is_err(), "block nesting is bounded too");
+
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for (i, prev) in ["b", "c", "d", "e", "f", "g", "h"]
+            .iter()
+            .zip(["a", "b", "c", "d", "e", "f", "g"])
+        {
+            bomb.push_str(&format!("{i}: &{i} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"));
+        }
+        let err = parse(&bomb).unwrap_err();
+        assert!(err.message.contains("aliases expand"), "{}", err.message);
+
+        let err = parse("a: 1\nb: x\0y\n").unwrap_err();
+        assert_eq!(
+            (err.pos, err.message.as_str()),
+            (Pos { line: 2, col: 5 }, "a NUL byte: YAML files are text")
+        );
+        let err = parse("a: 1\n---\nb: 2\n").unwrap_err();
+        assert_eq!(err.pos.line, 2, "{}", err.message);
+        let err = parse("n: 123456789012345678901234567890\n").unwrap_err();
+        assert!(err.message.contains("too large for an integer"), "{}", err.message);
+        assert_eq!(
+            parse("n: '123456789012345678901234567890'\n").unwrap().value["n"],
+            "123456789012345678901234567890"
+        );
+        assert_eq!(parse("n: -9223372036854775808\n").unwrap().value["n"], i64::MIN);
     }
 
     #[test]

@@ -196,10 +196,31 @@ pub fn stratified_folds(labels: &[u8], groups: &[usize], k: usize, seed: u64) ->
     Ok(fold)
 }
 
+/// Most configurations a search may try: more would not finish, and would not fit in memory.
+const MAX_TRIALS: usize = 100_000;
+
 impl Tune {
     fn configs(&self) -> Result<Vec<ModelSpec>, String> {
         if self.models.is_empty() {
             return Err("`models` is empty: list at least one model family".into());
+        }
+        let planned = match self.search {
+            Search::Grid => self
+                .models
+                .iter()
+                .map(|entry| {
+                    entry.values().fold(1usize, |n, v| match v {
+                        Value::Array(items) => n.saturating_mul(items.len()),
+                        _ => n,
+                    })
+                })
+                .fold(0usize, usize::saturating_add),
+            Search::Random => self.trials.unwrap_or(0),
+        };
+        if planned > MAX_TRIALS {
+            return Err(format!(
+                "{planned} configurations to try: at most {MAX_TRIALS} (use `search: random` with fewer `trials`)"
+            ));
         }
         let mut raw = Vec::new();
         match self.search {
