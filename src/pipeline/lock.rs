@@ -43,13 +43,18 @@ pub fn read(p: &Pipeline) -> LockFile {
         .unwrap_or_default()
 }
 
-/// Keeps the lock file up to date while a pipeline runs: each stage that finishes is recorded at
-/// once, so a run killed halfway still leaves an accurate lock file.
+/// Keeps the lock file up to date while a pipeline runs: the first stage that finishes is
+/// written at once, later ones at most once a second, and all at the end. A run killed halfway
+/// leaves a lock file at most a second behind (the stages it misses are in the cache), and a run
+/// of thousands of stages does not rewrite the whole file after each one.
 pub struct Writer {
     path: std::path::PathBuf,
     lock: LockFile,
     written: String,
+    flushed: Option<std::time::Instant>,
 }
+
+const FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Writer {
     /// Starts from the current lock file, without the stages no longer in the pipeline.
@@ -59,11 +64,16 @@ impl Writer {
         let mut lock = read(p);
         lock.pipeline = p.name.clone();
         lock.stages.retain(|name, _| p.stage(name).is_some());
-        Writer { path, lock, written }
+        Writer {
+            path,
+            lock,
+            written,
+            flushed: None,
+        }
     }
 
     /// Records a stage that ran or was restored (others keep their last entry), and writes the
-    /// file if its text changed.
+    /// file if the last write is a second old.
     pub fn record(&mut self, p: &Pipeline, r: &StageReport) -> Result<(), CacheError> {
         if matches!(r.state, State::Ran | State::Cached) {
             let kind = &p.stage(&r.name).expect("reports name stages").kind;
@@ -81,6 +91,9 @@ impl Writer {
                 },
             );
         }
+        if self.flushed.is_some_and(|at| at.elapsed() < FLUSH_EVERY) {
+            return Ok(());
+        }
         self.flush()
     }
 
@@ -92,6 +105,7 @@ impl Writer {
             write_atomic(&self.path, text.as_bytes())?;
             self.written = text;
         }
+        self.flushed = Some(std::time::Instant::now());
         Ok(())
     }
 
