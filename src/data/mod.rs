@@ -57,13 +57,21 @@ impl Reviews {
         self.id.is_empty()
     }
 
-    pub fn push(&mut self, id: String, text: String, label: u8, rating: Option<i32>, split: &str) {
+    pub fn push(
+        &mut self,
+        id: String,
+        text: String,
+        label: u8,
+        rating: Option<i32>,
+        split: &str,
+        movie: Option<String>,
+    ) {
         self.id.push(id);
         self.text.push(text);
         self.label.push(label);
         self.rating.push(rating);
         self.source_split.push(split.to_string());
-        self.movie.push(None);
+        self.movie.push(movie);
     }
 
     /// The rows at `indices`, in that order.
@@ -81,6 +89,15 @@ impl Reviews {
     /// Rows without a movie, for the error when a grouped split or fold cannot be made.
     pub fn without_movie(&self) -> usize {
         self.movie.iter().filter(|m| m.is_none()).count()
+    }
+
+    /// Distinct movies among the rows.
+    pub fn movies(&self) -> usize {
+        self.movie
+            .iter()
+            .flatten()
+            .collect::<std::collections::HashSet<_>>()
+            .len()
     }
 
     pub fn positives(&self) -> usize {

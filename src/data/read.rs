@@ -140,9 +140,9 @@ impl ImdbCollector {
         let mut r = Reviews::default();
         for (m, text) in self.rows {
             let id = format!("{}_{}_{}", m.split, if m.label == 1 { "pos" } else { "neg" }, m.id);
-            r.push(id, text, m.label, m.rating, &m.split);
             let movie = self.urls.get(&(m.split.clone(), m.label));
-            *r.movie.last_mut().expect("just pushed") = movie.and_then(|u| u.get(m.id as usize)).cloned().flatten();
+            let movie = movie.and_then(|u| u.get(m.id as usize)).cloned().flatten();
+            r.push(id, text, m.label, m.rating, &m.split, movie);
         }
         (r, self.rejected)
     }
@@ -240,8 +240,8 @@ impl RowCollector {
         };
         let id = id.unwrap_or_else(|| format!("row{n}"));
         let split = self.split.clone();
-        self.reviews.push(id, text, label, None, &split);
-        *self.reviews.movie.last_mut().expect("just pushed") = group.filter(|g| !g.trim().is_empty());
+        let movie = group.filter(|g| !g.trim().is_empty());
+        self.reviews.push(id, text, label, None, &split, movie);
     }
 }
 

@@ -61,6 +61,14 @@ pub enum Truncation {
 }
 
 impl Truncation {
+    /// The setting's name, as pipelines and `stages/bert/*.py` write it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Truncation::Head => "head",
+            Truncation::HeadTail => "head_tail",
+        }
+    }
+
     /// Cuts `ids` to at most `budget` tokens, in order. The head is `budget / 4` rounded half up
     /// in integers, as `stages/bert/*.py` compute it (128 of 510, 32 of 126).
     pub fn apply(self, ids: &mut Vec<u32>, budget: usize) {

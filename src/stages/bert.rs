@@ -201,10 +201,7 @@ impl Stage for BertFinetune {
         for (flag, value) in [
             ("--base-model", self.base_model.clone()),
             ("--max-length", self.max_length.to_string()),
-            (
-                "--truncation",
-                json!(self.truncation).as_str().unwrap_or("head").to_string(),
-            ),
+            ("--truncation", self.truncation.name().to_string()),
             ("--epochs", self.epochs.to_string()),
             ("--lr", self.lr.to_string()),
             ("--batch-size", self.batch_size.to_string()),
@@ -304,7 +301,7 @@ impl Stage for BertExport {
                 .arg("--max-length")
                 .arg(max_length.to_string())
                 .arg("--truncation")
-                .arg(json!(truncation).as_str().unwrap_or("head"))
+                .arg(truncation.name())
                 .arg("--parity-reviews")
                 .arg(self.parity_reviews.to_string());
             if self.quantize {

@@ -150,8 +150,8 @@ impl Stage for Load {
         m.insert("rows".into(), reviews.len().into());
         m.insert("positive".into(), reviews.positives().into());
         m.insert("negative".into(), (reviews.len() - reviews.positives()).into());
-        let movies: std::collections::BTreeSet<&str> = reviews.movie.iter().flatten().map(String::as_str).collect();
-        m.insert("movies".into(), movies.len().into());
+        let movies = reviews.movies();
+        m.insert("movies".into(), movies.into());
         m.insert("without_movie".into(), reviews.without_movie().into());
         for (reason, n) in &rejected {
             m.insert(format!("rejected_{reason}"), (*n).into());
@@ -160,7 +160,7 @@ impl Stage for Load {
             "loaded {} reviews ({} positive) of {} movies{}",
             reviews.len(),
             reviews.positives(),
-            movies.len(),
+            movies,
             match reviews.without_movie() {
                 0 => String::new(),
                 n => format!("; {n} without a movie"),

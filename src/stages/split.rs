@@ -86,9 +86,8 @@ impl Stage for Split {
         for (rows, part, file) in [(&train, "train", "train.parquet"), (&valid, "valid", "valid.parquet")] {
             let reviews = reviews.select(rows);
             reviews.write_parquet(&dir.join(file))?;
-            let movies: std::collections::BTreeSet<&str> = reviews.movie.iter().flatten().map(String::as_str).collect();
             m.insert(format!("{part}_rows"), rows.len().into());
-            m.insert(format!("{part}_movies"), movies.len().into());
+            m.insert(format!("{part}_movies"), reviews.movies().into());
             m.insert(
                 format!("{part}_positive_share"),
                 serde_json::json!(reviews.positives() as f64 / rows.len() as f64),
