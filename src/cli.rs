@@ -16,7 +16,7 @@ use crate::models::bert::{BertError, Device, Runtime};
 use crate::models::bundle::{Bundle, BundleError, Prediction, LABELS};
 use crate::pipeline::exec::{self, Observer, Options, StageReport, State};
 use crate::pipeline::graph::DagFormat;
-use crate::pipeline::{lock, spec, Pipeline};
+use crate::pipeline::{lock, spec, Override, Pipeline};
 use crate::tracking::Delivery;
 
 /// Exit codes: what a script calling sentiflow can rely on.
@@ -112,7 +112,7 @@ enum Command {
         jobs: Option<usize>,
         /// Override a parameter: NAME=VALUE (repeatable).
         #[arg(long = "set", value_name = "NAME=VALUE")]
-        set: Vec<String>,
+        set: Vec<Override>,
         /// Print the run report as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -123,7 +123,7 @@ enum Command {
         file: PathBuf,
         /// Override a parameter: NAME=VALUE (repeatable), as in `run`.
         #[arg(long = "set", value_name = "NAME=VALUE")]
-        set: Vec<String>,
+        set: Vec<Override>,
         /// Print the status as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -394,7 +394,7 @@ fn apply_config_file(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load(file: &Path, set: &[String]) -> Result<Pipeline, i32> {
+fn load(file: &Path, set: &[Override]) -> Result<Pipeline, i32> {
     Pipeline::load(file, set).map_err(|d| {
         eprint!("{}", d.render());
         exit::INVALID

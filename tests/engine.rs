@@ -391,3 +391,291 @@ fn interrupt_stops_running_stages_and_exits_130() {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(states(&report), pairs(&[("next", "skipped"), ("slow", "interrupted")]));
 }
+
+/// Waits for `child` to exit, killing it and failing the test if it has not after `secs`: for
+/// runs that used to hang forever.
+fn exit_within(mut child: std::process::Child, secs: u64, what: &str) -> std::process::Output {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("{what} still running after {secs}s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The number a stage wrote to `rel` (its `$$`), once it is there.
+fn wait_for_number(p: &Project, rel: &str) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = p.read(rel);
+        if let Some(n) = text.strip_suffix('\n').and_then(|t| t.parse().ok()) {
+            return n;
+        }
+        assert!(Instant::now() < deadline, "the stage never wrote {rel}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Live processes of process group `group` (zombies have exited and are left out), as
+/// "pid (name)".
+fn live_members(group: i32) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        // After the name: state, parent pid, process group.
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        if fields.len() > 2 && fields[2] == group.to_string() && fields[0] != "Z" {
+            found.push(format!("{} ({})", &stat[..open - 1], &stat[open + 1..close]));
+        }
+    }
+    found
+}
+
+/// Waits until process group `group` has no live process left.
+fn assert_group_ends(group: i32) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = live_members(group);
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "still running in group {group}: {left:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn two_runs_at_once_run_a_stage_once_and_cache_what_it_wrote() {
+    let p = Project::new();
+    let f = p
+        .pipeline("name: race\nstages:\n  a: {uses: command, with: {run: 'seq 1 3 > out.txt; sleep 0.2; echo END >> out.txt', outs: [out.txt]}}\n")
+        .to_string_lossy()
+        .into_owned();
+    for round in 0..8 {
+        let _ = std::fs::remove_dir_all(p.path("cache"));
+        let _ = std::fs::remove_file(p.path("out.txt"));
+        let spawn = || {
+            p.cmd(&["run", &f, "--json"])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (one, two) = (spawn(), spawn());
+        let mut seen = Vec::new();
+        for child in [one, two] {
+            let out = exit_within(child, 60, "a run");
+            assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+            let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+            seen.push(stage(&report, "a")["state"].as_str().unwrap().to_string());
+        }
+        seen.sort();
+        assert_eq!(seen, ["cached", "ran"], "round {round}");
+        assert_eq!(p.read("out.txt"), "1\n2\n3\nEND\n", "round {round}");
+    }
+    // What the cache holds is what one run wrote.
+    std::fs::remove_file(p.path("out.txt")).unwrap();
+    let r = p.sentiflow(&["run", &f, "--json"]);
+    assert_eq!(states(&r.json()), pairs(&[("a", "cached")]));
+    assert_eq!(p.read("out.txt"), "1\n2\n3\nEND\n");
+}
+
+#[test]
+fn a_run_waits_for_the_run_that_holds_a_stages_outputs_then_restores_its_result() {
+    let p = Project::new();
+    let f = p
+        .pipeline("name: wait\nstages:\n  a: {uses: command, with: {run: 'seq 1 3 > out.txt; while [ ! -f release ]; do sleep 0.05; done; echo END >> out.txt', outs: [out.txt]}}\n")
+        .to_string_lossy()
+        .into_owned();
+    let first = p
+        .cmd(&["run", &f, "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !p.path("out.txt").exists() {
+        assert!(Instant::now() < deadline, "the first run never started its stage");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut second = p
+        .cmd(&["run", &f, "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = second.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let wanted = format!(
+        "warning: stage a: waiting for another run (pid {}) that holds its outputs (out.txt)",
+        first.id()
+    );
+    let mut lines = Vec::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(20)) {
+        let done = line.contains(&wanted);
+        lines.push(line);
+        if done {
+            break;
+        }
+    }
+    p.write("release", "");
+    let (first, second) = (
+        exit_within(first, 60, "the first run"),
+        exit_within(second, 60, "the second run"),
+    );
+    assert!(lines.iter().any(|l| l.contains(&wanted)), "{lines:?}");
+    let state = |out: &std::process::Output| {
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        stage(&report, "a")["state"].as_str().unwrap().to_string()
+    };
+    assert_eq!((state(&first).as_str(), state(&second).as_str()), ("ran", "cached"));
+    assert_eq!(p.read("out.txt"), "1\n2\n3\nEND\n");
+}
+
+#[test]
+fn an_output_behind_a_symlink_out_of_the_project_is_never_touched() {
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("victim.txt");
+    std::fs::write(&victim, "keep me\n").unwrap();
+    let p = Project::new();
+    let f = p
+        .pipeline(&format!(
+            "name: escape\nstages:\n  link: {{uses: command, with: {{run: 'ln -s {} link'}}}}\n  write: {{uses: command, needs: [link], with: {{run: 'echo pwned > link/victim.txt', outs: [link/victim.txt]}}}}\n",
+            outside.path().display()
+        ))
+        .to_string_lossy()
+        .into_owned();
+    let r = p.sentiflow(&["run", &f, "--json"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let report = r.json();
+    let error = stage(&report, "write")["error"].as_str().unwrap();
+    assert!(
+        error.contains("output `link/victim.txt` resolves to") && error.contains("outside the project root"),
+        "{error}"
+    );
+    assert!(error.contains("remove the link"), "{error}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me\n");
+
+    // A result cached while `link` was a directory is not restored through the link either.
+    std::fs::remove_file(p.path("link")).unwrap();
+    p.write(
+        "pipelines/q.yaml",
+        "name: restore\nstages:\n  write: {uses: command, with: {run: 'echo ok > link/victim.txt', outs: [link/victim.txt]}}\n",
+    );
+    let q = p.path("pipelines/q.yaml").to_string_lossy().into_owned();
+    let r = p.sentiflow(&["run", &q, "--json"]);
+    assert_eq!(states(&r.json()), pairs(&[("write", "ran")]));
+    std::fs::remove_dir_all(p.path("link")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), p.path("link")).unwrap();
+    let r = p.sentiflow(&["run", &q, "--json"]);
+    assert_eq!(states(&r.json()), pairs(&[("write", "failed")]));
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me\n");
+}
+
+#[test]
+fn an_output_that_would_clear_the_cache_is_refused() {
+    let p = Project::new();
+    let f = p
+        .pipeline("name: c\nstages:\n  a: {uses: command, with: {run: 'echo a > store/a.txt', outs: [store]}}\n")
+        .to_string_lossy()
+        .into_owned();
+    let r = p.sentiflow(&["run", &f, "--json", "--cache-dir", "store/cache"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let error = stage(&r.json(), "a")["error"].as_str().unwrap().to_string();
+    assert!(error.contains("which holds the cache directory"), "{error}");
+    assert!(p.path("store/cache/objects").is_dir());
+}
+
+#[test]
+fn inputs_that_never_end_fail_their_stage_at_once() {
+    let p = Project::new();
+    p.write("good/a.txt", "a\n");
+    p.write("mixed/a.txt", "a\n");
+    for fifo in ["pipe", "mixed/pipe", "reviews.csv"] {
+        let status = std::process::Command::new("mkfifo").arg(p.path(fifo)).status().unwrap();
+        assert!(status.success());
+    }
+    let f = p
+        .pipeline(
+            "name: hang\nstages:\n  zero: {uses: command, with: {run: 'true', deps: [/dev/zero]}}\n  fifo: {uses: command, with: {run: 'true', deps: [pipe]}}\n  mixed: {uses: command, with: {run: 'true', deps: [mixed]}}\n  load: {uses: load, with: {path: reviews.csv, out: out/r.parquet}}\n  good: {uses: command, with: {run: 'true', deps: [good]}}\n",
+        )
+        .to_string_lossy()
+        .into_owned();
+    let child = p
+        .cmd(&["run", &f, "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = exit_within(child, 60, "a run with a FIFO and /dev/zero as inputs");
+    assert_eq!(out.status.code(), Some(1));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(stage(&report, "good")["state"], "ran");
+    for (name, path, kind) in [
+        ("zero", "/dev/zero".to_string(), "character device"),
+        ("fifo", p.path("pipe").display().to_string(), "FIFO"),
+        ("mixed", p.path("mixed/pipe").display().to_string(), "FIFO"),
+        ("load", p.path("reviews.csv").display().to_string(), "FIFO"),
+    ] {
+        let error = stage(&report, name)["error"].as_str().unwrap();
+        assert!(
+            error.contains(&format!("{path} is a {kind}, not a regular file")),
+            "{name}: {error}"
+        );
+    }
+}
+
+#[test]
+fn a_killed_run_leaves_no_stage_process_behind() {
+    let p = Project::new();
+    let f = p
+        .pipeline("name: orphans\nstages:\n  a: {uses: command, with: {run: 'echo $$ > group; sleep 30 & sleep 30; echo late > late.txt'}}\n")
+        .to_string_lossy()
+        .into_owned();
+    let mut run = p.cmd(&["run", &f]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    // The stage's shell leads its process group.
+    let group = wait_for_number(&p, "group");
+    assert!(!live_members(group).is_empty());
+    run.kill().unwrap(); // SIGKILL: the engine can do nothing about it
+    run.wait().unwrap();
+    assert_group_ends(group);
+    assert!(!p.path("late.txt").exists());
+}
+
+#[test]
+fn an_interrupted_stage_that_ignores_sigterm_is_killed() {
+    let p = Project::new();
+    let f = p
+        .pipeline("name: stubborn\nstages:\n  a: {uses: command, with: {run: \"trap '' TERM; echo $$ > group; sleep 30 & sleep 30; echo late > late.txt\"}}\n")
+        .to_string_lossy()
+        .into_owned();
+    let run = p
+        .cmd(&["run", &f, "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let group = wait_for_number(&p, "group");
+    // SAFETY: sending SIGINT to our own child process.
+    unsafe { libc::kill(run.id() as i32, libc::SIGINT) };
+    let out = exit_within(run, 60, "an interrupted run");
+    assert_eq!(out.status.code(), Some(130));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(states(&report), pairs(&[("a", "interrupted")]));
+    assert_group_ends(group);
+    assert!(!p.path("late.txt").exists());
+}

@@ -119,6 +119,33 @@ fn bad_set_overrides_exit_2() {
 }
 
 #[test]
+fn set_values_are_typed_scalars_never_yaml() {
+    let p = Project::new();
+    let file = p.pipeline(
+        "name: demo\nparams: {seed: 1, word: hi, on: true}\nstages:\n  a: {uses: command, with: {run: 'printf %s \"${params.word}\" > w.txt', outs: [w.txt]}}\n",
+    );
+    let f = file.to_str().unwrap();
+    let r = p.sentiflow(&["status", f, "--set", "seed=abc"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("p.yaml:2:16: bad --set `seed=abc`: `params.seed` takes an integer"),
+        "{}",
+        r.stderr
+    );
+    let r = p.sentiflow(&["status", f, "--set", "on=yes"]);
+    assert!(r.stderr.contains("`params.on` takes `true` or `false`"), "{}", r.stderr);
+    let r = p.sentiflow(&["status", f, "--set", "seed=123456789012345678901234567890"]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("does not fit a 64-bit integer"), "{}", r.stderr);
+    // YAML syntax in a value is text: no nesting, no aliases, however deep.
+    let bomb = format!("word=&a [*a, *a] {}x", "- ".repeat(20_000));
+    let r = p.sentiflow(&["run", f, "--set", &bomb]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(p.read("w.txt"), &bomb["word=".len()..]);
+}
+
+#[test]
 fn unknown_target_stage_and_missing_file_exit_2() {
     let p = Project::new();
     let file = p.pipeline("name: demo\nstages:\n  a: {uses: command, with: {run: 'true'}}\n");
@@ -134,6 +161,100 @@ fn unknown_target_stage_and_missing_file_exit_2() {
     );
     let r = p.sentiflow(&["run"]);
     assert_eq!(r.code, 2, "usage errors exit 2");
+}
+
+#[test]
+fn outputs_that_would_delete_the_project_its_pipelines_or_its_cache_exit_2() {
+    let p = Project::new();
+    let command =
+        |outs: &str| format!("name: o\nstages:\n  a: {{uses: command, with: {{run: 'true', outs: [{outs}]}}}}\n");
+    let nested = "name: n\nstages:\n  a: {uses: command, with: {run: 'true', outs: [d]}}\n  b: {uses: command, with: {run: 'true', outs: [d/x]}}\n";
+    let load = "name: l\nstages:\n  l: {uses: load, with: {path: r.csv, out: cache/r.parquet}}\n";
+    // (file, text, the output as written, message, hint)
+    let cases = [
+        (
+            "pipelines/root.yaml",
+            command("./"),
+            "./",
+            "output `./` of stage `a` is the project root itself",
+            "name a file or directory inside the project",
+        ),
+        (
+            "pipelines/pipeline.yaml",
+            command("pipelines/pipeline.yaml"),
+            "pipelines/pipeline.yaml",
+            "output `pipelines/pipeline.yaml` of stage `a` is inside the pipelines directory `pipelines`",
+            "which would delete files in the pipelines directory",
+        ),
+        (
+            "pipelines/all.yaml",
+            command("pipelines"),
+            "pipelines",
+            "output `pipelines` of stage `a` is the pipelines directory `pipelines`",
+            "write it elsewhere",
+        ),
+        (
+            "pipelines/cache.yaml",
+            command("cache"),
+            "cache",
+            "output `cache` of stage `a` is the cache directory `cache`",
+            "which would delete the cache directory",
+        ),
+        (
+            "pipelines/objects.yaml",
+            command("./cache//objects"),
+            "./cache//objects",
+            "output `./cache//objects` of stage `a` is inside the cache directory `cache`",
+            "write it elsewhere",
+        ),
+        (
+            "pipelines/nested.yaml",
+            nested.to_string(),
+            "d/x",
+            "output `d/x` of stage `b` is inside output `d` of stage `a`",
+            "one cannot hold another",
+        ),
+        (
+            "pipelines/load.yaml",
+            load.to_string(),
+            "cache/r.parquet",
+            "output `cache/r.parquet` of stage `l` is inside the cache directory `cache`",
+            "write it elsewhere",
+        ),
+        // Outside `pipelines/`, the pipeline's own file and lock file.
+        (
+            "flat.yaml",
+            command("flat.yaml"),
+            "flat.yaml]",
+            "output `flat.yaml` of stage `a` is the pipeline file `flat.yaml`",
+            "which would delete the pipeline file",
+        ),
+        (
+            "flat.yaml",
+            command("flat.lock"),
+            "flat.lock",
+            "output `flat.lock` of stage `a` is the pipeline's lock file `flat.lock`",
+            "write it elsewhere",
+        ),
+    ];
+    for (file, text, out, message, hint) in cases {
+        p.write(file, &text);
+        let offset = text.find(out).unwrap();
+        let line = text[..offset].matches('\n').count() + 1;
+        let col = offset - text[..offset].rfind('\n').map_or(0, |i| i + 1) + 1;
+        let r = p.sentiflow(&["validate", file]);
+        assert_eq!(r.code, 2, "{file}: {}", r.stderr);
+        let located = format!("{file}:{line}:{col}: {message}");
+        assert!(r.stderr.contains(&located), "{file}: wanted {located}\n{}", r.stderr);
+        assert!(r.stderr.contains(hint), "{file}: {}", r.stderr);
+    }
+    // Names that only look alike pass.
+    p.write(
+        "pipelines/fine.yaml",
+        "name: f\nstages:\n  a: {uses: command, with: {run: 'true', outs: [d, out/cache, pipelines.txt]}}\n  b: {uses: command, with: {run: 'true', outs: [dx, d-a/x]}}\n",
+    );
+    let r = p.sentiflow(&["validate", "pipelines/fine.yaml"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
 }
 
 /// The YAML files of a folder of the repository.

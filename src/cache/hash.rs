@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{Read, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -113,6 +113,7 @@ impl Hasher {
             })?;
             Ok(dir_artifact(rel, files))
         } else {
+            regular(&abs, &meta)?;
             Ok(Artifact {
                 path: rel.to_string(),
                 hash: self.file_hash(&abs, &meta)?,
@@ -129,8 +130,7 @@ impl Hasher {
                 return Ok(h.clone());
             }
         }
-        let hash = hash_reader(fs::File::open(path).map_err(|e| CacheError::io(path, e))?, None)
-            .map_err(|e| CacheError::io(path, e))?;
+        let hash = hash_reader(open_regular(path)?, None).map_err(|e| CacheError::io(path, e))?;
         self.remember(path, meta, &hash);
         Ok(hash)
     }
@@ -147,6 +147,46 @@ impl Hasher {
             *self.dirty.lock().unwrap() = true;
         }
     }
+}
+
+/// What a file type is when it is neither a regular file, a directory nor a symbolic link.
+pub fn special_kind(ft: fs::FileType) -> Option<&'static str> {
+    if ft.is_fifo() {
+        Some("FIFO")
+    } else if ft.is_char_device() {
+        Some("character device")
+    } else if ft.is_block_device() {
+        Some("block device")
+    } else if ft.is_socket() {
+        Some("socket")
+    } else {
+        None
+    }
+}
+
+/// Refuses anything but a regular file: opening a FIFO blocks until a writer comes, and a device
+/// such as `/dev/zero` never ends, so hashing either would hang the stage.
+pub(super) fn regular(path: &Path, meta: &fs::Metadata) -> Result<(), CacheError> {
+    if meta.is_file() {
+        return Ok(());
+    }
+    Err(CacheError::NotRegular {
+        path: path.to_path_buf(),
+        kind: special_kind(meta.file_type()).unwrap_or(if meta.is_dir() { "directory" } else { "special file" }),
+    })
+}
+
+/// Opens a file already found regular. It may have been swapped for a FIFO since: `O_NONBLOCK`
+/// makes even that open return at once (it changes nothing for a regular file), and the open
+/// file is checked again.
+pub(super) fn open_regular(path: &Path) -> Result<fs::File, CacheError> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| CacheError::io(path, e))?;
+    regular(path, &file.metadata().map_err(|e| CacheError::io(path, e))?)?;
+    Ok(file)
 }
 
 /// Builds a directory's artifact from its files; the hash covers names and contents.
@@ -183,7 +223,8 @@ pub fn hash_reader(mut reader: impl Read, mut copy: Option<&mut dyn Write>) -> s
     Ok(hex::encode(h.finalize()))
 }
 
-/// Visits every regular file under `dir` in sorted order, with its path relative to `base`.
+/// Visits every file under `dir` in sorted order, with its path relative to `base`; anything but
+/// regular files and directories is refused.
 pub fn walk(
     base: &Path,
     dir: &Path,
@@ -200,6 +241,7 @@ pub fn walk(
         if meta.is_dir() {
             walk(base, &path, visit)?;
         } else {
+            regular(&path, &meta)?;
             let rel = path
                 .strip_prefix(base)
                 .expect("walked paths are under base")

@@ -4,7 +4,10 @@
 //! - `objects/ab/<sha256>`: file contents, named by their hash;
 //! - `runs/ab/<key>.json`: what a stage run with that key produced (its outputs' hashes, metrics);
 //! - `pipelines/<id>.json`: the keys the latest run of each pipeline used (for `cache gc`);
-//! - `hashes.json`: remembered file hashes.
+//! - `hashes.json`: remembered file hashes;
+//! - `locks/<id>.lock`: one per output path ever written, locked while a stage writes it (see
+//!   [`Cache::lock_outputs`]). `gc` leaves them: deleting a lock file someone holds would let a
+//!   second run lock a new file of the same name.
 //!
 //! Every file is written to a temporary name, synced and renamed, so an interrupted write never
 //! leaves a partial entry under a final name. Anything read back is verified against its hash.
@@ -14,11 +17,15 @@ mod hash;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-pub use hash::{hash_reader, sha256_hex, Artifact, FileEntry, Hasher};
+pub use hash::{hash_reader, sha256_hex, special_kind, Artifact, FileEntry, Hasher};
 
 use crate::stages::Metrics;
 
@@ -32,6 +39,11 @@ pub enum CacheError {
     },
     #[error("corrupt cache entry {what}: {reason}")]
     Corrupt { what: String, reason: String },
+    #[error(
+        "{path} is a {kind}, not a regular file: reading it could block or never end, so it cannot be \
+         hashed or cached; point the pipeline at a regular file or a directory of them"
+    )]
+    NotRegular { path: PathBuf, kind: &'static str },
 }
 
 impl CacheError {
@@ -74,7 +86,7 @@ impl Cache {
     }
 
     pub fn open(dir: &Path) -> Result<Cache, CacheError> {
-        for sub in ["objects", "runs", "pipelines", "tmp"] {
+        for sub in ["objects", "runs", "pipelines", "tmp", "locks"] {
             let p = dir.join(sub);
             fs::create_dir_all(&p).map_err(|e| CacheError::io(&p, e))?;
         }
@@ -133,6 +145,7 @@ impl Cache {
                     })?;
                     Ok(hash::dir_artifact(rel, files))
                 } else {
+                    hash::regular(&abs, &meta)?;
                     let (hash, size) = self.store_file(&abs, &meta)?;
                     Ok(Artifact {
                         path: rel.clone(),
@@ -146,7 +159,7 @@ impl Cache {
     }
 
     fn store_file(&self, path: &Path, meta: &fs::Metadata) -> Result<(String, u64), CacheError> {
-        let src = fs::File::open(path).map_err(|e| CacheError::io(path, e))?;
+        let src = hash::open_regular(path)?;
         let tmp_dir = self.dir.join("tmp");
         let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(|e| CacheError::io(&tmp_dir, e))?;
         let hash = hash_reader(src, Some(tmp.as_file_mut())).map_err(|e| CacheError::io(path, e))?;
@@ -202,6 +215,64 @@ impl Cache {
         let meta = fs::metadata(dest).map_err(|e| CacheError::io(dest, e))?;
         self.hasher.remember(dest, &meta, hash);
         Ok(())
+    }
+
+    /// Locks the outputs at `paths` (absolute, symbolic links resolved) against every process
+    /// using this cache, until the lock is dropped. A stage holds it from its cache lookup to its
+    /// cache record, so two runs of one stage never write its outputs at once nor cache a mix of
+    /// both: the second finds the first one's entry and restores it. Locks are taken in one fixed
+    /// order, so runs locking overlapping sets cannot deadlock; they are flock(2) locks, which the
+    /// kernel drops when their holder dies, even by SIGKILL.
+    ///
+    /// Before waiting, `waiting` is told the holder's pid when it is known. The wait polls rather
+    /// than blocks so that it ends, with `None`, once `cancel` is set.
+    pub fn lock_outputs(
+        &self,
+        paths: &[PathBuf],
+        cancel: &AtomicBool,
+        waiting: &dyn Fn(Option<u32>),
+    ) -> Result<Option<OutputLock>, CacheError> {
+        let mut ids: Vec<(String, &PathBuf)> = paths
+            .iter()
+            .map(|p| (sha256_hex(p.as_os_str().as_bytes())[..32].to_string(), p))
+            .collect();
+        ids.sort();
+        ids.dedup_by(|a, b| a.0 == b.0);
+        let mut files = Vec::with_capacity(ids.len());
+        for (id, path) in ids {
+            let lock_path = self.dir.join("locks").join(format!("{id}.lock"));
+            let io = |e| CacheError::io(&lock_path, e);
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&lock_path)
+                .map_err(io)?;
+            let mut told = false;
+            loop {
+                match file.try_lock() {
+                    Ok(()) => break,
+                    Err(fs::TryLockError::WouldBlock) => {}
+                    Err(fs::TryLockError::Error(e)) => return Err(io(e)),
+                }
+                if !told {
+                    waiting(lock_holder(&file));
+                    told = true;
+                }
+                if cancel.load(Ordering::SeqCst) {
+                    return Ok(None);
+                }
+                std::thread::sleep(LOCK_POLL);
+            }
+            // Who holds it, for the message of a run that waits (and a person looking). Its length
+            // never changes, so it overwrites the last note without truncating, which costs far
+            // more; not synced, as nothing else depends on it.
+            let note = format!("{:>10}\n{}\n", std::process::id(), path.display());
+            file.write_all_at(note.as_bytes(), 0).map_err(io)?;
+            files.push(file);
+        }
+        Ok(Some(OutputLock { _files: files }))
     }
 
     fn usage_path(&self, pipeline: &Path) -> PathBuf {
@@ -272,6 +343,21 @@ impl Cache {
     }
 }
 
+/// Outputs locked by [`Cache::lock_outputs`]; dropping it unlocks them.
+pub struct OutputLock {
+    _files: Vec<fs::File>,
+}
+
+/// How often a run waiting for another one's outputs tries their lock again.
+const LOCK_POLL: Duration = Duration::from_millis(50);
+
+/// The pid a lock file names (none when its holder has not written it yet).
+fn lock_holder(file: &fs::File) -> Option<u32> {
+    let mut buf = [0u8; 32];
+    let n = file.read_at(&mut buf, 0).ok()?;
+    std::str::from_utf8(&buf[..n]).ok()?.lines().next()?.trim().parse().ok()
+}
+
 /// Removes a file and gives its size; with `dry_run`, only gives the size.
 fn remove_counted(path: &Path, dry_run: bool) -> u64 {
     let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
@@ -328,4 +414,33 @@ pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<(), CacheError> {
     let mut tmp = tempfile::NamedTempFile::new_in(parent).map_err(|e| CacheError::io(parent, e))?;
     tmp.write_all(bytes).map_err(|e| CacheError::io(dest, e))?;
     persist(tmp, dest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_locked_output_makes_others_wait_until_it_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let outs = [dir.path().join("b"), dir.path().join("a")];
+        let go_on = AtomicBool::new(false);
+        let held = cache.lock_outputs(&outs, &go_on, &|_| panic!("free")).unwrap().unwrap();
+        // A second lock of one of them, from its own open file as another process would, waits
+        // and names this process; cancelling ends the wait.
+        let cancel = AtomicBool::new(false);
+        let told = std::sync::Mutex::new(None);
+        let waiting = |pid| {
+            *told.lock().unwrap() = Some(pid);
+            cancel.store(true, Ordering::SeqCst);
+        };
+        assert!(cache.lock_outputs(&outs[1..], &cancel, &waiting).unwrap().is_none());
+        assert_eq!(*told.lock().unwrap(), Some(Some(std::process::id())));
+        drop(held);
+        assert!(cache
+            .lock_outputs(&outs[1..], &go_on, &|_| panic!("released"))
+            .unwrap()
+            .is_some());
+    }
 }

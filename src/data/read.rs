@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use polars::prelude::*;
@@ -28,6 +29,32 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> DataError + '_ {
         path: path.display().to_string(),
         source,
     }
+}
+
+/// Opens a data file, refusing FIFOs, devices and sockets: opening a FIFO blocks until a writer
+/// comes and a device such as `/dev/zero` never ends, so the stage would hang. The type is checked
+/// before opening and again on the open file, opened with `O_NONBLOCK` in case the path changed
+/// in between (the flag changes nothing for regular files). Directories pass, to fail on reading.
+fn open(path: &Path) -> Result<File, DataError> {
+    let refuse = |meta: std::fs::Metadata| {
+        match crate::cache::special_kind(meta.file_type()) {
+            Some(kind) => Err(DataError::format(
+                path,
+                format!(
+                    "is a {kind}, not a regular file: reading it could block or never end; point the stage at a regular file or a directory of them"
+                ),
+            )),
+            None => Ok(()),
+        }
+    };
+    refuse(std::fs::metadata(path).map_err(io(path))?)?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(io(path))?;
+    refuse(file.metadata().map_err(io(path))?)?;
+    Ok(file)
 }
 
 /// `positive`/`negative`, `pos`/`neg`, `1`/`0` (any case) to 1/0.
@@ -150,7 +177,7 @@ impl ImdbCollector {
 
 /// Reads the IMDB layout from a `.tar.gz`, streaming it without extracting.
 pub fn imdb_archive(path: &Path) -> Result<(Reviews, Rejected), DataError> {
-    let file = File::open(path).map_err(io(path))?;
+    let file = open(path)?;
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(BufReader::with_capacity(1 << 20, file)));
     let mut c = ImdbCollector::default();
     let entries = archive
@@ -196,7 +223,16 @@ pub fn imdb_dir(path: &Path) -> Result<(Reviews, Rejected), DataError> {
             for entry in entries {
                 let entry = entry.map_err(io(&dir))?;
                 let name = format!("{split}/{class}/{}", entry.file_name().to_string_lossy());
-                c.add(&name, std::fs::read(entry.path()));
+                // A file that cannot be read is counted; one that could hang the stage is refused.
+                let read = match open(&entry.path()) {
+                    Ok(mut file) => {
+                        let mut bytes = Vec::new();
+                        file.read_to_end(&mut bytes).map(|_| bytes)
+                    }
+                    Err(DataError::Io { source, .. }) => Err(source),
+                    Err(refused) => return Err(refused),
+                };
+                c.add(&name, read);
             }
         }
     }
@@ -247,22 +283,30 @@ impl RowCollector {
 
 /// Reads a CSV file with a header, taking the named columns.
 pub fn csv(path: &Path, columns: &Columns) -> Result<(Reviews, Rejected), DataError> {
-    let mut reader = ::csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_path(path)
-        .map_err(|e| DataError::format(path, e.to_string()))?;
+    let mut reader = ::csv::ReaderBuilder::new().flexible(true).from_reader(open(path)?);
     let headers = reader
         .headers()
         .map_err(|e| DataError::format(path, e.to_string()))?
         .clone();
     let find = |name: &str| {
         headers.iter().position(|h| h == name).ok_or_else(|| {
+            // The header is the file's first line: it is only quoted when it looks like column
+            // names, so pointing `load` at some other file never prints what that file holds.
+            let names: Vec<&str> = headers.iter().collect();
+            let plausible = names
+                .iter()
+                .all(|h| h.len() <= 64 && h.chars().all(|c| c.is_alphanumeric() || " _-.".contains(c)));
+            let found = if plausible {
+                format!("columns are: {}", names.join(", "))
+            } else {
+                format!(
+                    "its first line ({} fields) does not look like a CSV header",
+                    names.len()
+                )
+            };
             DataError::format(
                 path,
-                format!(
-                    "no column `{name}`; columns are: {}",
-                    headers.iter().collect::<Vec<_>>().join(", ")
-                ),
+                format!("no column `{name}`; {found}; name the columns with `text_column` and `label_column`"),
             )
         })
     };
@@ -290,7 +334,7 @@ pub fn csv(path: &Path, columns: &Columns) -> Result<(Reviews, Rejected), DataEr
 
 /// Reads JSON Lines, one object per line, taking the named fields.
 pub fn jsonl(path: &Path, columns: &Columns) -> Result<(Reviews, Rejected), DataError> {
-    let file = File::open(path).map_err(io(path))?;
+    let file = open(path)?;
     let mut c = RowCollector::new(path);
     for line in BufReader::new(file).split(b'\n') {
         let line = line.map_err(io(path))?;
@@ -329,7 +373,7 @@ pub fn parquet(path: &Path, columns: &Columns) -> Result<(Reviews, Rejected), Da
         path: path.display().to_string(),
         source,
     };
-    let file = File::open(path).map_err(io(path))?;
+    let file = open(path)?;
     let df = ParquetReader::new(file).finish().map_err(perr)?;
     let names: Vec<String> = df.get_column_names().iter().map(|s| s.to_string()).collect();
     let col = |name: &str| {
@@ -379,4 +423,43 @@ pub fn parquet(path: &Path, columns: &Columns) -> Result<(Reviews, Rejected), Da
         }
     }
     Ok((c.reviews, c.rejected))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mkfifo(path: &Path) {
+        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    #[test]
+    fn fifos_and_devices_are_refused_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("reviews.jsonl");
+        mkfifo(&fifo);
+        let pos = dir.path().join("train/pos");
+        std::fs::create_dir_all(&pos).unwrap();
+        std::fs::write(pos.join("0_9.txt"), "fine").unwrap();
+        mkfifo(&pos.join("1_10.txt"));
+        let columns = Columns {
+            text: "review",
+            label: "sentiment",
+            id: None,
+            group: None,
+        };
+        let errors = [
+            (jsonl(&fifo, &columns).unwrap_err(), "FIFO"),
+            (csv(Path::new("/dev/zero"), &columns).unwrap_err(), "character device"),
+            (imdb_dir(dir.path()).unwrap_err(), "FIFO"),
+        ];
+        for (error, kind) in errors {
+            assert!(
+                error.to_string().contains(&format!("is a {kind}, not a regular file")),
+                "{error}"
+            );
+        }
+    }
 }

@@ -2,6 +2,7 @@
 //! pool of `jobs` threads; unchanged stages are restored from the cache instead of run.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -175,6 +176,15 @@ pub fn run(
     let (tx, rx) = mpsc::channel::<(usize, StageReport)>();
     let mut lock = lock::Writer::open(p);
     let mut lock_error = None;
+    let shared = Shared {
+        p,
+        cache,
+        guards: Guards::new(p, cache),
+        force: opts.force,
+        cancel,
+        obs,
+    };
+    let shared = &shared;
 
     pool.in_place_scope(|scope| {
         let mut running = 0usize;
@@ -194,7 +204,7 @@ pub fn run(
                 running += 1;
                 obs.started(&p.stages[i].name);
                 scope.spawn(move |_| {
-                    let report = run_stage(p, i, cache, &upstream, opts.force, cancel, obs);
+                    let report = run_stage(shared, i, &upstream);
                     let _ = tx.send((i, report));
                 });
             }
@@ -277,15 +287,25 @@ fn report_of(p: &Pipeline, i: usize, state: State, error: Option<String>) -> Sta
     }
 }
 
-fn run_stage(
-    p: &Pipeline,
-    i: usize,
-    cache: &Cache,
-    upstream: &BTreeMap<String, Vec<Artifact>>,
+/// What every stage of one run uses.
+struct Shared<'a> {
+    p: &'a Pipeline,
+    cache: &'a Cache,
+    guards: Guards,
     force: bool,
-    cancel: &AtomicBool,
-    obs: &dyn Observer,
-) -> StageReport {
+    cancel: &'a AtomicBool,
+    obs: &'a dyn Observer,
+}
+
+fn run_stage(shared: &Shared, i: usize, upstream: &BTreeMap<String, Vec<Artifact>>) -> StageReport {
+    let &Shared {
+        p,
+        cache,
+        ref guards,
+        force,
+        cancel,
+        obs,
+    } = shared;
     let stage = &p.stages[i];
     let mut report = report_of(p, i, State::Ran, None);
     let fail = |mut r: StageReport, state: State, error: String| {
@@ -295,6 +315,12 @@ fn run_stage(
         r
     };
 
+    // Before anything deletes or restores an output, where each one really is.
+    let outs = stage.kind.stage().outs();
+    let real_outs: Vec<PathBuf> = match outs.iter().map(|o| guards.resolve(&p.root, o)).collect() {
+        Ok(real) => real,
+        Err(e) => return fail(report, State::Failed, e),
+    };
     let log = |line: &str| obs.log(&stage.name, line);
     if let Err(e) = stage.kind.stage().prepare(&p.root, &log) {
         return fail(report, State::Failed, e.to_string());
@@ -308,6 +334,21 @@ fn run_stage(
     tracing::debug!("{}: cache key {key} over {} inputs", stage.name, inputs.len());
     report.inputs = inputs;
     report.key = Some(key.clone());
+
+    let waiting = |pid: Option<u32>| {
+        let holder = pid.map(|pid| format!(" (pid {pid})")).unwrap_or_default();
+        obs.warn(&format!(
+            "stage {}: waiting for another run{holder} that holds its outputs ({})…",
+            stage.name,
+            outs.join(", ")
+        ));
+    };
+    // Held until the stage's result is recorded (or it fails): see `Cache::lock_outputs`.
+    let _held = match cache.lock_outputs(&real_outs, cancel, &waiting) {
+        Ok(Some(held)) => held,
+        Ok(None) => return fail(report, State::Interrupted, "interrupted".into()),
+        Err(e) => return fail(report, State::Failed, format!("locking outputs: {e}")),
+    };
 
     if !force {
         match cache.lookup(&key) {
@@ -335,7 +376,6 @@ fn run_stage(
         }
     }
 
-    let outs = stage.kind.stage().outs();
     if let Err(e) = prepare_outputs(p, &outs) {
         return fail(report, State::Failed, format!("preparing outputs: {e}"));
     }
@@ -393,6 +433,76 @@ fn run_stage(
     report.metrics = entry.metrics;
     report.finished_at = now();
     report
+}
+
+/// The real places an output must keep clear of. The engine deletes an output before its stage
+/// runs and overwrites it on a restore; validation rejects outputs whose text names the project
+/// root, `pipelines/` or `cache/`, but only the file system knows where a symbolic link on the
+/// path leads, or where `--cache-dir` put the cache.
+struct Guards {
+    root: PathBuf,
+    pipelines: PathBuf,
+    file: PathBuf,
+    lock: PathBuf,
+    cache: PathBuf,
+}
+
+impl Guards {
+    fn new(p: &Pipeline, cache: &Cache) -> Guards {
+        Guards {
+            root: real_path(&p.root),
+            pipelines: real_path(&p.root.join("pipelines")),
+            file: real_path(&p.file),
+            lock: real_path(&super::lock_path(&p.file)),
+            cache: real_path(cache.dir()),
+        }
+    }
+
+    /// Where output `rel` really is, or why the engine must not touch it.
+    fn resolve(&self, root: &Path, rel: &str) -> Result<PathBuf, String> {
+        let real = real_path(&root.join(rel));
+        let place = if real == self.root {
+            "the project root itself".to_string()
+        } else if !real.starts_with(&self.root) {
+            format!("outside the project root {}", self.root.display())
+        } else if real.starts_with(&self.pipelines) {
+            format!("inside the pipelines directory {}", self.pipelines.display())
+        } else if real == self.file || real == self.lock {
+            "the pipeline file or its lock file".to_string()
+        } else if real.starts_with(&self.cache) {
+            format!("inside the cache directory {}", self.cache.display())
+        } else if self.cache.starts_with(&real) {
+            format!("which holds the cache directory {}", self.cache.display())
+        } else {
+            return Ok(real);
+        };
+        Err(format!(
+            "output `{rel}` resolves to {}, {place}; the engine deletes outputs before a stage runs, so it \
+             leaves this one alone: if a symbolic link on its path leads there, remove the link, otherwise \
+             write the output elsewhere inside the project",
+            real.display()
+        ))
+    }
+}
+
+/// `path` made absolute with every symbolic link resolved: its deepest existing ancestor
+/// canonicalized, and the rest appended.
+fn real_path(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut rest = Vec::new();
+    let mut at = abs.as_path();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(at) {
+            return rest.iter().rev().fold(real, |real, name| real.join(name));
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name);
+                at = parent;
+            }
+            _ => return abs,
+        }
+    }
 }
 
 /// Removes old outputs and makes their parent directories.

@@ -6,6 +6,7 @@ pub mod exec;
 pub mod graph;
 mod interp;
 pub mod lock;
+pub mod param;
 pub mod spec;
 pub mod yaml;
 
@@ -17,6 +18,7 @@ use serde_json::{Map, Value};
 
 pub use diag::{Diagnostic, Diagnostics};
 pub use graph::Dag;
+pub use param::{Override, ParamValue};
 
 use crate::stages::StageKind;
 use spec::{PipelineFile, RawStage};
@@ -67,7 +69,7 @@ impl Pipeline {
     }
 
     /// Reads and validates a pipeline file, applying `--set NAME=VALUE` overrides.
-    pub fn load(file: &Path, overrides: &[String]) -> Result<Pipeline, Diagnostics> {
+    pub fn load(file: &Path, overrides: &[Override]) -> Result<Pipeline, Diagnostics> {
         let source = std::fs::read_to_string(file).map_err(|e| {
             Diagnostics::one(
                 Diagnostic::new(file, yaml::Pos { line: 1, col: 1 }, format!("cannot read file: {e}")),
@@ -81,7 +83,7 @@ impl Pipeline {
     pub fn parse(
         file: &Path,
         source: &str,
-        overrides: &[String],
+        overrides: &[Override],
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Pipeline, Diagnostics> {
         let fail = |items: Vec<Diagnostic>| Diagnostics {
@@ -237,39 +239,33 @@ impl Checker<'_> {
         Diagnostic::new(self.file, self.doc.value_pos(path), format!("{field}: {message}"))
     }
 
-    fn apply_override(&self, params: &mut Map<String, Value>, o: &str) -> Result<(), Diagnostic> {
-        let at = self.doc.key_pos("params");
-        let Some((key, raw)) = o.split_once('=') else {
-            return Err(Diagnostic::new(
-                self.file,
-                at,
-                format!("bad --set `{o}`: expected NAME=VALUE"),
-            ));
-        };
-        if !params.contains_key(key) {
+    fn apply_override(&self, params: &mut Map<String, Value>, o: &Override) -> Result<(), Diagnostic> {
+        let Some(declared) = params.get(&o.name) else {
             let known: Vec<&str> = params.keys().map(String::as_str).collect();
             return Err(Diagnostic::new(
                 self.file,
-                at,
-                format!("bad --set `{o}`: the pipeline declares no parameter `{key}`"),
+                self.doc.key_pos("params"),
+                format!("bad --set `{o}`: the pipeline declares no parameter `{}`", o.name),
             )
             .hint(if known.is_empty() {
                 "declare it under `params:` first".to_string()
             } else {
                 format!(
                     "{}declared parameters: {}",
-                    diag::did_you_mean(key, known.iter().copied()),
+                    diag::did_you_mean(&o.name, known.iter().copied()),
                     known.join(", ")
                 )
             }));
-        }
-        // Values are YAML scalars: `--set seed=7` is a number, `--set name=x` a string.
-        let value = yaml::parse(raw)
-            .ok()
-            .map(|d| d.value)
-            .filter(|v| !v.is_object() && !v.is_array())
-            .unwrap_or_else(|| Value::String(raw.to_string()));
-        params.insert(key.to_string(), value);
+        };
+        let path = child_path("params", &o.name);
+        let value = o.value.conform(declared).map_err(|expected| {
+            Diagnostic::new(
+                self.file,
+                self.doc.value_pos(&path),
+                format!("bad --set `{o}`: `{path}` takes {expected}"),
+            )
+        })?;
+        params.insert(o.name.clone(), value);
         Ok(())
     }
 
@@ -362,34 +358,87 @@ impl Checker<'_> {
         })
     }
 
-    /// Outputs must be relative, inside the project, written by one stage, and a stage that
+    /// Outputs must be relative and inside the project, but neither the project root nor in
+    /// `pipelines/` or `cache/` (the engine deletes an output before its stage runs); written by
+    /// one stage; not inside one another (each is cleared and cached whole); and a stage that
     /// reads another stage's output must need that stage.
     fn outputs(&self, stages: &[Stage]) -> Vec<Diagnostic> {
         let mut diags = Vec::new();
+        let reserved = self.reserved();
         let mut writers: HashMap<String, &str> = HashMap::new();
+        let mut written = Vec::new();
         for s in stages {
             for (i, out) in s.kind.stage().outs().iter().enumerate() {
-                let at = self.doc.value_pos(&format!("stages.{}.with.outs[{i}]", s.name));
+                let at = || self.output_pos(s, i, out);
                 let norm = normalize(out);
-                if out.starts_with('/') || norm.split('/').any(|p| p == "..") || norm.is_empty() {
+                let clash = reserved
+                    .iter()
+                    .find(|(r, _)| norm == *r || norm.starts_with(&format!("{r}/")));
+                if out.starts_with('/') || norm.split('/').any(|p| p == "..") {
                     diags.push(
                         Diagnostic::new(
                             self.file,
-                            at,
+                            at(),
                             format!("output `{out}` of stage `{}` is outside the project", s.name),
                         )
                         .hint("outputs are paths relative to the project root, without `..`"),
                     );
-                } else if let Some(first) = writers.insert(norm, &s.name) {
+                } else if norm.is_empty() {
                     diags.push(
                         Diagnostic::new(
                             self.file,
-                            at,
+                            at(),
+                            format!("output `{out}` of stage `{}` is the project root itself", s.name),
+                        )
+                        .hint("the engine deletes an output before its stage runs: name a file or directory inside the project, e.g. `out/…`"),
+                    );
+                } else if let Some((r, what)) = clash {
+                    let (place, lost) = if norm == *r {
+                        ("is", what.to_string())
+                    } else {
+                        ("is inside", format!("files in {what}"))
+                    };
+                    diags.push(
+                        Diagnostic::new(
+                            self.file,
+                            at(),
+                            format!("output `{out}` of stage `{}` {place} {what} `{r}`", s.name),
+                        )
+                        .hint(format!(
+                            "the engine deletes an output before its stage runs, which would delete {lost}: write it elsewhere, e.g. under `out/`"
+                        )),
+                    );
+                } else if let Some(first) = writers.insert(norm.clone(), &s.name) {
+                    diags.push(
+                        Diagnostic::new(
+                            self.file,
+                            at(),
                             format!("output `{out}` is written by both `{first}` and `{}`", s.name),
                         )
                         .hint("each output must have exactly one stage writing it"),
                     );
+                } else {
+                    written.push((norm, s, i, out.clone()));
                 }
+            }
+        }
+        for (norm, s, i, out) in &written {
+            let outer = norm
+                .match_indices('/')
+                .map(|(k, _)| &norm[..k])
+                .find_map(|dir| writers.get(dir).map(|w| (dir, *w)));
+            if let Some((dir, writer)) = outer {
+                diags.push(
+                    Diagnostic::new(
+                        self.file,
+                        self.output_pos(s, *i, out),
+                        format!(
+                            "output `{out}` of stage `{}` is inside output `{dir}` of stage `{writer}`",
+                            s.name
+                        ),
+                    )
+                    .hint("the engine clears and caches each output whole, so one cannot hold another: write them to separate paths, or declare only the outer one"),
+                );
             }
         }
         for s in stages {
@@ -412,5 +461,42 @@ impl Checker<'_> {
             }
         }
         diags
+    }
+
+    /// Paths, relative to the project root, that no output may be or be inside, with what they
+    /// are: the default cache directory (`sentiflow run` checks the one actually used), and the
+    /// pipeline files, which are the pipeline and its lock file where `pipelines/` does not hold
+    /// them.
+    fn reserved(&self) -> Vec<(String, &'static str)> {
+        let root = project_root(self.file);
+        let mut reserved = vec![
+            ("pipelines".to_string(), "the pipelines directory"),
+            ("cache".to_string(), "the cache directory"),
+        ];
+        for (path, what) in [
+            (self.file.to_path_buf(), "the pipeline file"),
+            (lock_path(self.file), "the pipeline's lock file"),
+        ] {
+            let abs = std::path::absolute(&path).unwrap_or(path);
+            if let Ok(rel) = abs.strip_prefix(&root) {
+                reserved.push((normalize(&rel.to_string_lossy()), what));
+            }
+        }
+        reserved
+    }
+
+    /// Where output `i` of stage `s` is written in the file: an entry of `outs`, or the field
+    /// (`out`, `metrics`) that holds it.
+    fn output_pos(&self, s: &Stage, i: usize, out: &str) -> yaml::Pos {
+        let with = child_path("stages", &s.name) + ".with";
+        let field = match s.kind.params() {
+            Value::Object(m) if m.get("out").and_then(Value::as_str) == Some(out) => Some("out".to_string()),
+            Value::Object(m) => m.into_iter().find(|(_, v)| v.as_str() == Some(out)).map(|(k, _)| k),
+            _ => None,
+        };
+        match field {
+            Some(key) => self.doc.value_pos(&child_path(&with, &key)),
+            None => self.doc.value_pos(&format!("{with}.outs[{i}]")),
+        }
     }
 }
