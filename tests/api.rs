@@ -2,11 +2,13 @@
 
 mod common;
 
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{http, key, quickstart, Response, Server};
+use common::{http, key, quickstart, Project, Response, Server};
 use serde_json::{json, Value};
 
 fn bearer(k: &str) -> String {
@@ -336,6 +338,227 @@ fn rate_limits_answer_429_with_retry_after() {
     );
 }
 
+/// Sends `request` as written (`http` gives every POST a Content-Length) and reads the answer.
+fn raw(addr: &str, request: &str) -> Response {
+    let mut c = TcpStream::connect(addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    c.write_all(request.as_bytes()).unwrap();
+    let mut text = String::new();
+    let _ = c.read_to_string(&mut text);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Response {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+/// The value of an unlabelled metric.
+fn metric(s: &Server, name: &str) -> u64 {
+    let text = http(&s.addr, "GET", "/metrics", &[], b"").body;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {text}"))
+}
+
+/// Whether a read on `c` ends because the server closed it (rather than timing out).
+fn closed_by_server(read: std::io::Result<usize>) -> bool {
+    matches!(read, Ok(0)) || matches!(read, Err(e) if e.kind() == ErrorKind::ConnectionReset)
+}
+
+#[test]
+fn slow_clients_neither_starve_others_nor_stay_connected() {
+    // The soft limit is often 1,024 open files; this process holds 2,000 connections.
+    let mut files = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write only the struct given.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut files) };
+    assert!(
+        files.rlim_max >= 2_200,
+        "this test needs 2,200 open files; the hard limit is {}: raise it (`ulimit -Hn`)",
+        files.rlim_max
+    );
+    files.rlim_cur = files.rlim_max;
+    unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &files) };
+
+    let p = Project::new();
+    // The default header timeout (10 s) keeps the slow clients connected while a fresh one asks.
+    let s = Server::start(&p, &[]);
+    let slow: Vec<TcpStream> = (0..2000)
+        .map(|_| {
+            let mut c = TcpStream::connect(&s.addr).unwrap();
+            c.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: 1").unwrap();
+            c
+        })
+        .collect();
+    let r = http(&s.addr, "GET", "/health", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        metric(&s, "sentiflow_open_connections") >= 2000,
+        "the slow clients were connected meanwhile"
+    );
+    drop(slow);
+
+    // A client sending a header line every 300 ms is cut off by the header timeout all the same,
+    // and one sending nothing by the idle timeout.
+    let s = Server::start(&p, &["--header-timeout-s", "1", "--idle-timeout-s", "2"]);
+    let mut dribbling = TcpStream::connect(&s.addr).unwrap();
+    dribbling.write_all(b"GET /health HTTP/1.1\r\n").unwrap();
+    dribbling.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    for lines in 0.. {
+        match dribbling.read(&mut [0; 64]) {
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            read => {
+                assert!(
+                    closed_by_server(read),
+                    "the server answered a request whose headers never ended"
+                );
+                break;
+            }
+        }
+        assert!(
+            lines < 100,
+            "a client sending a header line every 300 ms was never cut off"
+        );
+        if dribbling.write_all(b"X-Slow: 1\r\n").is_err() {
+            break;
+        }
+    }
+    let mut silent = TcpStream::connect(&s.addr).unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    assert!(
+        closed_by_server(silent.read(&mut [0; 64])),
+        "a connection that sends nothing is closed"
+    );
+    let metrics = http(&s.addr, "GET", "/metrics", &[], b"").body;
+    for timeout in ["header", "idle"] {
+        assert!(
+            metrics.contains(&format!(
+                "sentiflow_connection_timeouts_total{{timeout=\"{timeout}\"}} 1"
+            )),
+            "{metrics}"
+        );
+    }
+}
+
+#[test]
+fn connections_over_the_cap_are_answered_503_until_some_close() {
+    let p = Project::new();
+    let s = Server::start(&p, &["--max-connections", "5"]);
+    let held: Vec<TcpStream> = (0..5).map(|_| TcpStream::connect(&s.addr).unwrap()).collect();
+    let r = http(&s.addr, "GET", "/health", &[], b"");
+    assert_error(&r, 503, "overloaded");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    drop(held);
+    // The server sees the held connections close as it reads them: ask until it answers.
+    let served = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(50));
+        http(&s.addr, "GET", "/health", &[], b"").status == 200
+    });
+    assert!(served, "the server serves again once connections close");
+    assert!(metric(&s, "sentiflow_refused_connections_total") >= 1);
+}
+
+#[test]
+fn unknown_keys_from_one_address_are_throttled_until_the_window_ends() {
+    let p = Project::new();
+    let predictor = key(&p, "predict");
+    let s = Server::start(&p, &["--auth-fail-limit", "3", "--auth-fail-window-s", "3"]);
+    assert_eq!(get(&s, "/models", &predictor).status, 200);
+    let guesses: Vec<Response> = (0..6).map(|i| get(&s, "/models", &format!("sf_guess{i}"))).collect();
+    assert_error(&guesses[0], 401, "unauthorized");
+    let limited = guesses
+        .iter()
+        .find(|r| r.status == 429)
+        .expect("a burst of unknown keys is throttled");
+    assert_error(limited, 429, "auth_throttled");
+    let wait: u64 = limited.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=3).contains(&wait), "{wait}");
+    // Throttled, the address is refused before any key is looked up, even a valid one; open
+    // endpoints still answer.
+    assert_error(&get(&s, "/models", &predictor), 429, "auth_throttled");
+    assert_eq!(http(&s.addr, "GET", "/health", &[], b"").status, 200);
+    assert!(metric(&s, "sentiflow_auth_throttled_total") >= 2);
+    std::thread::sleep(Duration::from_secs(wait));
+    assert_eq!(
+        get(&s, "/models", &predictor).status,
+        200,
+        "the lockout ends with its window"
+    );
+}
+
+#[test]
+fn head_bodyless_posts_and_security_headers() {
+    use base64::Engine;
+    use sha2::Digest;
+    let p = Project::new();
+    let auth = bearer(&key(&p, "admin"));
+    let s = Server::start(&p, &[]);
+
+    let r = http(&s.addr, "HEAD", "/health", &[], b"");
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (200, ""),
+        "HEAD answers as GET, without the body"
+    );
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(
+        http(&s.addr, "HEAD", "/models", &[("Authorization", &auth)], b"").status,
+        200
+    );
+    let r = http(&s.addr, "HEAD", "/prediction", &[], b"");
+    assert_eq!((r.status, r.header("allow")), (405, Some("POST")));
+    let r = http(&s.addr, "DELETE", "/health", &[], b"");
+    assert_error(&r, 405, "method_not_allowed");
+    assert_eq!(r.header("allow"), Some("GET, HEAD"));
+
+    // A POST with no body needs no Content-Length; one that needs a body says so.
+    let bodyless = |path: &str| {
+        raw(
+            &s.addr,
+            &format!("POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"),
+        )
+    };
+    assert_error(&bodyless("/models/v-none/promote"), 404, "not_found");
+    assert_error(&bodyless("/prediction"), 400, "missing_body");
+    let chunked = raw(
+        &s.addr,
+        &format!(
+            "POST /prediction HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Type: application/json\r\n\
+             Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n4\r\n{{}}  \r\n0\r\n\r\n"
+        ),
+    );
+    assert_error(&chunked, 411, "length_required");
+
+    // The page may run its own inline script and nothing else, and never in a frame.
+    let page = http(&s.addr, "GET", "/", &[], b"");
+    let csp = page.header("content-security-policy").expect("the page has a CSP");
+    let ui = include_str!("../src/serve/ui.html");
+    let script = ui.split_once("<script>").unwrap().1.split_once("</script>").unwrap().0;
+    let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(script));
+    assert!(csp.contains(&format!("script-src 'sha256-{hash}';")), "{csp}");
+    assert!(
+        csp.contains("default-src 'self'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert_eq!(page.header("x-frame-options"), Some("DENY"));
+    for r in [&page, &chunked, &http(&s.addr, "GET", "/health", &[], b"")] {
+        assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    }
+}
+
 #[test]
 fn one_run_per_pipeline_and_state_survives_restarts() {
     let p = quickstart();
@@ -400,10 +623,12 @@ fn promotion_under_load_fails_no_request() {
         .map(|m| m["version"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(versions.len(), 2, "{models}");
-    assert_eq!(
-        post(&s, &format!("/models/{}/promote", versions[0]), &admin, &json!({})).status,
-        200
+    // Promotion needs no body, so no Content-Length either.
+    let promote = format!(
+        "POST /models/{}/promote HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin}\r\nConnection: close\r\n\r\n",
+        versions[0]
     );
+    assert_eq!(raw(&s.addr, &promote).status, 200);
 
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(AtomicUsize::new(0));
@@ -497,4 +722,75 @@ fn a_killed_server_loses_nothing_committed() {
     assert_eq!(run["status"], "interrupted", "{run}");
     assert_eq!(get(&s, "/models", &admin).json()["models"].as_array().unwrap().len(), 1);
     assert_eq!(post(&s, "/prediction", &admin, &json!({"text": REVIEW})).status, 200);
+}
+
+#[test]
+fn hostile_training_parameters_are_refused_and_nothing_outside_is_read_or_quoted() {
+    let p = quickstart();
+    let admin = key(&p, "admin");
+    p.write(
+        "pipelines/echo.yaml",
+        "name: echo\nparams: {word: hi}\nstages:\n  say: {uses: command, with: {run: 'echo ${params.word} > said.txt', outs: [said.txt]}}\n",
+    );
+    std::os::unix::fs::symlink("/etc/passwd", p.path("passwd.csv")).unwrap();
+    p.write("notes.csv", "secret-token:abc123:/home/me\nsecond,line\n");
+    let s = Server::start(&p, &[]);
+    let train_with = |params: Value| {
+        post(
+            &s,
+            "/training",
+            &admin,
+            &json!({"pipeline": "quickstart", "params": params}),
+        )
+    };
+
+    // Parameters are typed JSON scalars: nesting is named, not parsed.
+    let r = train_with(json!({"seed": [[1]]}));
+    assert_error(&r, 400, "invalid_field");
+    assert!(r.body.contains("params.seed"), "{}", r.body);
+    assert!(r.body.contains("a string, number or boolean"), "{}", r.body);
+    let r = train_with(json!({"seed": format!("{}x", "- ".repeat(5000))}));
+    assert_error(&r, 422, "invalid_pipeline");
+    assert!(r.body.contains("`params.seed` takes an integer"), "{}", r.body);
+
+    // Data outside the project root, directly or through a link, is refused before the run.
+    for data in ["/etc/passwd", "passwd.csv", "../../../../../etc/passwd"] {
+        let r = train_with(json!({"data": data}));
+        assert_error(&r, 403, "data_not_allowed");
+        assert!(!r.body.contains("root:"), "{}", r.body);
+    }
+    // A file inside the project that is not review data fails without being quoted.
+    let run = train(
+        &s,
+        &admin,
+        json!({"pipeline": "quickstart", "params": {"data": "notes.csv"}}),
+    );
+    assert_eq!(run["status"], "failed", "{run}");
+    assert!(
+        run["error"]
+            .as_str()
+            .unwrap()
+            .contains("does not look like a CSV header"),
+        "{run}"
+    );
+    assert!(!run.to_string().contains("secret-token"), "{run}");
+
+    // A value that reaches a shell command may not carry shell syntax.
+    let r = post(
+        &s,
+        "/training",
+        &admin,
+        &json!({"pipeline": "echo", "params": {"word": "hi; touch pwned"}}),
+    );
+    assert_error(&r, 400, "invalid_field");
+    assert!(
+        r.body.contains("params.word") && r.body.contains("stage `say`"),
+        "{}",
+        r.body
+    );
+    let run = train(&s, &admin, json!({"pipeline": "echo", "params": {"word": "hello-2"}}));
+    assert_eq!(run["status"], "succeeded", "{run}");
+    assert_eq!(p.read("said.txt"), "hello-2\n");
+    assert!(!p.path("pwned").exists());
+    assert_eq!(http(&s.addr, "GET", "/health", &[], b"").status, 200);
 }

@@ -198,3 +198,101 @@ fn the_server_watches_live_predictions_and_feedback() {
         .unwrap();
     assert_eq!((rows, texts, hashes), (600, 0, 600));
 }
+
+#[test]
+fn stored_predictions_are_kept_within_the_retention_setting() {
+    let p = project();
+    let s = Server::start(&p, &["--keep-predictions", "100", "--drift-period-s", "1"]);
+    let k = key(&p, "predict");
+    let auth = format!("Bearer {k}");
+    let headers = [("Authorization", auth.as_str()), ("Content-Type", "application/json")];
+    let post = |path: &str, body: Value| http(&s.addr, "POST", path, &headers, body.to_string().as_bytes());
+    let reviews = heldout();
+    let mut ids = Vec::new();
+    for chunk in reviews.chunks(50) {
+        let texts: Vec<&str> = chunk.iter().map(|r| r.text.as_str()).collect();
+        let r = post("/prediction", json!({"texts": texts}));
+        assert_eq!(r.status, 200, "{}", r.body);
+        ids.extend(
+            r.json()["predictions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p["id"].as_str().unwrap().to_string()),
+        );
+    }
+    for id in [&ids[0], &ids[299]] {
+        assert_eq!(
+            post("/feedback", json!({"prediction_id": id, "label": "positive"})).status,
+            200
+        );
+    }
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let db = rusqlite::Connection::open(p.path("sentiflow.db")).unwrap();
+    let kept: Vec<String> = db
+        .prepare("SELECT id FROM predictions ORDER BY rowid")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(kept, ids[200..], "the newest 100 are kept");
+    let feedback: Vec<String> = db
+        .prepare("SELECT prediction_id FROM feedback")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(feedback, [ids[299].clone()], "feedback goes with its prediction");
+    let metrics = http(&s.addr, "GET", "/metrics", &[], b"").body;
+    assert!(metrics.contains("sentiflow_stored_predictions 100"), "{metrics}");
+}
+
+#[test]
+fn a_database_that_cannot_take_writes_fails_only_the_requests_that_write() {
+    let p = project();
+    let s = Server::start(&p, &[]);
+    let k = key(&p, "predict");
+    let auth = format!("Bearer {k}");
+    let headers = [("Authorization", auth.as_str()), ("Content-Type", "application/json")];
+    let post = |path: &str, body: Value| http(&s.addr, "POST", path, &headers, body.to_string().as_bytes());
+    let review = &heldout()[0].text;
+    let id = post("/prediction", json!({"text": review})).json()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let k2 = key(&p, "predict");
+    // Another process holds the write lock for longer than the server's busy timeout (5 s).
+    let mut db = rusqlite::Connection::open(p.path("sentiflow.db")).unwrap();
+    let tx = db
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+        .unwrap();
+    // A fresh key's first use is recorded, which now fails and is only counted.
+    let auth2 = format!("Bearer {k2}");
+    let r = http(
+        &s.addr,
+        "POST",
+        "/prediction",
+        &[("Authorization", auth2.as_str()), ("Content-Type", "application/json")],
+        json!({"text": review}).to_string().as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Feedback is a write: it is refused with 503 and a reason, and nothing is half-done.
+    let r = post("/feedback", json!({"prediction_id": id, "label": "positive"}));
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "storage_unavailable", "{}", r.body);
+    assert!(r.header("retry-after").is_some());
+    tx.rollback().unwrap();
+    let metrics = http(&s.addr, "GET", "/metrics", &[], b"").body;
+    // Both keys' uses went unrecorded (the new key made the server forget the cached one).
+    assert!(
+        metrics.contains("sentiflow_store_write_failures_total{what=\"key_last_used\"} 2"),
+        "{metrics}"
+    );
+    assert_eq!(
+        post("/feedback", json!({"prediction_id": id, "label": "positive"})).status,
+        200
+    );
+}

@@ -1,13 +1,15 @@
-//! API keys and per-key rate limits.
+//! API keys, per-key rate limits, and a lockout for addresses that send unknown keys.
 //!
 //! Keys are random 32-byte tokens shown once; only their SHA-256 is stored. A request sends
 //! `Authorization: Bearer <key>`; the hash is looked up, so the key itself is never compared.
 
 use std::collections::HashMap;
 use std::io::Read;
+use std::net::{IpAddr, Ipv6Addr};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use super::metrics::Metrics;
 use crate::cache::sha256_hex;
 use crate::store::{Store, StoreError};
 
@@ -83,7 +85,7 @@ const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
 impl Keys {
     /// The id and role of `key`, or `None` for an unknown or revoked key.
-    pub fn lookup(&self, store: &Store, key: &str) -> Result<Option<(i64, Role)>, StoreError> {
+    pub fn lookup(&self, store: &Store, key: &str, metrics: &Metrics) -> Result<Option<(i64, Role)>, StoreError> {
         let hash = sha256_hex(key.as_bytes());
         let version = store.outside_changes()?;
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
@@ -102,8 +104,12 @@ impl Keys {
         };
         let now = Instant::now();
         let due = touched.is_none_or(|t| now.duration_since(t) >= TOUCH_EVERY);
+        // Recording the use is bookkeeping: a full disk must not refuse a valid key.
         if due {
-            store.touch_key(id)?;
+            if let Err(e) = store.touch_key(id) {
+                tracing::warn!("recording the use of key {id}: {e}");
+                metrics.store_failure("key_last_used");
+            }
         }
         known
             .by_hash
@@ -169,6 +175,69 @@ impl Limiter {
     }
 }
 
+/// Addresses tracked at most; when full, those whose window has ended are forgotten, and a new
+/// address is not tracked until there is room (IPv6 holds far more addresses than memory).
+const MAX_TRACKED: usize = 65_536;
+
+/// Unknown API keys by client address: after `limit` of them within `window` of the first, the
+/// address is refused until the window ends, without its keys being looked up. Keys are
+/// 256-bit, so this is not what stops guessing; it stops a guesser costing a hash and a
+/// database lookup per request.
+pub struct Lockout {
+    limit: u32,
+    window: Duration,
+    /// Address → failures in its window, and when the window began.
+    failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
+}
+
+impl Lockout {
+    pub fn new(limit: u32, window: Duration) -> Lockout {
+        Lockout {
+            limit,
+            window,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Seconds until `client` may send a key again, when it has sent too many unknown ones.
+    pub fn retry_after(&self, client: IpAddr) -> Option<u64> {
+        let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let (n, since) = failures.get(&Self::group(client))?;
+        let left = self.window.checked_sub(since.elapsed())?;
+        (*n >= self.limit).then(|| left.as_secs_f64().ceil().max(1.0) as u64)
+    }
+
+    /// Records an unknown key from `client`.
+    pub fn failed(&self, client: IpAddr) {
+        if self.limit == 0 {
+            return;
+        }
+        let client = Self::group(client);
+        let now = Instant::now();
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        if failures.len() >= MAX_TRACKED && !failures.contains_key(&client) {
+            failures.retain(|_, (_, since)| now.duration_since(*since) < self.window);
+            if failures.len() >= MAX_TRACKED {
+                return;
+            }
+        }
+        let (n, since) = failures.entry(client).or_insert((0, now));
+        if now.duration_since(*since) >= self.window {
+            (*n, *since) = (0, now);
+        }
+        *n += 1;
+    }
+
+    /// The address counted for `ip`: an IPv6 host usually holds a whole /64, so that is counted
+    /// as one; an IPv4 client reaching an IPv6 socket counts as its IPv4 address.
+    fn group(ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u64::MAX as u128))),
+            v4 => v4,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +251,26 @@ mod tests {
         assert!(l.take(2, 5).allowed, "keys have their own buckets");
         std::thread::sleep(std::time::Duration::from_millis(250));
         assert!(l.take(1, 5).allowed, "a token comes back after 1/rate seconds");
+    }
+
+    #[test]
+    fn an_address_is_locked_out_after_the_limit_until_its_window_ends() {
+        let l = Lockout::new(2, Duration::from_millis(300));
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        l.failed(a);
+        assert_eq!(l.retry_after(a), None, "under the limit");
+        l.failed(a);
+        assert_eq!(l.retry_after(a), Some(1));
+        assert_eq!(l.retry_after(b), None, "other addresses are not affected");
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        l.failed(v6("2001:db8::1"));
+        l.failed(v6("2001:db8::2"));
+        assert_eq!(l.retry_after(v6("2001:db8::ffff")), Some(1), "one /64 is one client");
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(l.retry_after(a), None, "the lockout ends with the window");
+        let off = Lockout::new(0, Duration::from_secs(60));
+        off.failed(a);
+        assert_eq!(off.retry_after(a), None, "a limit of 0 turns it off");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::App;
 use crate::drift::{evaluate, Sample, Thresholds};
-use crate::store::PredictionRow;
+use crate::store::{PredictionRow, Retention};
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -217,6 +217,18 @@ fn evaluate_once(app: &App, mut mlflow_runs: HashMap<String, String>, step: i64)
     }
     if let Err(e) = app.store.add_predictions(&rows) {
         tracing::error!("saving {} predictions: {e}", rows.len());
+        app.metrics.store_failure("predictions");
+    }
+    let keep = Retention {
+        rows: app.config.keep_predictions,
+        days: app.config.keep_days,
+    };
+    match app.store.prune(keep).and_then(|_| app.store.prediction_count()) {
+        Ok(n) => app.metrics.stored_predictions(n),
+        Err(e) => {
+            tracing::error!("pruning stored predictions: {e}");
+            app.metrics.store_failure("prune");
+        }
     }
     let report = report(app);
     let tracker = crate::tracking::Tracker::from_env();
@@ -230,6 +242,7 @@ fn evaluate_once(app: &App, mut mlflow_runs: HashMap<String, String>, step: i64)
             .add_drift(model, version, r["status"].as_str().unwrap_or("ok"), r)
         {
             tracing::error!("saving the drift evaluation of {model}: {e}");
+            app.metrics.store_failure("drift_evaluation");
         }
         if let Some(t) = &tracker {
             let key = format!("{model} {version}");

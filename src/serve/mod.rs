@@ -7,13 +7,14 @@
 mod auth;
 mod batcher;
 mod drift;
+mod listener;
 mod metrics;
 mod openapi;
 mod training;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -86,9 +87,43 @@ pub struct Config {
     /// Drift monitoring: seconds between stored evaluations.
     #[arg(long, env = "SENTIFLOW_DRIFT_PERIOD_S", default_value_t = 60)]
     pub drift_period_s: u64,
+    /// Connections open at most; one more is answered `503` and closed.
+    #[arg(long, env = "SENTIFLOW_MAX_CONNECTIONS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Seconds a client has to send a request's headers, from their first byte.
+    #[arg(long, env = "SENTIFLOW_HEADER_TIMEOUT_S", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout_s: u64,
+    /// Seconds a connection may send and receive nothing (between requests, or stalled in one)
+    /// before it is closed; keep it above the idle timeout of a load balancer in front.
+    #[arg(long, env = "SENTIFLOW_IDLE_TIMEOUT_S", default_value_t = 75,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_s: u64,
+    /// Requests with an unknown API key from one address before it is refused (`429`) for the
+    /// rest of `--auth-fail-window-s` (0: never).
+    #[arg(long, env = "SENTIFLOW_AUTH_FAIL_LIMIT", default_value_t = 10)]
+    pub auth_fail_limit: u32,
+    /// Seconds over which `--auth-fail-limit` counts, from an address's first unknown key.
+    #[arg(long, env = "SENTIFLOW_AUTH_FAIL_WINDOW_S", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub auth_fail_window_s: u64,
     /// Store the texts of predictions in the database (otherwise only their SHA-256).
     #[arg(long, env = "SENTIFLOW_STORE_TEXTS")]
     pub store_texts: bool,
+    /// Directories outside the project root that trainings started through the API may read
+    /// (`:`-separated); the project root is always allowed.
+    #[arg(long, env = "SENTIFLOW_DATA_DIRS", value_delimiter = ':')]
+    pub data_dirs: Vec<PathBuf>,
+    /// Stored predictions kept at most (the newest); older ones, and their feedback, are
+    /// deleted at each drift evaluation.
+    #[arg(long, env = "SENTIFLOW_KEEP_PREDICTIONS", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep_predictions: u64,
+    /// Days stored predictions, their feedback and drift evaluations are kept.
+    #[arg(long, env = "SENTIFLOW_KEEP_DAYS", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_days: u32,
 }
 
 impl Config {
@@ -171,6 +206,7 @@ pub struct App {
     models: RwLock<HashMap<String, Arc<Serving>>>,
     keys: auth::Keys,
     limiter: auth::Limiter,
+    lockout: auth::Lockout,
     pub metrics: Arc<Metrics>,
     journal: drift::Journal,
     pub training: training::Trainer,
@@ -201,6 +237,16 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         tracing::error!("{e}");
+        if e.is_unavailable() {
+            let mut a = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "storage_unavailable",
+                "the database cannot take writes now (full disk, read-only file or held lock); \
+                 nothing was changed, retry later; the error is logged",
+            );
+            a.headers.push(("retry-after", "30".into()));
+            return a;
+        }
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -232,6 +278,7 @@ impl App {
             models: RwLock::new(HashMap::new()),
             keys: auth::Keys::default(),
             limiter: auth::Limiter::new(),
+            lockout: auth::Lockout::new(config.auth_fail_limit, Duration::from_secs(config.auth_fail_window_s)),
             metrics: Arc::default(),
             journal: drift::Journal::default(),
             training: training::Trainer::default(),
@@ -409,8 +456,15 @@ impl App {
         names
     }
 
-    /// Checks the request's key for `need` and takes a rate-limit token; returns the quota.
-    fn authorize(&self, headers: &HeaderMap, need: Role, open: bool) -> Result<auth::Quota, ApiError> {
+    /// Checks the request's key for `need` and takes a rate-limit token; returns the quota. An
+    /// address that sent too many unknown keys is refused before its key is looked up.
+    fn authorize(
+        &self,
+        client: Option<IpAddr>,
+        headers: &HeaderMap,
+        need: Role,
+        open: bool,
+    ) -> Result<auth::Quota, ApiError> {
         let key = headers
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -425,10 +479,33 @@ impl App {
                     "missing API key: send `Authorization: Bearer <key>` (create one with `sentiflow keys create`)",
                 ))
             }
-            Some(k) => self
-                .keys
-                .lookup(&self.store, k)?
-                .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown API key"))?,
+            Some(k) => {
+                if let Some(secs) = client.and_then(|c| self.lockout.retry_after(c)) {
+                    self.metrics.auth_throttled();
+                    let mut e = ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "auth_throttled",
+                        format!(
+                            "too many requests with unknown API keys from your address; retry in {secs} s with a valid key (create one with `sentiflow keys create`)"
+                        ),
+                    );
+                    e.headers.push(("retry-after", secs.to_string()));
+                    return Err(e);
+                }
+                match self.keys.lookup(&self.store, k, &self.metrics)? {
+                    Some(found) => found,
+                    None => {
+                        if let Some(c) = client {
+                            self.lockout.failed(c);
+                        }
+                        return Err(ApiError::new(
+                            StatusCode::UNAUTHORIZED,
+                            "unauthorized",
+                            "unknown API key: check it, or create one with `sentiflow keys create`",
+                        ));
+                    }
+                }
+            }
         };
         if !role.allows(need) {
             return Err(ApiError::new(
@@ -499,8 +576,8 @@ fn allowed_methods(parts: &[&str]) -> Option<&'static str> {
         | ["best_model_parameter"]
         | ["models"]
         | ["drift"]
-        | ["pipelines"] => Some("GET"),
-        ["training", _] | ["training", _, "logs"] => Some("GET"),
+        | ["pipelines"] => Some("GET, HEAD"),
+        ["training", _] | ["training", _, "logs"] => Some("GET, HEAD"),
         ["prediction"] | ["feedback"] | ["training"] | ["models", _, "promote"] => Some("POST"),
         _ => None,
     }
@@ -534,6 +611,13 @@ fn route_of(method: &Method, path: &str) -> String {
 }
 
 fn parse_json(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
+    if body.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "missing_body",
+            "the body is empty: send a JSON object with `Content-Type: application/json`",
+        ));
+    }
     let ctype = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
     if !ctype
         .split(';')
@@ -574,22 +658,29 @@ fn bad_field(field: &str, message: impl Into<String>) -> ApiError {
 }
 
 impl App {
-    async fn dispatch(
-        self: &Arc<Self>,
-        request_id: &str,
-        method: &Method,
-        path: &str,
-        query: &str,
-        headers: &HeaderMap,
-        body: &Bytes,
-    ) -> ApiResult {
+    async fn dispatch(self: &Arc<Self>, request_id: &str, request: Incoming<'_>) -> ApiResult {
+        let Incoming {
+            client,
+            method,
+            path,
+            query,
+            headers,
+            body,
+        } = request;
         let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         let ok = |v: Value| Ok(json_response(StatusCode::OK, &v));
-        match (method, parts.as_slice()) {
+        // HEAD is answered as GET; hyper leaves the body out.
+        let route_method = if method == Method::HEAD { &Method::GET } else { method };
+        match (route_method, parts.as_slice()) {
             (&Method::GET, [""]) => {
                 let mut r = Response::new(UI.into());
-                r.headers_mut()
-                    .insert("content-type", HeaderValue::from_static("text/html; charset=utf-8"));
+                let h = r.headers_mut();
+                h.insert("content-type", HeaderValue::from_static("text/html; charset=utf-8"));
+                h.insert(
+                    "content-security-policy",
+                    HeaderValue::from_str(&UI_CSP).expect("the policy is ASCII"),
+                );
+                h.insert("x-frame-options", HeaderValue::from_static("DENY"));
                 Ok(r)
             }
             (&Method::GET, ["health"]) => ok(json!({"status": "ok", "started_at": self.started})),
@@ -615,19 +706,19 @@ impl App {
             }
             (&Method::GET, ["openapi.json"]) => ok(openapi::document(&self.config)),
             (&Method::GET, ["best_model_parameter"]) => {
-                let quota = self.authorize(headers, Role::Predict, false)?;
+                let quota = self.authorize(client, headers, Role::Predict, false)?;
                 self.best_model_parameter(query).map(|r| quota.annotate(r))
             }
             (&Method::POST, ["prediction"]) => {
-                let quota = self.authorize(headers, Role::Predict, self.config.open_prediction)?;
+                let quota = self.authorize(client, headers, Role::Predict, self.config.open_prediction)?;
                 self.predict(request_id, headers, body).await.map(|r| quota.annotate(r))
             }
             (&Method::GET, ["pipelines"]) => {
-                let quota = self.authorize(headers, Role::Admin, false)?;
+                let quota = self.authorize(client, headers, Role::Admin, false)?;
                 training::list(self).map(|r| quota.annotate(r))
             }
             (&Method::GET, ["drift"]) => {
-                let quota = self.authorize(headers, Role::Predict, false)?;
+                let quota = self.authorize(client, headers, Role::Predict, false)?;
                 let mut report = drift::report(self);
                 if query.split('&').any(|kv| kv == "history=1") {
                     report["history"] = self.store.drift_history(100)?.into();
@@ -635,30 +726,30 @@ impl App {
                 ok(report).map(|r| quota.annotate(r))
             }
             (&Method::POST, ["feedback"]) => {
-                let quota = self.authorize(headers, Role::Predict, self.config.open_prediction)?;
+                let quota = self.authorize(client, headers, Role::Predict, self.config.open_prediction)?;
                 self.feedback(headers, body).map(|r| quota.annotate(r))
             }
             (&Method::GET, ["models"]) => {
-                let quota = self.authorize(headers, Role::Predict, false)?;
+                let quota = self.authorize(client, headers, Role::Predict, false)?;
                 ok(json!({"models": self.store.models()?})).map(|r| quota.annotate(r))
             }
             (&Method::POST, ["models", version, "promote"]) => {
-                let quota = self.authorize(headers, Role::Admin, false)?;
+                let quota = self.authorize(client, headers, Role::Admin, false)?;
                 let row = self.promote(version)?;
                 ok(json!({"promoted": row})).map(|r| quota.annotate(r))
             }
             (&Method::POST, ["training"]) => {
-                let quota = self.authorize(headers, Role::Admin, false)?;
+                let quota = self.authorize(client, headers, Role::Admin, false)?;
                 let request = parse_json(headers, body)?;
                 only_fields(&request, &["pipeline", "params", "stages"])?;
                 training::start(self, &request).map(|r| quota.annotate(r))
             }
             (&Method::GET, ["training", id]) => {
-                let quota = self.authorize(headers, Role::Admin, false)?;
+                let quota = self.authorize(client, headers, Role::Admin, false)?;
                 training::status(self, id).map(|r| quota.annotate(r))
             }
             (&Method::GET, ["training", id, "logs"]) => {
-                let quota = self.authorize(headers, Role::Admin, false)?;
+                let quota = self.authorize(client, headers, Role::Admin, false)?;
                 if self.store.run(id)?.is_none() {
                     return Err(ApiError::new(
                         StatusCode::NOT_FOUND,
@@ -857,6 +948,7 @@ impl App {
 
 async fn handle(
     app: Arc<App>,
+    client: Option<listener::ClientAddr>,
     method: Method,
     path: warp::path::FullPath,
     query: String,
@@ -864,25 +956,38 @@ async fn handle(
     body: Bytes,
 ) -> Result<Response, Infallible> {
     let clock = Instant::now();
-    let id = format!(
-        "{:x}-{:x}",
-        app.started,
-        app.request_seq.fetch_add(1, Ordering::Relaxed)
-    );
+    let id = app.request_id();
     let path = path.as_str().to_string();
-    let mut response = match app.dispatch(&id, &method, &path, &query, &headers, &body).await {
+    let request = Incoming {
+        client: client.map(|c| c.0.ip()),
+        method: &method,
+        path: &path,
+        query: &query,
+        headers: &headers,
+        body: &body,
+    };
+    let mut response = match app.dispatch(&id, request).await {
         Ok(r) => r,
         Err(e) => error_response(e, &id),
     };
-    response
-        .headers_mut()
-        .insert("x-request-id", HeaderValue::from_str(&id).expect("ids are ASCII"));
+    stamp(&mut response, &id);
     app.metrics.request(
         &route_of(&method, &path),
         response.status().as_u16(),
         clock.elapsed().as_secs_f64(),
     );
     Ok(response)
+}
+
+/// A request as `dispatch` sees it.
+struct Incoming<'a> {
+    /// The address it came from.
+    client: Option<IpAddr>,
+    method: &'a Method,
+    path: &'a str,
+    query: &'a str,
+    headers: &'a HeaderMap,
+    body: &'a Bytes,
 }
 
 fn error_response(e: ApiError, request_id: &str) -> Response {
@@ -900,11 +1005,7 @@ fn error_response(e: ApiError, request_id: &str) -> Response {
 
 /// Rejections warp produces before the handler runs (oversized bodies, unknown methods).
 async fn recover(app: Arc<App>, rejection: warp::Rejection) -> Result<Response, warp::Rejection> {
-    let id = format!(
-        "{:x}-{:x}",
-        app.started,
-        app.request_seq.fetch_add(1, Ordering::Relaxed)
-    );
+    let id = app.request_id();
     let e = if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -915,18 +1016,74 @@ async fn recover(app: Arc<App>, rejection: warp::Rejection) -> Result<Response, 
         ApiError::new(
             StatusCode::LENGTH_REQUIRED,
             "length_required",
-            "send a Content-Length header",
+            "chunked request bodies are not accepted: send the body with a Content-Length header",
         )
     } else {
         ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route; see /openapi.json")
     };
     let status = e.status.as_u16();
     let mut r = error_response(e, &id);
-    r.headers_mut()
-        .insert("x-request-id", HeaderValue::from_str(&id).expect("ids are ASCII"));
+    stamp(&mut r, &id);
     app.metrics.request("rejected", status, 0.0);
     Ok(r)
 }
+
+/// Adds the headers every response carries: its request id, and `nosniff` so that no browser
+/// runs a JSON or text answer as a script or page.
+fn stamp(r: &mut Response, request_id: &str) {
+    let h = r.headers_mut();
+    h.insert(
+        "x-request-id",
+        HeaderValue::from_str(request_id).expect("ids are ASCII"),
+    );
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+}
+
+impl App {
+    /// A new request id: the start time and a sequence number, in hex.
+    fn request_id(&self) -> String {
+        format!(
+            "{:x}-{:x}",
+            self.started,
+            self.request_seq.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+
+    /// The answer to a connection over `--max-connections`.
+    fn overloaded(&self) -> Response {
+        let id = self.request_id();
+        let mut e = ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            format!(
+                "the server has its limit of {} connections open (--max-connections); retry shortly",
+                self.config.max_connections
+            ),
+        );
+        e.headers.push(("retry-after", "1".into()));
+        let mut r = error_response(e, &id);
+        stamp(&mut r, &id);
+        r
+    }
+}
+
+/// The page's Content-Security-Policy: its one inline script allowed by hash, so no injected
+/// script runs; inline styles (the page sets `style` attributes); everything else from this
+/// server only; never in a frame.
+static UI_CSP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    use base64::Engine;
+    use sha2::Digest;
+    let script = UI
+        .split_once("<script>")
+        .and_then(|(_, rest)| rest.split_once("</script>"))
+        .map(|(script, _)| script)
+        .expect("ui.html has an inline <script>");
+    let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(script));
+    format!(
+        "default-src 'self'; script-src 'sha256-{hash}'; style-src 'unsafe-inline'; object-src 'none'; \
+         base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+});
 
 /// The web interface: one self-contained page (HTML, CSS and JavaScript, no build step) that
 /// talks to this API.
@@ -935,75 +1092,106 @@ const UI: &str = include_str!("ui.html");
 /// Largest request body accepted.
 const MAX_BODY: u64 = 8 * 1024 * 1024;
 
-/// Runs the server until SIGINT or SIGTERM, then lets requests in flight finish and records a
-/// running training as interrupted.
-pub async fn serve(app: Arc<App>) -> anyhow::Result<()> {
+/// Every route of the API, each answer a JSON body (or the page) with a request id.
+pub fn routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = warp::Rejection> + Clone {
     let with_app = {
         let app = app.clone();
         warp::any().map(move || app.clone())
     };
     let query = warp::query::raw().or(warp::any().map(String::new)).unify();
+    let request = with_app
+        .and(warp::ext::optional::<listener::ClientAddr>())
+        .and(warp::method())
+        .and(warp::path::full())
+        .and(query)
+        .and(warp::header::headers_cloned());
+    let no_body = warp::any().map(Bytes::new);
     let get = warp::get()
-        .and(with_app.clone())
-        .and(warp::method())
-        .and(warp::path::full())
-        .and(query)
-        .and(warp::header::headers_cloned())
-        .and(warp::any().map(Bytes::new))
+        .or(warp::head())
+        .unify()
+        .and(request.clone())
+        .and(no_body)
         .and_then(handle);
-    let post = warp::post()
-        .and(with_app.clone())
-        .and(warp::method())
-        .and(warp::path::full())
-        .and(query)
-        .and(warp::header::headers_cloned())
-        .and(warp::body::content_length_limit(MAX_BODY))
-        .and(warp::body::bytes())
-        .and_then(handle);
-    // Any other method reaches the handler too, which answers 405 with `Allow`.
-    let other_method = warp::method().and_then(|m: Method| async move {
-        if m == Method::GET || m == Method::POST {
+    // A body needs a Content-Length (chunked ones are refused with 411); a request with neither
+    // it nor Transfer-Encoding has no body by HTTP/1.1's framing, which `POST
+    // /models/{version}/promote` needs none of.
+    let sized = warp::body::content_length_limit(MAX_BODY).and(warp::body::bytes());
+    let empty = warp::header::headers_cloned().and_then(|h: HeaderMap| async move {
+        if h.contains_key("content-length") || h.contains_key("transfer-encoding") {
             Err(warp::reject::not_found())
         } else {
-            Ok(m)
+            Ok(Bytes::new())
         }
     });
-    let other = with_app
-        .clone()
-        .and(other_method)
-        .and(warp::path::full())
-        .and(query)
-        .and(warp::header::headers_cloned())
-        .and(warp::any().map(Bytes::new))
+    let post = warp::post()
+        .and(request.clone())
+        .and(sized.or(empty).unify())
         .and_then(handle);
+    // Any other method reaches the handler too, which answers 405 with `Allow`.
+    let other_method = warp::method()
+        .and_then(|m: Method| async move {
+            if [Method::GET, Method::HEAD, Method::POST].contains(&m) {
+                Err(warp::reject::not_found())
+            } else {
+                Ok(())
+            }
+        })
+        .untuple_one();
+    let other = other_method.and(request).and(no_body).and_then(handle);
     let recover_app = app.clone();
-    let routes = get
-        .or(post)
+    get.or(post)
         .unify()
         .or(other)
         .unify()
         .recover(move |r| recover(recover_app.clone(), r))
-        .unify();
+        .unify()
+}
 
-    let (addr, server) = warp::serve(routes).try_bind_with_graceful_shutdown(app.config.addr, shutdown_signal())?;
+/// Runs the server until SIGINT or SIGTERM, then lets requests in flight finish and records a
+/// running training as interrupted.
+pub async fn serve(app: Arc<App>) -> anyhow::Result<()> {
+    let routes = routes(app.clone());
+    match listener::raise_file_limit() {
+        Ok(files) if files < u64::from(app.config.max_connections) + RESERVED_FILES => tracing::warn!(
+            "the open-file limit ({files}) is below --max-connections ({}) plus {RESERVED_FILES} for the server's own \
+             files: connections may fail before the cap; raise the hard limit (`ulimit -Hn`, LimitNOFILE=) or lower \
+             --max-connections",
+            app.config.max_connections
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("raising the open-file limit: {e}; keeping the current one"),
+    }
+    let addr = app.config.addr;
+    let socket = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        anyhow::anyhow!("listening on {addr}: {e} (is another server on that port? choose another with --addr)")
+    })?;
+    let addr = socket.local_addr()?;
+    let signal = shutdown_signal();
     tokio::spawn(drift::watch(
         app.clone(),
         Duration::from_secs(app.config.drift_period_s.max(1)),
     ));
     tracing::info!("listening on http://{addr}");
     eprintln!("sentiflow serving on http://{addr} (models: {:?})", app.model_names());
-    server.await;
-    app.training.stop_all();
+    listener::run(app.clone(), socket, warp::service(routes), signal).await;
+    app.training.stop_all(&app);
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Files the server keeps open besides connections: the database, models, logs.
+const RESERVED_FILES: u64 = 256;
+
+/// Resolves on SIGTERM or SIGINT; the handlers are installed at once, so a signal that arrives
+/// before the server first waits for one still shuts it down gracefully.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+    async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        tracing::info!("shutting down: finishing requests in flight");
     }
-    tracing::info!("shutting down: finishing requests in flight");
 }

@@ -1,18 +1,20 @@
 //! `POST /training`: pipeline runs in the background, one per pipeline at a time, recorded in
 //! the database stage by stage; exported bundles are registered and, when better, promoted.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use serde::Deserialize;
 use serde_json::{json, Value};
 use warp::http::{HeaderValue, StatusCode};
 
 use super::{json_response, ApiError, ApiResult, App};
 use crate::cache::Cache;
 use crate::pipeline::exec::{self, Observer, Options, StageReport, State};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Override, ParamValue, Pipeline};
+use crate::stages::StageKind;
 use crate::tracking::{Delivery, Tracker};
 
 /// A run in progress: its id, its stop flag and its thread.
@@ -24,21 +26,38 @@ pub struct Trainer {
     running: Mutex<HashMap<String, Running>>,
 }
 
+/// How long a stopping server waits for its trainings to reach a point where they can stop.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Trainer {
-    /// Asks every run to stop and waits for each to record how it ended.
-    pub fn stop_all(&self) {
-        let handles: Vec<_> = {
+    /// Asks every run to stop and waits, at most `STOP_GRACE`, for each to record how it ended.
+    /// A run still going then (a stage computing without checking for a stop) is recorded as
+    /// interrupted here, and ends with the process.
+    pub fn stop_all(&self, app: &App) {
+        let runs: Vec<_> = {
             let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
             running
                 .values_mut()
-                .map(|(_, cancel, handle)| {
+                .map(|(id, cancel, handle)| {
                     cancel.store(true, Ordering::SeqCst);
-                    handle.take()
+                    (id.clone(), handle.take())
                 })
                 .collect()
         };
-        for h in handles.into_iter().flatten() {
-            let _ = h.join();
+        let deadline = std::time::Instant::now() + STOP_GRACE;
+        for (id, handle) in runs {
+            let Some(handle) = handle else { continue };
+            while !handle.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            if handle.is_finished() {
+                let _ = handle.join();
+            } else {
+                tracing::warn!("training run {id} did not stop within {STOP_GRACE:?}; recording it as interrupted");
+                if let Err(e) = app.store.finish_run(&id, "interrupted", Some("the server stopped")) {
+                    tracing::error!("recording the end of run {id}: {e}");
+                }
+            }
         }
     }
 }
@@ -84,26 +103,91 @@ pub fn list(app: &App) -> ApiResult {
     Ok(json_response(StatusCode::OK, &json!({ "pipelines": pipelines })))
 }
 
-/// Turns a JSON parameter value into the `NAME=VALUE` form `--set` takes.
-fn override_of(name: &str, value: &Value) -> Result<String, ApiError> {
-    let text = match value {
-        Value::String(s) => s.clone(),
-        Value::Number(n) => n.to_string(),
-        Value::Bool(b) => b.to_string(),
-        _ => {
-            return Err(super::bad_field(
-                &format!("params.{name}"),
-                "must be a string, number or boolean",
-            ))
+/// The body of `POST /training`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrainingRequest {
+    pipeline: String,
+    /// Parameter overrides, as typed JSON scalars (never parsed as YAML).
+    #[serde(default)]
+    params: BTreeMap<String, ParamValue>,
+    /// Stages to run, with what they need (all when empty).
+    #[serde(default)]
+    stages: Vec<String>,
+}
+
+/// Characters a parameter value that reaches a shell command may hold: enough for names,
+/// numbers and paths, none that the shell would interpret.
+fn shell_safe(value: &str) -> bool {
+    value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "._,:/=+-@%".contains(c))
+}
+
+/// The `run` lines of the pipeline's `command` stages, by stage name.
+fn commands(p: &Pipeline) -> Vec<(&str, &str)> {
+    p.stages
+        .iter()
+        .filter_map(|s| match &s.kind {
+            StageKind::Command(c) => Some((s.name.as_str(), c.run.as_str())),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The path `path` (relative to `root`) names once symlinks are followed; for a path that does
+/// not exist yet, its deepest existing ancestor is resolved.
+fn resolve(root: &Path, path: &str) -> PathBuf {
+    let full = root.join(path);
+    let mut existing = full.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(real) = existing.canonicalize() {
+            return rest.iter().rev().fold(real, |p, c| p.join(c));
         }
-    };
-    Ok(format!("{name}={text}"))
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => return full,
+        }
+    }
+}
+
+/// Refuses a run whose stages would read files outside the project root and the directories
+/// `--data-dirs` allows: an API key must not reach the rest of the machine through `params`.
+fn check_reads(app: &App, pipeline: &Pipeline) -> Result<(), ApiError> {
+    let allowed: Vec<PathBuf> = std::iter::once(pipeline.root.clone())
+        .chain(app.config.data_dirs.iter().cloned())
+        .filter_map(|d| d.canonicalize().ok())
+        .collect();
+    for stage in &pipeline.stages {
+        for dep in stage.kind.stage().deps() {
+            let real = resolve(&pipeline.root, &dep);
+            if !allowed.iter().any(|a| real.starts_with(a)) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "data_not_allowed",
+                    format!(
+                        "stage `{}` would read `{dep}`, which is outside the project root and the allowed data \
+                         directories; move the data under the project root, or start the server with \
+                         `--data-dirs DIR` (SENTIFLOW_DATA_DIRS)",
+                        stage.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn start(app: &Arc<App>, request: &Value) -> ApiResult {
-    let name = request["pipeline"]
-        .as_str()
-        .ok_or_else(|| super::bad_field("pipeline", "missing or not a string"))?;
+    let request: TrainingRequest = serde_path_to_error::deserialize(request).map_err(|e| {
+        let field = e.path().to_string();
+        super::bad_field(&field, e.into_inner().to_string())
+    })?;
+    let name = request.pipeline.as_str();
     let dir = &app.config.pipelines;
     let file = find_pipeline(dir, name).ok_or_else(|| {
         ApiError::new(
@@ -112,31 +196,10 @@ pub fn start(app: &Arc<App>, request: &Value) -> ApiResult {
             format!("no pipeline `{name}`; available: {:?}", available(dir)),
         )
     })?;
-    let overrides: Vec<String> = match &request["params"] {
-        Value::Null => Vec::new(),
-        Value::Object(m) => m.iter().map(|(k, v)| override_of(k, v)).collect::<Result<_, _>>()?,
-        _ => return Err(super::bad_field("params", "must be an object")),
-    };
-    let stages: Vec<String> = match &request["stages"] {
-        Value::Null => Vec::new(),
-        Value::Array(items) => items
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                v.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| super::bad_field(&format!("stages[{i}]"), "must be a string"))
-            })
-            .collect::<Result<_, _>>()?,
-        _ => return Err(super::bad_field("stages", "must be an array of stage names")),
-    };
     // Unknown names are "not found", like an unknown pipeline; other problems make it invalid.
     let declared = Pipeline::load(&file, &[])
         .map_err(|d| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_pipeline", d.to_string()))?;
-    if let Some(unknown) = request["params"]
-        .as_object()
-        .and_then(|m| m.keys().find(|k| !declared.params.contains_key(*k)))
-    {
+    if let Some(unknown) = request.params.keys().find(|k| !declared.params.contains_key(*k)) {
         let known: Vec<&String> = declared.params.keys().collect();
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -144,15 +207,45 @@ pub fn start(app: &Arc<App>, request: &Value) -> ApiResult {
             format!("pipeline `{name}` declares no parameter `{unknown}`; it declares {known:?}"),
         ));
     }
-    if let Some(unknown) = stages.iter().find(|s| declared.stage(s).is_none()) {
+    if let Some(unknown) = request.stages.iter().find(|s| declared.stage(s).is_none()) {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown_stage",
             format!("pipeline `{name}` has no stage `{unknown}`"),
         ));
     }
+    let overrides: Vec<Override> = request
+        .params
+        .iter()
+        .map(|(k, v)| Override {
+            name: k.clone(),
+            value: v.clone(),
+        })
+        .collect();
     let pipeline = Pipeline::load(&file, &overrides)
         .map_err(|d| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_pipeline", d.to_string()))?;
+    for o in &overrides {
+        if shell_safe(&o.value.to_string()) {
+            continue;
+        }
+        let alone = Pipeline::load(&file, std::slice::from_ref(o))
+            .map_err(|d| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_pipeline", d.to_string()))?;
+        if let Some((stage, _)) = commands(&alone)
+            .into_iter()
+            .zip(commands(&declared))
+            .find(|(a, b)| a != b)
+        {
+            return Err(super::bad_field(
+                &format!("params.{}", o.name),
+                format!(
+                    "the value reaches the shell command of stage `{}`; values set through the API that do may hold only letters, digits and `._,:/=+-@%`",
+                    stage.0
+                ),
+            ));
+        }
+    }
+    check_reads(app, &pipeline)?;
+    let stages = request.stages;
     let mut running = app.training.running.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((id, _, _)) = running.get(name) {
         let mut e = ApiError::new(
@@ -168,7 +261,8 @@ pub fn start(app: &Arc<App>, request: &Value) -> ApiResult {
         &crate::cache::sha256_hex(format!("{name}{:?}{}", std::time::SystemTime::now(), std::process::id()).as_bytes())
             [..16]
     );
-    app.store.create_run(&id, name, &request["params"], &json!(stages))?;
+    app.store
+        .create_run(&id, name, &json!(request.params), &json!(stages))?;
     let cancel = Arc::new(AtomicBool::new(false));
     let handle = {
         let (app, id, cancel) = (app.clone(), id.clone(), cancel.clone());
@@ -209,17 +303,29 @@ struct Recorder<'a> {
     id: &'a str,
 }
 
+impl Recorder<'_> {
+    /// Run events are bookkeeping beside the run: a failed write is logged and counted, and the
+    /// run goes on.
+    fn keep(&self, what: &'static str, result: Result<(), crate::store::StoreError>) {
+        if let Err(e) = result {
+            tracing::warn!("recording run {}: {e}", self.id);
+            self.app.metrics.store_failure(what);
+        }
+    }
+}
+
 impl Observer for Recorder<'_> {
     fn started(&self, stage: &str) {
-        let _ = self
+        let r = self
             .app
             .store
             .add_event(self.id, stage, "running", 0, &Value::Null, None);
+        self.keep("run_event", r);
     }
 
     fn finished(&self, r: &StageReport) {
         let state = serde_json::to_value(r.state).expect("states serialize");
-        let _ = self.app.store.add_event(
+        let written = self.app.store.add_event(
             self.id,
             &r.name,
             state.as_str().unwrap_or("unknown"),
@@ -227,15 +333,18 @@ impl Observer for Recorder<'_> {
             &Value::Object(r.metrics.clone()),
             r.error.as_deref(),
         );
+        self.keep("run_event", written);
     }
 
     fn log(&self, stage: &str, line: &str) {
-        let _ = self.app.store.add_log(self.id, stage, line);
+        let r = self.app.store.add_log(self.id, stage, line);
+        self.keep("run_log", r);
     }
 
     fn warn(&self, message: &str) {
         tracing::warn!("{message}");
-        let _ = self.app.store.add_log(self.id, "", message);
+        let r = self.app.store.add_log(self.id, "", message);
+        self.keep("run_log", r);
     }
 }
 

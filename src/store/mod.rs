@@ -21,6 +21,26 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
 }
 
+impl StoreError {
+    /// Whether the database could not take a write for a reason outside the request (a full
+    /// disk, a read-only file, another process holding the lock), rather than a bug.
+    pub fn is_unavailable(&self) -> bool {
+        use rusqlite::ErrorCode::*;
+        let (StoreError::Open { source, .. } | StoreError::Sql(source)) = self;
+        matches!(
+            source.sqlite_error_code(),
+            Some(DiskFull | ReadOnly | DatabaseBusy | DatabaseLocked | SystemIoFailure | CannotOpen)
+        )
+    }
+}
+
+/// How long stored predictions are kept: the newest `rows` of them, none older than `days`.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub rows: u64,
+    pub days: u32,
+}
+
 /// Schema versions, applied in order; the database's `user_version` says how many ran.
 const MIGRATIONS: &[&str] = &[
     r#"
@@ -105,6 +125,10 @@ CREATE TABLE drift_evaluations (
     r#"
 ALTER TABLE api_keys ADD COLUMN last_used_at TEXT;
 ALTER TABLE api_keys ADD COLUMN revoked_at TEXT;
+"#,
+    r#"
+CREATE INDEX predictions_created_at ON predictions (created_at);
+CREATE INDEX drift_evaluations_created_at ON drift_evaluations (created_at);
 "#,
 ];
 
@@ -231,6 +255,41 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Deletes the predictions (with their feedback) and drift evaluations that `keep` no longer
+    /// covers; returns how many predictions went. Freed pages are reused by later inserts, so
+    /// the file stops growing once the retention is reached.
+    pub fn prune(&self, keep: Retention) -> Result<usize, StoreError> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let tx = conn.transaction()?;
+        let cutoff = format!("-{} days", keep.days);
+        // Rows are inserted in time order, so the oldest rows have the smallest rowids.
+        let mut removed = tx.execute(
+            "DELETE FROM predictions WHERE rowid <= (SELECT rowid FROM predictions ORDER BY rowid DESC LIMIT 1 OFFSET ?1)",
+            [keep.rows],
+        )?;
+        removed += tx.execute(
+            "DELETE FROM predictions WHERE created_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?1)",
+            [&cutoff],
+        )?;
+        if removed > 0 {
+            tx.execute(
+                "DELETE FROM feedback WHERE NOT EXISTS (SELECT 1 FROM predictions p WHERE p.id = feedback.prediction_id)",
+                [],
+            )?;
+        }
+        tx.execute(
+            "DELETE FROM drift_evaluations WHERE created_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?1)",
+            [&cutoff],
+        )?;
+        tx.commit()?;
+        Ok(removed)
+    }
+
+    /// The number of stored predictions.
+    pub fn prediction_count(&self) -> Result<u64, StoreError> {
+        self.with(|c| c.query_row("SELECT count(*) FROM predictions", [], |r| r.get(0)))
     }
 
     /// The model, version and label of a stored prediction.
