@@ -76,8 +76,11 @@ pub struct Keys {
 #[derive(Default)]
 struct KnownKeys {
     data_version: i64,
-    /// Hash → id, role and when its use was last written.
-    by_hash: HashMap<String, (i64, Role, Option<Instant>)>,
+    /// Hash → id and role.
+    by_hash: HashMap<String, (i64, Role)>,
+    /// Id → when its use was last written; kept when `by_hash` is forgotten, so writes by this
+    /// server (which change the data version too) do not make every key due again.
+    touched: HashMap<i64, Instant>,
 }
 
 /// How often a key's `last_used_at` is written, at most.
@@ -97,23 +100,32 @@ impl Keys {
             Some(e) => Some(*e),
             None => store
                 .key_role(&hash)?
-                .and_then(|(id, role)| Role::parse(&role).map(|r| (id, r, None))),
+                .and_then(|(id, role)| Role::parse(&role).map(|r| (id, r))),
         };
-        let Some((id, role, touched)) = entry else {
+        let Some((id, role)) = entry else {
             return Ok(None);
         };
+        known.by_hash.insert(hash, (id, role));
         let now = Instant::now();
-        let due = touched.is_none_or(|t| now.duration_since(t) >= TOUCH_EVERY);
-        // Recording the use is bookkeeping: a full disk must not refuse a valid key.
+        let due = known
+            .touched
+            .get(&id)
+            .is_none_or(|t| now.duration_since(*t) >= TOUCH_EVERY);
+        // Recording the use is bookkeeping: it never waits for another write in progress (the
+        // next request tries again), and a full disk must not refuse a valid key.
         if due {
-            if let Err(e) = store.touch_key(id) {
-                tracing::warn!("recording the use of key {id}: {e}");
-                metrics.store_failure("key_last_used");
+            match store.try_touch_key(id) {
+                Ok(true) => {
+                    known.touched.insert(id, now);
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!("recording the use of key {id}: {e}");
+                    metrics.store_failure("key_last_used");
+                    known.touched.insert(id, now);
+                }
             }
         }
-        known
-            .by_hash
-            .insert(hash, (id, role, if due { Some(now) } else { touched }));
         Ok(Some((id, role)))
     }
 }

@@ -190,6 +190,9 @@ pub struct RunRow {
 
 pub struct Store {
     conn: Mutex<Connection>,
+    /// A second connection for the reads on every request's path (API keys): in WAL mode it
+    /// never waits for a write in progress on `conn`, such as a period's predictions.
+    auth: Mutex<Connection>,
 }
 
 fn json(text: String) -> Value {
@@ -219,7 +222,13 @@ impl Store {
             tx.pragma_update(None, "user_version", i + 1).map_err(err)?;
             tx.commit().map_err(err)?;
         }
-        Ok(Store { conn: Mutex::new(conn) })
+        let auth = Connection::open(path).map_err(err)?;
+        auth.pragma_update(None, "query_only", "ON").map_err(err)?;
+        auth.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+            auth: Mutex::new(auth),
+        })
     }
 
     fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
@@ -230,9 +239,15 @@ impl Store {
     // --- drift monitoring ---
 
     pub fn add_predictions(&self, rows: &[PredictionRow]) -> Result<(), StoreError> {
-        if rows.is_empty() {
-            return Ok(());
+        // A transaction per chunk: the connection is free between them for the requests that
+        // write (feedback, promotion).
+        for chunk in rows.chunks(2_000) {
+            self.add_prediction_chunk(chunk)?;
         }
+        Ok(())
+    }
+
+    fn add_prediction_chunk(&self, rows: &[PredictionRow]) -> Result<(), StoreError> {
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         let tx = conn.transaction()?;
         {
@@ -355,14 +370,13 @@ impl Store {
 
     /// The role of the unrevoked key whose SHA-256 is `hash`, with the key's id.
     pub fn key_role(&self, hash: &str) -> Result<Option<(i64, String)>, StoreError> {
-        self.with(|c| {
-            c.query_row(
-                "SELECT id, role FROM api_keys WHERE hash = ?1 AND revoked_at IS NULL",
-                [hash],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .optional()
-        })
+        let c = self.auth.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(c.query_row(
+            "SELECT id, role FROM api_keys WHERE hash = ?1 AND revoked_at IS NULL",
+            [hash],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?)
     }
 
     /// Every key, oldest first, without its hash.
@@ -394,20 +408,27 @@ impl Store {
         })
     }
 
-    pub fn touch_key(&self, id: i64) -> Result<(), StoreError> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE api_keys SET last_used_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?1",
-                [id],
-            )
-            .map(|_| ())
-        })
+    /// Records that key `id` was used now, unless this store's connection is busy with another
+    /// write (then `false`: it is bookkeeping, not worth a wait).
+    pub fn try_touch_key(&self, id: i64) -> Result<bool, StoreError> {
+        let conn = match self.conn.try_lock() {
+            Ok(c) => c,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+        };
+        conn.execute(
+            "UPDATE api_keys SET last_used_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?1",
+            [id],
+        )?;
+        Ok(true)
     }
 
-    /// A number that changes whenever another connection (another process) commits a change to
-    /// the database (SQLite's `data_version`): cheap enough to ask on every request.
+    /// A number that changes whenever a change is committed to the database by another process
+    /// or by this store's writing connection (SQLite's `data_version`, asked on the connection
+    /// for keys): cheap enough to ask on every request.
     pub fn outside_changes(&self) -> Result<i64, StoreError> {
-        self.with(|c| c.pragma_query_value(None, "data_version", |r| r.get(0)))
+        let c = self.auth.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(c.pragma_query_value(None, "data_version", |r| r.get(0))?)
     }
 
     // --- models ---
