@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{http, key, quickstart, Project, Response, Server};
+use common::{exchange, http, key, quickstart, Project, Response, Server};
 use serde_json::{json, Value};
 
 fn bearer(k: &str) -> String {
@@ -338,31 +338,6 @@ fn rate_limits_answer_429_with_retry_after() {
     );
 }
 
-/// Sends `request` as written (`http` gives every POST a Content-Length) and reads the answer.
-fn raw(addr: &str, request: &str) -> Response {
-    let mut c = TcpStream::connect(addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    c.write_all(request.as_bytes()).unwrap();
-    let mut text = String::new();
-    let _ = c.read_to_string(&mut text);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
-    Response {
-        status,
-        headers,
-        body: body.to_string(),
-    }
-}
-
 /// The value of an unlabelled metric.
 fn metric(s: &Server, name: &str) -> u64 {
     let text = http(&s.addr, "GET", "/metrics", &[], b"").body;
@@ -526,19 +501,20 @@ fn head_bodyless_posts_and_security_headers() {
 
     // A POST with no body needs no Content-Length; one that needs a body says so.
     let bodyless = |path: &str| {
-        raw(
+        exchange(
             &s.addr,
-            &format!("POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"),
+            format!("POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n").as_bytes(),
         )
     };
     assert_error(&bodyless("/models/v-none/promote"), 404, "not_found");
     assert_error(&bodyless("/prediction"), 400, "missing_body");
-    let chunked = raw(
+    let chunked = exchange(
         &s.addr,
-        &format!(
+        format!(
             "POST /prediction HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Type: application/json\r\n\
              Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n4\r\n{{}}  \r\n0\r\n\r\n"
-        ),
+        )
+        .as_bytes(),
     );
     assert_error(&chunked, 411, "length_required");
 
@@ -628,7 +604,7 @@ fn promotion_under_load_fails_no_request() {
         "POST /models/{}/promote HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {admin}\r\nConnection: close\r\n\r\n",
         versions[0]
     );
-    assert_eq!(raw(&s.addr, &promote).status, 200);
+    assert_eq!(exchange(&s.addr, promote.as_bytes()).status, 200);
 
     let stop = Arc::new(AtomicBool::new(false));
     let failures = Arc::new(AtomicUsize::new(0));

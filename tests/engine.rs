@@ -368,12 +368,7 @@ fn interrupt_stops_running_stages_and_exits_130() {
         .pipeline("name: int\nstages:\n  slow: {uses: command, with: {run: 'echo started > out/s; sleep 30; echo x > out/t', outs: [out/t]}}\n  next: {uses: command, needs: [slow], with: {run: 'true'}}\n")
         .to_string_lossy()
         .into_owned();
-    let child = p
-        .cmd(&["run", &f, "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = spawn_json_run(&p, &f, false);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !p.path("out/s").exists() {
         assert!(Instant::now() < deadline);
@@ -394,6 +389,20 @@ fn interrupt_stops_running_stages_and_exits_130() {
 
 /// Waits for `child` to exit, killing it and failing the test if it has not after `secs`: for
 /// runs that used to hang forever.
+/// Starts `sentiflow run FILE --json` with its report piped (and its log, when `log`).
+fn spawn_json_run(p: &Project, f: &str, log: bool) -> std::process::Child {
+    let stderr = if log {
+        std::process::Stdio::piped()
+    } else {
+        std::process::Stdio::null()
+    };
+    p.cmd(&["run", f, "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap()
+}
+
 fn exit_within(mut child: std::process::Child, secs: u64, what: &str) -> std::process::Output {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while child.try_wait().unwrap().is_none() {
@@ -462,13 +471,7 @@ fn two_runs_at_once_run_a_stage_once_and_cache_what_it_wrote() {
     for round in 0..8 {
         let _ = std::fs::remove_dir_all(p.path("cache"));
         let _ = std::fs::remove_file(p.path("out.txt"));
-        let spawn = || {
-            p.cmd(&["run", &f, "--json"])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        };
+        let spawn = || spawn_json_run(&p, &f, true);
         let (one, two) = (spawn(), spawn());
         let mut seen = Vec::new();
         for child in [one, two] {
@@ -495,23 +498,13 @@ fn a_run_waits_for_the_run_that_holds_a_stages_outputs_then_restores_its_result(
         .pipeline("name: wait\nstages:\n  a: {uses: command, with: {run: 'seq 1 3 > out.txt; while [ ! -f release ]; do sleep 0.05; done; echo END >> out.txt', outs: [out.txt]}}\n")
         .to_string_lossy()
         .into_owned();
-    let first = p
-        .cmd(&["run", &f, "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let first = spawn_json_run(&p, &f, false);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !p.path("out.txt").exists() {
         assert!(Instant::now() < deadline, "the first run never started its stage");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut second = p
-        .cmd(&["run", &f, "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut second = spawn_json_run(&p, &f, true);
     let stderr = second.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -615,12 +608,7 @@ fn inputs_that_never_end_fail_their_stage_at_once() {
         )
         .to_string_lossy()
         .into_owned();
-    let child = p
-        .cmd(&["run", &f, "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = spawn_json_run(&p, &f, false);
     let out = exit_within(child, 60, "a run with a FIFO and /dev/zero as inputs");
     assert_eq!(out.status.code(), Some(1));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -663,12 +651,7 @@ fn an_interrupted_stage_that_ignores_sigterm_is_killed() {
         .pipeline("name: stubborn\nstages:\n  a: {uses: command, with: {run: \"trap '' TERM; echo $$ > group; sleep 30 & sleep 30; echo late > late.txt\"}}\n")
         .to_string_lossy()
         .into_owned();
-    let run = p
-        .cmd(&["run", &f, "--json"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let run = spawn_json_run(&p, &f, false);
     let group = wait_for_number(&p, "group");
     // SAFETY: sending SIGINT to our own child process.
     unsafe { libc::kill(run.id() as i32, libc::SIGINT) };

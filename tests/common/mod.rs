@@ -179,9 +179,6 @@ impl Response {
 
 /// One HTTP/1.1 request over a fresh connection.
 pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
@@ -191,8 +188,17 @@ pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body
         req.push_str(&format!("Content-Length: {}\r\n", body.len()));
     }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let _ = s.write_all(body);
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    exchange(addr, &bytes)
+}
+
+/// Sends `request` as written over a fresh connection and reads the answer until it closes.
+pub fn exchange(addr: &str, request: &[u8]) -> Response {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let _ = s.write_all(request);
     let mut raw = Vec::new();
     let _ = s.read_to_end(&mut raw);
     let text = String::from_utf8_lossy(&raw).into_owned();
