@@ -719,8 +719,12 @@ impl App {
             }
             (&Method::GET, ["drift"]) => {
                 let quota = self.authorize(client, headers, Role::Predict, false)?;
+                let history = query.split('&').find_map(|kv| kv.strip_prefix("history="));
+                if history.is_some_and(|h| h != "1") {
+                    return Err(bad_field("history", "must be `1` (or absent)"));
+                }
                 let mut report = drift::report(self);
-                if query.split('&').any(|kv| kv == "history=1") {
+                if history.is_some() {
                     report["history"] = self.store.drift_history(100)?.into();
                 }
                 ok(report).map(|r| quota.annotate(r))
