@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{http, key, Project, Server};
+use common::{http, key, Project, Response, Server};
 use serde_json::{json, Value};
 
 const HELDOUT: &str = include_str!("fixtures/imdb_heldout.jsonl");
@@ -128,16 +128,45 @@ fn offline_reports_flag_the_statistic_that_moved() {
     assert_eq!(wrong["status"], "alert");
 }
 
+/// Requests to a running server with a new `predict` key.
+struct Client<'a> {
+    server: &'a Server,
+    auth: String,
+}
+
+impl<'a> Client<'a> {
+    fn new(p: &Project, server: &'a Server) -> Client<'a> {
+        let auth = format!("Bearer {}", key(p, "predict"));
+        Client { server, auth }
+    }
+
+    fn post(&self, path: &str, body: Value) -> Response {
+        let headers = [
+            ("Authorization", self.auth.as_str()),
+            ("Content-Type", "application/json"),
+        ];
+        http(&self.server.addr, "POST", path, &headers, body.to_string().as_bytes())
+    }
+
+    fn get(&self, path: &str) -> Response {
+        http(
+            &self.server.addr,
+            "GET",
+            path,
+            &[("Authorization", self.auth.as_str())],
+            b"",
+        )
+    }
+}
+
 #[test]
 fn the_server_watches_live_predictions_and_feedback() {
     let p = project();
     let s = Server::start(&p, &["--drift-window", "300", "--drift-period-s", "1"]);
-    let k = key(&p, "predict");
-    let auth = format!("Bearer {k}");
-    let headers = [("Authorization", auth.as_str()), ("Content-Type", "application/json")];
-    let post = |path: &str, body: Value| http(&s.addr, "POST", path, &headers, body.to_string().as_bytes());
+    let client = Client::new(&p, &s);
+    let post = |path: &str, body: Value| client.post(path, body);
     let drift = || {
-        let r = http(&s.addr, "GET", "/drift?history=1", &headers[..1], b"");
+        let r = client.get("/drift?history=1");
         assert_eq!(r.status, 200, "{}", r.body);
         r.json()
     };
@@ -203,10 +232,8 @@ fn the_server_watches_live_predictions_and_feedback() {
 fn stored_predictions_are_kept_within_the_retention_setting() {
     let p = project();
     let s = Server::start(&p, &["--keep-predictions", "100", "--drift-period-s", "1"]);
-    let k = key(&p, "predict");
-    let auth = format!("Bearer {k}");
-    let headers = [("Authorization", auth.as_str()), ("Content-Type", "application/json")];
-    let post = |path: &str, body: Value| http(&s.addr, "POST", path, &headers, body.to_string().as_bytes());
+    let client = Client::new(&p, &s);
+    let post = |path: &str, body: Value| client.post(path, body);
     let reviews = heldout();
     let mut ids = Vec::new();
     for chunk in reviews.chunks(50) {
@@ -253,31 +280,22 @@ fn stored_predictions_are_kept_within_the_retention_setting() {
 fn a_database_that_cannot_take_writes_fails_only_the_requests_that_write() {
     let p = project();
     let s = Server::start(&p, &[]);
-    let k = key(&p, "predict");
-    let auth = format!("Bearer {k}");
-    let headers = [("Authorization", auth.as_str()), ("Content-Type", "application/json")];
-    let post = |path: &str, body: Value| http(&s.addr, "POST", path, &headers, body.to_string().as_bytes());
+    let client = Client::new(&p, &s);
+    let post = |path: &str, body: Value| client.post(path, body);
     let review = &heldout()[0].text;
     let id = post("/prediction", json!({"text": review})).json()["id"]
         .as_str()
         .unwrap()
         .to_string();
 
-    let k2 = key(&p, "predict");
+    let fresh = Client::new(&p, &s);
     // Another process holds the write lock for longer than the server's busy timeout (5 s).
     let mut db = rusqlite::Connection::open(p.path("sentiflow.db")).unwrap();
     let tx = db
         .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
         .unwrap();
     // A fresh key's first use is recorded, which now fails and is only counted.
-    let auth2 = format!("Bearer {k2}");
-    let r = http(
-        &s.addr,
-        "POST",
-        "/prediction",
-        &[("Authorization", auth2.as_str()), ("Content-Type", "application/json")],
-        json!({"text": review}).to_string().as_bytes(),
-    );
+    let r = fresh.post("/prediction", json!({"text": review}));
     assert_eq!(r.status, 200, "{}", r.body);
     // Feedback is a write: it is refused with 503 and a reason, and nothing is half-done.
     let r = post("/feedback", json!({"prediction_id": id, "label": "positive"}));
