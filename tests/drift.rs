@@ -256,21 +256,13 @@ fn stored_predictions_are_kept_within_the_retention_setting() {
     }
     std::thread::sleep(std::time::Duration::from_millis(2500));
     let db = rusqlite::Connection::open(p.path("sentiflow.db")).unwrap();
-    let kept: Vec<String> = db
-        .prepare("SELECT id FROM predictions ORDER BY rowid")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let strings = |sql: &str| -> Vec<String> {
+        let mut q = db.prepare(sql).unwrap();
+        q.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+    };
+    let kept = strings("SELECT id FROM predictions ORDER BY rowid");
     assert_eq!(kept, ids[200..], "the newest 100 are kept");
-    let feedback: Vec<String> = db
-        .prepare("SELECT prediction_id FROM feedback")
-        .unwrap()
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
+    let feedback = strings("SELECT prediction_id FROM feedback");
     assert_eq!(feedback, [ids[299].clone()], "feedback goes with its prediction");
     let metrics = http(&s.addr, "GET", "/metrics", &[], b"").body;
     assert!(metrics.contains("sentiflow_stored_predictions 100"), "{metrics}");
