@@ -720,6 +720,9 @@ fn hostile_training_parameters_are_refused_and_nothing_outside_is_read_or_quoted
         )
     };
 
+    let r = post(&s, "/training", &admin, &json!({"params": {}}));
+    assert_error(&r, 400, "invalid_field");
+    assert!(r.body.contains("`pipeline`: missing field `pipeline`"), "{}", r.body);
     // Parameters are typed JSON scalars: nesting is named, not parsed.
     let r = train_with(json!({"seed": [[1]]}));
     assert_error(&r, 400, "invalid_field");

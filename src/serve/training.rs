@@ -184,8 +184,13 @@ fn check_reads(app: &App, pipeline: &Pipeline) -> Result<(), ApiError> {
 
 pub fn start(app: &Arc<App>, request: &Value) -> ApiResult {
     let request: TrainingRequest = serde_path_to_error::deserialize(request).map_err(|e| {
-        let field = e.path().to_string();
-        super::bad_field(&field, e.into_inner().to_string())
+        let message = e.inner().to_string();
+        // A missing field is reported at the body's root (`.`): name the field instead.
+        let field = match message.strip_prefix("missing field `") {
+            Some(rest) => rest.trim_end_matches('`').to_string(),
+            None => e.path().to_string(),
+        };
+        super::bad_field(&field, message)
     })?;
     let name = request.pipeline.as_str();
     let dir = &app.config.pipelines;
