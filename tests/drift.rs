@@ -148,6 +148,25 @@ impl<'a> Client<'a> {
         http(&self.server.addr, "POST", path, &headers, body.to_string().as_bytes())
     }
 
+    /// Predicts `texts` in batches of 50; the id of each prediction, in order.
+    fn predict_all<T: AsRef<str>>(&self, texts: &[T]) -> Vec<String> {
+        let mut ids = Vec::new();
+        for chunk in texts.chunks(50) {
+            let batch: Vec<&str> = chunk.iter().map(AsRef::as_ref).collect();
+            let r = self.post("/prediction", json!({ "texts": batch }));
+            assert_eq!(r.status, 200, "{}", r.body);
+            let answer = r.json();
+            ids.extend(
+                answer["predictions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p["id"].as_str().unwrap().to_string()),
+            );
+        }
+        ids
+    }
+
     fn get(&self, path: &str) -> Response {
         http(
             &self.server.addr,
@@ -173,15 +192,12 @@ fn the_server_watches_live_predictions_and_feedback() {
     let reviews = heldout();
 
     // Held-out reviews: ok. Each prediction has an id for feedback.
-    let mut ids = Vec::new();
-    for chunk in reviews.chunks(50) {
-        let texts: Vec<&str> = chunk.iter().map(|r| r.text.as_str()).collect();
-        let r = post("/prediction", json!({"texts": texts}));
-        assert_eq!(r.status, 200, "{}", r.body);
-        for (p, review) in r.json()["predictions"].as_array().unwrap().iter().zip(chunk) {
-            ids.push((p["id"].as_str().unwrap().to_string(), review.positive));
-        }
-    }
+    let texts: Vec<&str> = reviews.iter().map(|r| r.text.as_str()).collect();
+    let ids: Vec<(String, bool)> = client
+        .predict_all(&texts)
+        .into_iter()
+        .zip(reviews.iter().map(|r| r.positive))
+        .collect();
     let report = drift();
     assert_eq!(report["models"]["tfidf"]["status"], "ok", "{report}");
     assert_eq!(report["models"]["tfidf"]["samples"], 300);
@@ -200,10 +216,8 @@ fn the_server_watches_live_predictions_and_feedback() {
     assert_eq!(report["models"]["tfidf"]["performance"]["status"], "alert", "{report}");
 
     // One-sentence snippets fill the window: the length statistic alerts, in /metrics too.
-    for chunk in reviews.chunks(50) {
-        let texts: Vec<String> = chunk.iter().map(|r| snippet(&r.text)).collect();
-        assert_eq!(post("/prediction", json!({"texts": texts})).status, 200);
-    }
+    let snippets: Vec<String> = reviews.iter().map(|r| snippet(&r.text)).collect();
+    client.predict_all(&snippets);
     let report = drift();
     assert_eq!(stat(&report["models"]["tfidf"], "length_psi"), "alert", "{report}");
     let metrics = http(&s.addr, "GET", "/metrics", &[], b"").body;
@@ -235,19 +249,8 @@ fn stored_predictions_are_kept_within_the_retention_setting() {
     let client = Client::new(&p, &s);
     let post = |path: &str, body: Value| client.post(path, body);
     let reviews = heldout();
-    let mut ids = Vec::new();
-    for chunk in reviews.chunks(50) {
-        let texts: Vec<&str> = chunk.iter().map(|r| r.text.as_str()).collect();
-        let r = post("/prediction", json!({"texts": texts}));
-        assert_eq!(r.status, 200, "{}", r.body);
-        ids.extend(
-            r.json()["predictions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|p| p["id"].as_str().unwrap().to_string()),
-        );
-    }
+    let texts: Vec<&str> = reviews.iter().map(|r| r.text.as_str()).collect();
+    let ids = client.predict_all(&texts);
     for id in [&ids[0], &ids[299]] {
         assert_eq!(
             post("/feedback", json!({"prediction_id": id, "label": "positive"})).status,
