@@ -10,7 +10,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use super::{lock, Pipeline};
+use super::{lock, real_path, Pipeline};
 use crate::cache::{clear_outputs, sha256_hex, Artifact, Cache, CacheError, Hasher, RunEntry};
 use crate::stages::{Context, Metrics, StageError, Upstream};
 
@@ -482,26 +482,6 @@ impl Guards {
              write the output elsewhere inside the project",
             real.display()
         ))
-    }
-}
-
-/// `path` made absolute with every symbolic link resolved: its deepest existing ancestor
-/// canonicalized, and the rest appended.
-fn real_path(path: &Path) -> PathBuf {
-    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    let mut rest = Vec::new();
-    let mut at = abs.as_path();
-    loop {
-        if let Ok(real) = std::fs::canonicalize(at) {
-            return rest.iter().rev().fold(real, |real, name| real.join(name));
-        }
-        match (at.parent(), at.file_name()) {
-            (Some(parent), Some(name)) => {
-                rest.push(name);
-                at = parent;
-            }
-            _ => return abs,
-        }
     }
 }
 

@@ -58,6 +58,32 @@ pub fn project_root(file: &Path) -> PathBuf {
     }
 }
 
+/// Where `path` really is: made absolute, each existing prefix resolved by the file system
+/// (symbolic links followed), `..` applied to what is already resolved, and the components that
+/// do not exist yet appended as written. So a path is judged by where a write or read through it
+/// would land, not by its text.
+pub fn real_path(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut real = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::ParentDir => {
+                real.pop();
+            }
+            Component::CurDir => {}
+            Component::Normal(name) => {
+                real.push(name);
+                if let Ok(resolved) = std::fs::canonicalize(&real) {
+                    real = resolved;
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => real.push(c),
+        }
+    }
+    real
+}
+
 /// The lock file that records a pipeline's last run: `demo.yaml` → `demo.lock`.
 pub fn lock_path(file: &Path) -> PathBuf {
     file.with_extension("lock")
@@ -498,5 +524,28 @@ impl Checker<'_> {
             Some(key) => self.doc.value_pos(&child_path(&with, &key)),
             None => self.doc.value_pos(&format!("{with}.outs[{i}]")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::real_path;
+
+    #[test]
+    fn real_paths_follow_links_and_apply_dotdot_where_the_file_system_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("project")).unwrap();
+        std::fs::create_dir(root.join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(root.join("elsewhere"), root.join("project/link")).unwrap();
+        let p = root.join("project");
+        assert_eq!(real_path(&p.join("link/new/file")), root.join("elsewhere/new/file"));
+        assert_eq!(
+            real_path(&p.join("link/../x")),
+            root.join("x"),
+            "`..` of a link's target"
+        );
+        assert_eq!(real_path(&p.join("new/../../escape")), root.join("escape"));
+        assert_eq!(real_path(&p.join("./a//b")), p.join("a/b"));
     }
 }

@@ -24,12 +24,9 @@ impl ParamValue {
     /// Reads `--set` text: `true`/`false`, an integer, a finite decimal number, otherwise text.
     /// Quotes keep a number-like value text (`--set name="'7'"`).
     pub fn parse(raw: &str) -> Result<ParamValue, String> {
-        for q in ['\'', '"'] {
-            if let Some(inner) = raw.strip_prefix(q).and_then(|r| r.strip_suffix(q)) {
-                if raw.len() >= 2 {
-                    return Ok(ParamValue::Text(inner.to_string()));
-                }
-            }
+        let quoted = |q: char| raw.len() >= 2 && raw.starts_with(q) && raw.ends_with(q);
+        if quoted('\'') || quoted('"') {
+            return Ok(ParamValue::Text(raw[1..raw.len() - 1].to_string()));
         }
         match raw {
             "true" => return Ok(ParamValue::Bool(true)),
@@ -173,6 +170,7 @@ mod tests {
         assert_eq!(p("1.0e-4"), ParamValue::Float(1.0e-4));
         assert_eq!(p("true"), ParamValue::Bool(true));
         assert_eq!(p("'7'"), ParamValue::Text("7".into()));
+        assert_eq!(p("'"), ParamValue::Text("'".into()));
         assert_eq!(p("inf"), ParamValue::Text("inf".into()));
         assert_eq!(p("- - - x"), ParamValue::Text("- - - x".into()));
         assert_eq!(p("&a [*a, *a]"), ParamValue::Text("&a [*a, *a]".into()));

@@ -2,7 +2,7 @@
 //! the database stage by stage; exported bundles are registered and, when better, promoted.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -13,7 +13,7 @@ use warp::http::{HeaderValue, StatusCode};
 use super::{json_response, ApiError, ApiResult, App};
 use crate::cache::Cache;
 use crate::pipeline::exec::{self, Observer, Options, StageReport, State};
-use crate::pipeline::{Override, ParamValue, Pipeline};
+use crate::pipeline::{real_path, Override, ParamValue, Pipeline};
 use crate::stages::StageKind;
 use crate::tracking::{Delivery, Tracker};
 
@@ -135,36 +135,16 @@ fn commands(p: &Pipeline) -> Vec<(&str, &str)> {
         .collect()
 }
 
-/// The path `path` (relative to `root`) names once symlinks are followed; for a path that does
-/// not exist yet, its deepest existing ancestor is resolved.
-fn resolve(root: &Path, path: &str) -> PathBuf {
-    let full = root.join(path);
-    let mut existing = full.as_path();
-    let mut rest = Vec::new();
-    loop {
-        if let Ok(real) = existing.canonicalize() {
-            return rest.iter().rev().fold(real, |p, c| p.join(c));
-        }
-        match (existing.parent(), existing.file_name()) {
-            (Some(parent), Some(name)) => {
-                rest.push(name.to_os_string());
-                existing = parent;
-            }
-            _ => return full,
-        }
-    }
-}
-
 /// Refuses a run whose stages would read files outside the project root and the directories
 /// `--data-dirs` allows: an API key must not reach the rest of the machine through `params`.
 fn check_reads(app: &App, pipeline: &Pipeline) -> Result<(), ApiError> {
     let allowed: Vec<PathBuf> = std::iter::once(pipeline.root.clone())
         .chain(app.config.data_dirs.iter().cloned())
-        .filter_map(|d| d.canonicalize().ok())
+        .map(|d| real_path(&d))
         .collect();
     for stage in &pipeline.stages {
         for dep in stage.kind.stage().deps() {
-            let real = resolve(&pipeline.root, &dep);
+            let real = real_path(&pipeline.root.join(&dep));
             if !allowed.iter().any(|a| real.starts_with(a)) {
                 return Err(ApiError::new(
                     StatusCode::FORBIDDEN,
