@@ -24,10 +24,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
 pub use hash::{hash_reader, sha256_hex, special_kind, Artifact, FileEntry, Hasher};
 
-use crate::stages::Metrics;
+/// Numbers a stage run reports (accuracy, row counts, …), kept in its run entry and the lock file.
+pub type Metrics = Map<String, Value>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {

@@ -17,7 +17,7 @@ use std::sync::atomic::AtomicBool;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 pub use bert::{BertExport, BertFinetune};
 pub use clean::Clean;
@@ -29,8 +29,7 @@ pub use train::Train;
 pub use tune::Tune;
 pub use vectorize::Vectorize;
 
-/// Numbers a stage reports (accuracy, row counts, …), recorded in the lock file.
-pub type Metrics = Map<String, Value>;
+pub use crate::cache::Metrics;
 
 /// A finished stage that the running one needs.
 #[derive(Debug, Clone)]
