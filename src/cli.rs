@@ -14,8 +14,9 @@ use anyhow::Context as _;
 use crate::cache::Cache;
 use crate::models::bert::{BertError, Device, Runtime};
 use crate::models::bundle::{Bundle, BundleError, Prediction, LABELS};
-use crate::pipeline::exec::{self, Observer, Options, StageReport, State};
+use crate::pipeline::exec::{self, Observer, Options};
 use crate::pipeline::graph::DagFormat;
+use crate::pipeline::report::{StageReport, State};
 use crate::pipeline::{lock, spec, Override, Pipeline};
 use crate::tracking::Delivery;
 

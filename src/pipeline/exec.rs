@@ -7,12 +7,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
-use serde_json::{json, Value};
-
+use super::key::{cache_key, stage_inputs};
+use super::report::{Report, StageReport, State};
 use super::{lock, real_path, Pipeline};
-use crate::cache::{clear_outputs, sha256_hex, Artifact, Cache, CacheError, Hasher, RunEntry};
-use crate::stages::{Context, Metrics, StageError, Upstream};
+use crate::cache::{clear_outputs, Artifact, Cache, CacheError, Metrics, RunEntry};
+use crate::stages::{Context, StageError, Upstream};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -32,54 +31,6 @@ pub enum ExecError {
     Cache(#[from] CacheError),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum State {
-    /// Ran and produced new outputs.
-    Ran,
-    /// Its outputs came from the cache.
-    Cached,
-    Failed,
-    /// Not run because a stage it needs failed or the run was interrupted.
-    Skipped,
-    /// Stopped by an interrupt while running.
-    Interrupted,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct StageReport {
-    pub name: String,
-    pub kind: &'static str,
-    pub state: State,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    /// Input path → content hash (declared dependencies and outputs of needed stages).
-    pub inputs: BTreeMap<String, String>,
-    pub outs: Vec<Artifact>,
-    pub metrics: Metrics,
-    /// How long the run that produced the outputs took (the original run for a cache hit).
-    pub duration_ms: u64,
-    /// Unix times, in seconds, of this invocation's start and end of the stage.
-    pub started_at: f64,
-    pub finished_at: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<String>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Report {
-    pub pipeline: String,
-    pub ok: bool,
-    pub interrupted: bool,
-    pub stages: Vec<StageReport>,
-}
-
-impl Report {
-    pub fn count(&self, state: State) -> usize {
-        self.stages.iter().filter(|s| s.state == state).count()
-    }
-}
-
 /// What the engine tells its caller while it runs (progress bars, log lines, API events).
 pub trait Observer: Sync {
     fn started(&self, stage: &str);
@@ -93,51 +44,6 @@ fn now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
         .unwrap_or(0.0)
-}
-
-/// Input hashes of stage `i`: its declared dependencies (hashed now) and the outputs of the
-/// stages it needs (as they reported them).
-pub fn stage_inputs(
-    p: &Pipeline,
-    i: usize,
-    hasher: &Hasher,
-    upstream: &BTreeMap<String, Vec<Artifact>>,
-) -> Result<BTreeMap<String, String>, (String, CacheError)> {
-    let mut inputs = BTreeMap::new();
-    for outs in upstream.values() {
-        for a in outs {
-            inputs.insert(a.path.clone(), a.hash.clone());
-        }
-    }
-    for dep in p.stages[i].kind.stage().deps() {
-        let a = hasher.artifact(&p.root, &dep).map_err(|e| (dep.clone(), e))?;
-        inputs.insert(a.path, a.hash);
-    }
-    Ok(inputs)
-}
-
-/// The cache key of a stage: a hash of its kind, the kind's implementation version, its
-/// parameters (key order ignored) and its inputs' hashes.
-pub fn cache_key(kind: &str, version: u32, params: &Value, inputs: &BTreeMap<String, String>) -> String {
-    let material = json!({
-        "kind": kind,
-        "version": version,
-        "params": canonical(params),
-        "inputs": inputs,
-    });
-    sha256_hex(serde_json::to_string(&material).expect("keys serialize").as_bytes())
-}
-
-/// `value` with every object's keys sorted, so equal parameters hash equally.
-pub fn canonical(value: &Value) -> Value {
-    match value {
-        Value::Object(m) => {
-            let sorted: BTreeMap<&String, Value> = m.iter().map(|(k, v)| (k, canonical(v))).collect();
-            Value::Object(sorted.into_iter().map(|(k, v)| (k.clone(), v)).collect())
-        }
-        Value::Array(a) => Value::Array(a.iter().map(canonical).collect()),
-        other => other.clone(),
-    }
 }
 
 /// Runs the pipeline, then records the lock file and the cache usage.
@@ -494,30 +400,4 @@ fn prepare_outputs(p: &Pipeline, outs: &[String]) -> Result<(), CacheError> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn key_changes_when_and_only_when_its_material_changes() {
-        let inputs: BTreeMap<String, String> = [("data/x".to_string(), "aa".to_string())].into();
-        let params = json!({"run": "echo", "outs": ["a", "b"]});
-        let base = cache_key("command", 1, &params, &inputs);
-        assert_eq!(
-            base,
-            cache_key("command", 1, &json!({"outs": ["a", "b"], "run": "echo"}), &inputs)
-        );
-        assert_ne!(base, cache_key("train", 1, &params, &inputs));
-        assert_ne!(base, cache_key("command", 2, &params, &inputs));
-        assert_ne!(
-            base,
-            cache_key("command", 1, &json!({"run": "echo", "outs": ["b", "a"]}), &inputs)
-        );
-        let changed: BTreeMap<String, String> = [("data/x".to_string(), "ab".to_string())].into();
-        assert_ne!(base, cache_key("command", 1, &params, &changed));
-        let renamed: BTreeMap<String, String> = [("data/y".to_string(), "aa".to_string())].into();
-        assert_ne!(base, cache_key("command", 1, &params, &renamed));
-    }
 }

@@ -7,10 +7,10 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::exec::{canonical, stage_inputs, StageReport, State};
+use super::key::{canonical, stage_inputs};
+use super::report::{StageReport, State};
 use super::{lock_path, yaml, Pipeline};
-use crate::cache::{write_atomic, Artifact, CacheError, Hasher};
-use crate::stages::Metrics;
+use crate::cache::{write_atomic, Artifact, CacheError, Hasher, Metrics};
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct LockFile {

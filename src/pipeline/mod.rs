@@ -5,8 +5,10 @@ pub mod diag;
 pub mod exec;
 pub mod graph;
 mod interp;
+pub mod key;
 pub mod lock;
 pub mod param;
+pub mod report;
 pub mod spec;
 pub mod yaml;
 

@@ -12,7 +12,8 @@ use warp::http::{HeaderValue, StatusCode};
 
 use super::{json_response, ApiError, ApiResult, App};
 use crate::cache::Cache;
-use crate::pipeline::exec::{self, Observer, Options, StageReport, State};
+use crate::pipeline::exec::{self, Observer, Options};
+use crate::pipeline::report::{StageReport, State};
 use crate::pipeline::{real_path, Override, ParamValue, Pipeline};
 use crate::stages::StageKind;
 use crate::tracking::{Delivery, Tracker};

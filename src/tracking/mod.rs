@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::pipeline::exec::Report;
+use crate::pipeline::report::Report;
 use crate::pipeline::Pipeline;
 use plan::Event;
 

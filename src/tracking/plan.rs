@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{flatten, key, now_ms, TrackingError};
-use crate::pipeline::exec::{Report, State};
+use crate::pipeline::report::{Report, State};
 use crate::pipeline::Pipeline;
 use crate::plot;
 use crate::stages::StageKind;
