@@ -22,6 +22,19 @@ pub enum State {
     Interrupted,
 }
 
+impl State {
+    /// The name it serializes as.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Ran => "ran",
+            State::Cached => "cached",
+            State::Failed => "failed",
+            State::Skipped => "skipped",
+            State::Interrupted => "interrupted",
+        }
+    }
+}
+
 /// One stage's part in a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct StageReport {
@@ -56,5 +69,23 @@ impl Report {
     /// How many stages ended in `state`.
     pub fn count(&self, state: State) -> usize {
         self.stages.iter().filter(|s| s.state == state).count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_the_serialized_ones() {
+        for state in [
+            State::Ran,
+            State::Cached,
+            State::Failed,
+            State::Skipped,
+            State::Interrupted,
+        ] {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.as_str());
+        }
     }
 }

@@ -31,7 +31,7 @@ pub use auth::{create_key, KeyError, Role};
 use crate::drift::Sample;
 use crate::models::bert::{Device, Runtime};
 use crate::models::bundle::{Bundle, Model, Prediction, LABELS};
-use crate::store::{ModelRow, Store, StoreError};
+use crate::store::{ModelRow, ModelStatus, Store, StoreError};
 use batcher::{BatchConfig, BatchError, Batcher};
 use metrics::Metrics;
 
@@ -353,7 +353,7 @@ impl App {
             tuning: m.tuning(),
             accuracy: m.metrics["accuracy"].as_f64(),
             run_id: run_id.map(str::to_string),
-            status: "candidate".into(),
+            status: ModelStatus::Candidate,
             created_at: String::new(),
             promoted_at: None,
         };

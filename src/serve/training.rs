@@ -16,6 +16,7 @@ use crate::pipeline::exec::{self, Observer, Options};
 use crate::pipeline::report::{StageReport, State};
 use crate::pipeline::{real_path, Override, ParamValue, Pipeline};
 use crate::stages::StageKind;
+use crate::store::{EventState, RunStatus};
 use crate::tracking::{Delivery, Tracker};
 
 /// A run in progress: its id, its stop flag and its thread.
@@ -55,7 +56,10 @@ impl Trainer {
                 let _ = handle.join();
             } else {
                 tracing::warn!("training run {id} did not stop within {STOP_GRACE:?}; recording it as interrupted");
-                if let Err(e) = app.store.finish_run(&id, "interrupted", Some("the server stopped")) {
+                if let Err(e) = app
+                    .store
+                    .finish_run(&id, RunStatus::Interrupted, Some("the server stopped"))
+                {
                     tracing::error!("recording the end of run {id}: {e}");
                 }
             }
@@ -305,16 +309,15 @@ impl Observer for Recorder<'_> {
         let r = self
             .app
             .store
-            .add_event(self.id, stage, "running", 0, &Value::Null, None);
+            .add_event(self.id, stage, EventState::Running, 0, &Value::Null, None);
         self.keep("run_event", r);
     }
 
     fn finished(&self, r: &StageReport) {
-        let state = serde_json::to_value(r.state).expect("states serialize");
         let written = self.app.store.add_event(
             self.id,
             &r.name,
-            state.as_str().unwrap_or("unknown"),
+            r.state.into(),
             r.duration_ms,
             &Value::Object(r.metrics.clone()),
             r.error.as_deref(),
@@ -336,7 +339,7 @@ impl Observer for Recorder<'_> {
 
 fn run(app: &App, id: &str, pipeline: &Pipeline, stages: Vec<String>, cancel: &AtomicBool) {
     let recorder = Recorder { app, id };
-    let outcome = (|| -> Result<(&str, Option<String>), String> {
+    let outcome = (|| -> Result<(RunStatus, Option<String>), String> {
         let cache = Cache::open(&app.cache_dir).map_err(|e| e.to_string())?;
         let opts = Options {
             jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
@@ -371,9 +374,9 @@ fn run(app: &App, id: &str, pipeline: &Pipeline, stages: Vec<String>, cancel: &A
             }
         }
         Ok(if report.interrupted {
-            ("interrupted", Some("the run was stopped".into()))
+            (RunStatus::Interrupted, Some("the run was stopped".into()))
         } else if report.ok {
-            ("succeeded", None)
+            (RunStatus::Succeeded, None)
         } else {
             let failed: Vec<String> = report
                 .stages
@@ -381,11 +384,11 @@ fn run(app: &App, id: &str, pipeline: &Pipeline, stages: Vec<String>, cancel: &A
                 .filter(|s| s.state == State::Failed)
                 .map(|s| format!("{}: {}", s.name, s.error.clone().unwrap_or_default()))
                 .collect();
-            ("failed", Some(failed.join("; ")))
+            (RunStatus::Failed, Some(failed.join("; ")))
         })
     })();
-    let (status, error) = outcome.unwrap_or_else(|e| ("failed", Some(e)));
-    app.metrics.training(status);
+    let (status, error) = outcome.unwrap_or_else(|e| (RunStatus::Failed, Some(e)));
+    app.metrics.training(status.as_str());
     if let Err(e) = app.store.finish_run(id, status, error.as_deref()) {
         tracing::error!("recording the end of run {id}: {e}");
     }

@@ -5,9 +5,13 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use rusqlite::{params, Connection, OptionalExtension};
-use serde::Serialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use crate::pipeline::report::State;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -132,8 +136,112 @@ CREATE INDEX drift_evaluations_created_at ON drift_evaluations (created_at);
 "#,
 ];
 
+/// Where a training run is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    Running,
+    Succeeded,
+    Failed,
+    /// Stopped on request, or left running by a server that stopped.
+    Interrupted,
+}
+
+impl RunStatus {
+    pub const ALL: [RunStatus; 4] = [
+        RunStatus::Running,
+        RunStatus::Succeeded,
+        RunStatus::Failed,
+        RunStatus::Interrupted,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// Where a registered model version is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelStatus {
+    /// Registered, not served unless promoted.
+    Candidate,
+    /// The version served under its name; at most one per name.
+    Production,
+    /// Was in production until another version was promoted.
+    Archived,
+}
+
+impl ModelStatus {
+    pub const ALL: [ModelStatus; 3] = [ModelStatus::Candidate, ModelStatus::Production, ModelStatus::Archived];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelStatus::Candidate => "candidate",
+            ModelStatus::Production => "production",
+            ModelStatus::Archived => "archived",
+        }
+    }
+}
+
+/// A stage's state in a run's events: `running` once it starts, then how it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventState {
+    Running,
+    Ended(State),
+}
+
+impl EventState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventState::Running => "running",
+            EventState::Ended(state) => state.as_str(),
+        }
+    }
+}
+
+impl From<State> for EventState {
+    fn from(state: State) -> Self {
+        EventState::Ended(state)
+    }
+}
+
+/// Stored as the text of `as_str`, read back from it.
+macro_rules! text_column {
+    ($($t:ident),*) => {$(
+        impl ToSql for $t {
+            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+                Ok(self.as_str().into())
+            }
+        }
+
+        impl FromSql for $t {
+            fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+                let text = value.as_str()?;
+                $t::ALL
+                    .into_iter()
+                    .find(|s| s.as_str() == text)
+                    .ok_or_else(|| FromSqlError::Other(format!("unknown {} `{text}`", stringify!($t)).into()))
+            }
+        }
+    )*};
+}
+
+text_column!(RunStatus, ModelStatus);
+
+impl ToSql for EventState {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
 /// An API key as `sentiflow keys list` shows it: never the key, nor its hash.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct KeyRow {
     pub id: i64,
     pub label: Option<String>,
@@ -169,7 +277,7 @@ pub struct ModelRow {
     pub tuning: Value,
     pub accuracy: Option<f64>,
     pub run_id: Option<String>,
-    pub status: String,
+    pub status: ModelStatus,
     pub created_at: String,
     pub promoted_at: Option<String>,
 }
@@ -181,7 +289,7 @@ pub struct RunRow {
     pub pipeline: String,
     pub params: Value,
     pub stages: Value,
-    pub status: String,
+    pub status: RunStatus,
     pub error: Option<String>,
     pub created_at: String,
     pub finished_at: Option<String>,
@@ -464,12 +572,12 @@ impl Store {
             .optional()?;
         let Some(name) = name else { return Ok(false) };
         tx.execute(
-            "UPDATE models SET status = 'archived' WHERE name = ?1 AND status = 'production'",
-            [&name],
+            "UPDATE models SET status = ?2 WHERE name = ?1 AND status = ?3",
+            params![name, ModelStatus::Archived, ModelStatus::Production],
         )?;
         tx.execute(
-            "UPDATE models SET status = 'production', promoted_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE version = ?1",
-            [version],
+            "UPDATE models SET status = ?2, promoted_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE version = ?1",
+            params![version, ModelStatus::Production],
         )?;
         tx.commit()?;
         Ok(true)
@@ -522,10 +630,10 @@ impl Store {
     pub fn production(&self) -> Result<Vec<ModelRow>, StoreError> {
         self.with(|c| {
             let mut st = c.prepare(&format!(
-                "SELECT {} FROM models WHERE status = 'production' ORDER BY name",
+                "SELECT {} FROM models WHERE status = ?1 ORDER BY name",
                 Self::MODEL_COLUMNS
             ))?;
-            let rows = st.query_map([], Self::model_row)?.collect();
+            let rows = st.query_map([ModelStatus::Production], Self::model_row)?.collect();
             rows
         })
     }
@@ -535,14 +643,14 @@ impl Store {
     pub fn create_run(&self, id: &str, pipeline: &str, params: &Value, stages: &Value) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO runs (id, pipeline, params, stages, status) VALUES (?1, ?2, ?3, ?4, 'running')",
-                params![id, pipeline, params.to_string(), stages.to_string()],
+                "INSERT INTO runs (id, pipeline, params, stages, status) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![id, pipeline, params.to_string(), stages.to_string(), RunStatus::Running],
             )
             .map(|_| ())
         })
     }
 
-    pub fn finish_run(&self, id: &str, status: &str, error: Option<&str>) -> Result<(), StoreError> {
+    pub fn finish_run(&self, id: &str, status: RunStatus, error: Option<&str>) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
                 "UPDATE runs SET status = ?2, error = ?3, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?1",
@@ -556,9 +664,9 @@ impl Store {
     pub fn interrupt_unfinished(&self) -> Result<usize, StoreError> {
         self.with(|c| {
             c.execute(
-                "UPDATE runs SET status = 'interrupted', error = 'the server stopped during the run',
-                 finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE status = 'running'",
-                [],
+                "UPDATE runs SET status = ?1, error = 'the server stopped during the run',
+                 finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE status = ?2",
+                [RunStatus::Interrupted, RunStatus::Running],
             )
         })
     }
@@ -567,7 +675,7 @@ impl Store {
         &self,
         run: &str,
         stage: &str,
-        state: &str,
+        state: EventState,
         duration_ms: u64,
         metrics: &Value,
         error: Option<&str>,
@@ -646,5 +754,97 @@ impl Store {
                 .collect();
             rows
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(store: &Store, sql: &str) -> Vec<String> {
+        store
+            .with(|c| c.prepare(sql)?.query_map([], |r| r.get(0))?.collect())
+            .unwrap()
+    }
+
+    fn model(version: &str) -> ModelRow {
+        ModelRow {
+            version: version.into(),
+            name: "tfidf".into(),
+            kind: "tfidf".into(),
+            pipeline: "demo".into(),
+            path: "/m".into(),
+            params: Value::Null,
+            metrics: Value::Null,
+            tuning: Value::Null,
+            accuracy: None,
+            run_id: None,
+            status: ModelStatus::Candidate,
+            created_at: String::new(),
+            promoted_at: None,
+        }
+    }
+
+    #[test]
+    fn status_names_are_the_serialized_ones() {
+        for s in RunStatus::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        for s in ModelStatus::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
+
+    #[test]
+    fn states_are_stored_as_their_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+
+        store.create_run("r1", "demo", &Value::Null, &Value::Null).unwrap();
+        assert_eq!(store.run("r1").unwrap().unwrap().status, RunStatus::Running);
+        store
+            .add_event("r1", "load", EventState::Running, 0, &Value::Null, None)
+            .unwrap();
+        store
+            .add_event("r1", "load", State::Ran.into(), 5, &Value::Null, None)
+            .unwrap();
+        store.finish_run("r1", RunStatus::Succeeded, None).unwrap();
+        assert_eq!(text(&store, "SELECT status FROM runs"), ["succeeded"]);
+        assert_eq!(
+            text(&store, "SELECT state FROM run_events ORDER BY rowid"),
+            ["running", "ran"]
+        );
+        let run = store.run("r1").unwrap().unwrap();
+        assert_eq!(run.status, RunStatus::Succeeded);
+        assert_eq!(run.events[1]["state"], "ran");
+
+        store.create_run("r2", "demo", &Value::Null, &Value::Null).unwrap();
+        assert_eq!(store.interrupt_unfinished().unwrap(), 1);
+        assert_eq!(store.run("r2").unwrap().unwrap().status, RunStatus::Interrupted);
+
+        store.register_model(&model("v1")).unwrap();
+        store.register_model(&model("v2")).unwrap();
+        assert_eq!(store.model("v1").unwrap().unwrap().status, ModelStatus::Candidate);
+        store.promote("v1").unwrap();
+        store.promote("v2").unwrap();
+        assert_eq!(store.model("v1").unwrap().unwrap().status, ModelStatus::Archived);
+        let production = store.production().unwrap();
+        assert_eq!(production.len(), 1);
+        assert_eq!(production[0].status, ModelStatus::Production);
+        assert_eq!(
+            text(&store, "SELECT status FROM models ORDER BY version"),
+            ["archived", "production"]
+        );
+    }
+
+    #[test]
+    fn an_unknown_stored_status_is_an_error_not_a_guess() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        store.create_run("r1", "demo", &Value::Null, &Value::Null).unwrap();
+        store
+            .with(|c| c.execute("UPDATE runs SET status = 'paused'", []))
+            .unwrap();
+        assert!(store.run("r1").is_err());
     }
 }
