@@ -241,7 +241,7 @@ impl ToSql for EventState {
 }
 
 /// An API key as `sentiflow keys list` shows it: never the key, nor its hash.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct KeyRow {
     pub id: i64,
     pub label: Option<String>,
@@ -265,7 +265,7 @@ pub struct PredictionRow {
 }
 
 /// A registered model version.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct ModelRow {
     pub version: String,
     pub name: String,
@@ -283,7 +283,7 @@ pub struct ModelRow {
 }
 
 /// A training run and what happened in it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct RunRow {
     pub id: String,
     pub pipeline: String,
