@@ -54,6 +54,15 @@ struct Cli {
     /// When to colour the output: `auto` colours a terminal unless `NO_COLOR` is set.
     #[arg(long, global = true, value_enum, default_value = "auto", value_name = "WHEN")]
     color: Color,
+    /// How log lines are written: `text` for people, `json` (one object a line) for collectors.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "SENTIFLOW_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -73,6 +82,12 @@ impl Color {
             Color::Auto => std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
         }
     }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 const RUN_EXAMPLES: &str = "Examples:
@@ -298,23 +313,25 @@ pub fn main() -> i32 {
         // SAFETY: single-threaded here, and SIG_DFL is a valid disposition.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
+    // A server logs each request (the access log) unless told to be quiet.
+    let serving = matches!(cli.command, Command::Serve { .. });
     let level = match (cli.quiet, cli.verbose) {
         (true, _) => "error",
+        (false, 0) if serving => "info",
         (false, 0) => "warn",
         (false, 1) => "info",
         (false, 2) => "debug",
         (false, _) => "trace",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SENTIFLOW_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(cli.color.enabled())
-        .with_target(false)
-        .without_time()
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SENTIFLOW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_target(false).with_ansi(cli.color.enabled()).init(),
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(true).init(),
+    }
     if let Some(path) = cli.config.clone() {
         if let Err(e) = apply_config_file(&path) {
             eprintln!("error: {e:#}");

@@ -7,6 +7,7 @@ pub mod drift;
 pub mod models;
 pub mod pipeline;
 pub mod plot;
+pub mod registry;
 pub mod serve;
 pub mod stages;
 pub mod store;

@@ -773,3 +773,156 @@ fn hostile_training_parameters_are_refused_and_nothing_outside_is_read_or_quoted
     assert!(!p.path("pwned").exists());
     assert_eq!(http(&s.addr, "GET", "/health", &[], b"").status, 200);
 }
+
+#[test]
+fn the_openapi_document_types_every_answer_and_swagger_ui_reads_it() {
+    let p = Project::new();
+    let s = Server::start(&p, &["--max-batch", "16"]);
+    let doc = http(&s.addr, "GET", "/openapi.json", &[], b"").json();
+    let schemas = &doc["components"]["schemas"];
+    let resolve = |schema: &Value| match schema["$ref"].as_str() {
+        Some(r) => schemas[r.rsplit('/').next().unwrap()].clone(),
+        None => schema.clone(),
+    };
+    let mut typed = 0;
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            for (status, answer) in op["responses"].as_object().unwrap() {
+                let schema = resolve(&answer["content"]["application/json"]["schema"]);
+                assert!(
+                    schema["properties"].is_object(),
+                    "{method} {path} {status} has no typed body: {schema}"
+                );
+                if status.starts_with('2') {
+                    typed += 1;
+                }
+                if status == "429" || status == "503" {
+                    assert!(answer["headers"]["Retry-After"].is_object(), "{method} {path} {status}");
+                }
+            }
+        }
+    }
+    assert_eq!(typed, 13, "every documented operation has a typed success");
+    for (path, method) in [
+        ("/prediction", "post"),
+        ("/best_model_parameter", "get"),
+        ("/training", "post"),
+    ] {
+        let op = &doc["paths"][path][method];
+        let answer = resolve(
+            &op["responses"][if path == "/training" { "202" } else { "200" }]["content"]["application/json"]["schema"],
+        );
+        let request = resolve(&op["requestBody"]["content"]["application/json"]["schema"]);
+        assert!(
+            answer["examples"].is_array() || request["examples"].is_array(),
+            "{path} has an example"
+        );
+        assert_eq!(op["security"][0], json!({"bearer": []}), "{path}");
+    }
+    let request = resolve(&doc["paths"]["/prediction"]["post"]["requestBody"]["content"]["application/json"]["schema"]);
+    assert_eq!(
+        request["properties"]["texts"]["maxItems"], 16,
+        "the server's own limits"
+    );
+    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+
+    let r = http(&s.addr, "GET", "/docs", &[], b"");
+    assert_eq!((r.status, r.header("location")), (308, Some("/docs/")));
+    let r = http(&s.addr, "GET", "/docs/", &[], b"");
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").unwrap().starts_with("text/html"));
+    assert!(r.body.contains("swagger-ui"), "{}", r.body);
+    let init = http(&s.addr, "GET", "/docs/swagger-initializer.js", &[], b"").body;
+    assert!(init.contains("/openapi.json"), "{init}");
+    assert!(
+        init.contains(r#""validatorUrl": "none""#),
+        "no request to swagger.io: {init}"
+    );
+    assert_error(&http(&s.addr, "GET", "/docs/nothing.js", &[], b""), 404, "not_found");
+}
+
+#[test]
+fn each_request_is_logged_once_as_json_and_no_key_is_ever_logged() {
+    let p = quickstart();
+    let admin = key(&p, "admin");
+    let labelled = p.sentiflow(&["keys", "create", "--role", "predict", "--label", "ci-bot"]);
+    assert_eq!(labelled.code, 0, "{}", labelled.stderr);
+    let predictor = labelled.stdout.trim().to_string();
+    let s = Server::start_env(&p, &["--log-format", "json"], &[("SENTIFLOW_LOG", "info")]);
+    let run = train(&s, &admin, json!({"pipeline": "quickstart"}));
+    assert_eq!(run["status"], "succeeded", "{run}");
+
+    let mut ids = Vec::new();
+    let r = post(&s, "/prediction", &predictor, &json!({"text": REVIEW}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let version = r.json()["version"].as_str().unwrap().to_string();
+    let prediction_id = r.header("x-request-id").unwrap().to_string();
+    ids.push(prediction_id.clone());
+    let bogus = "sf_0000000000000000000000000000000000000000000000000000000000000000";
+    let refused = post(&s, "/prediction", bogus, &json!({"text": REVIEW}));
+    assert_eq!(refused.status, 401);
+    ids.push(refused.header("x-request-id").unwrap().to_string());
+    for path in ["/health", "/nowhere", "/models/v1/promote"] {
+        ids.push(
+            http(&s.addr, "GET", path, &[], b"")
+                .header("x-request-id")
+                .unwrap()
+                .to_string(),
+        );
+    }
+
+    let access = |log: &[String]| -> Vec<Value> {
+        log.iter()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+            .filter(|l| l["target"] == "sentiflow::access")
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        let lines = access(&s.log.lock().unwrap());
+        let logged = |id: &String| lines.iter().filter(|l| l["request_id"] == id.as_str()).count();
+        if ids.iter().all(|id| logged(id) == 1) || Instant::now() > deadline {
+            break lines;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    for id in &ids {
+        let n = lines.iter().filter(|l| l["request_id"] == id.as_str()).count();
+        assert_eq!(n, 1, "request {id} is logged once: {lines:?}");
+    }
+    let mut seen: Vec<&str> = lines.iter().map(|l| l["request_id"].as_str().unwrap()).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), lines.len(), "one line per request");
+    let line = lines
+        .iter()
+        .find(|l| l["request_id"] == prediction_id.as_str())
+        .unwrap();
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["route"], "/prediction");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["key"], "ci-bot");
+    assert_eq!(line["model"], "tfidf");
+    assert_eq!(line["version"], version.as_str());
+    assert!(line["bytes"].as_u64().unwrap() > 50, "{line}");
+    assert!(line["duration_ms"].as_f64().unwrap() >= 0.0, "{line}");
+    assert!(line["timestamp"].is_string(), "{line}");
+    let by_id = |i: usize| lines.iter().find(|l| l["request_id"] == ids[i].as_str()).unwrap();
+    assert_eq!(
+        (by_id(1)["status"].as_u64(), by_id(1)["key"].is_null()),
+        (Some(401), true)
+    );
+    assert_eq!(by_id(3)["route"], "other");
+    assert_eq!(by_id(4)["status"], 405, "{}", by_id(4));
+
+    let log = s.log.lock().unwrap().join("\n");
+    for secret in [admin.as_str(), predictor.as_str(), bogus] {
+        assert!(!log.contains(secret), "a key in the log");
+    }
+    let run_id = run["id"].as_str().unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("training finished") && l.contains(run_id)),
+        "the training logs with its run id"
+    );
+}

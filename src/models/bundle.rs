@@ -215,7 +215,7 @@ impl TfidfModel {
 }
 
 /// Terms and their contributions to the decision function, towards each label.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct Explanation {
     pub positive: Vec<(String, f64)>,
     pub negative: Vec<(String, f64)>,

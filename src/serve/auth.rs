@@ -73,11 +73,18 @@ pub struct Keys {
     known: Mutex<KnownKeys>,
 }
 
+/// A key the database holds.
+#[derive(Debug, Clone)]
+pub struct Known {
+    pub id: i64,
+    pub role: Role,
+    pub label: Option<String>,
+}
+
 #[derive(Default)]
 struct KnownKeys {
     data_version: i64,
-    /// Hash → id and role.
-    by_hash: HashMap<String, (i64, Role)>,
+    by_hash: HashMap<String, Known>,
     /// Id → when its use was last written; kept when `by_hash` is forgotten, so writes by this
     /// server (which change the data version too) do not make every key due again.
     touched: HashMap<i64, Instant>,
@@ -87,46 +94,80 @@ struct KnownKeys {
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
 impl Keys {
-    /// The id and role of `key`, or `None` for an unknown or revoked key.
-    pub fn lookup(&self, store: &Store, key: &str, metrics: &Metrics) -> Result<Option<(i64, Role)>, StoreError> {
-        let hash = sha256_hex(key.as_bytes());
+    /// The key of `hash` from memory, when the database has not changed since it was read and
+    /// its use need not be written now; `None` means [`Keys::lookup`] must ask the database.
+    /// `PRAGMA data_version` reads the WAL index in shared memory (no file I/O, microseconds),
+    /// so this runs on the request's thread: a hop to a blocking thread would cost more.
+    pub fn cached(&self, store: &Store, hash: &str) -> Result<Option<Known>, StoreError> {
+        let version = store.outside_changes()?;
+        let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if known.data_version != version {
+            return Ok(None);
+        }
+        Ok(known.by_hash.get(hash).and_then(|k| {
+            let due = known.touched.get(&k.id).is_none_or(|t| t.elapsed() >= TOUCH_EVERY);
+            (!due).then(|| k.clone())
+        }))
+    }
+
+    /// The key of `hash`, or `None` for an unknown or revoked key; reads and writes the
+    /// database, so it runs on a blocking thread.
+    pub fn lookup(&self, store: &Store, hash: &str, metrics: &Metrics) -> Result<Option<Known>, StoreError> {
         let version = store.outside_changes()?;
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         if known.data_version != version {
             known.by_hash.clear();
             known.data_version = version;
         }
-        let entry = match known.by_hash.get(&hash) {
-            Some(e) => Some(*e),
+        let entry = match known.by_hash.get(hash) {
+            Some(e) => Some(e.clone()),
             None => store
-                .key_role(&hash)?
-                .and_then(|(id, role)| Role::parse(&role).map(|r| (id, r))),
+                .key_role(hash)?
+                .and_then(|(id, role, label)| Role::parse(&role).map(|role| Known { id, role, label })),
         };
-        let Some((id, role)) = entry else {
+        let Some(found) = entry else {
             return Ok(None);
         };
-        known.by_hash.insert(hash, (id, role));
+        known.by_hash.insert(hash.to_string(), found.clone());
         let now = Instant::now();
         let due = known
             .touched
-            .get(&id)
+            .get(&found.id)
             .is_none_or(|t| now.duration_since(*t) >= TOUCH_EVERY);
         // Recording the use is bookkeeping: it never waits for another write in progress (the
         // next request tries again), and a full disk must not refuse a valid key.
         if due {
-            match store.try_touch_key(id) {
+            match store.try_touch_key(found.id) {
                 Ok(true) => {
-                    known.touched.insert(id, now);
+                    known.touched.insert(found.id, now);
                 }
                 Ok(false) => {}
                 Err(e) => {
-                    tracing::warn!("recording the use of key {id}: {e}");
+                    tracing::warn!("recording the use of key {}: {e}", found.id);
                     metrics.store_failure("key_last_used");
-                    known.touched.insert(id, now);
+                    known.touched.insert(found.id, now);
                 }
             }
         }
-        Ok(Some((id, role)))
+        Ok(Some(found))
+    }
+}
+
+/// Who sent a request: the key's id, role and label, and the rate-limit quota it took.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub key: Known,
+    pub quota: Option<Quota>,
+}
+
+impl Caller {
+    /// How logs name the caller: the key's label, else its id (never the key).
+    pub fn name(&self) -> String {
+        match &self.key.label {
+            Some(label) => label.clone(),
+            None if self.key.id == 0 => "anonymous".into(),
+            None => format!("key-{}", self.key.id),
+        }
     }
 }
 
@@ -136,6 +177,7 @@ pub struct Limiter {
 }
 
 /// The outcome of asking for a token.
+#[derive(Debug, Clone)]
 pub struct Quota {
     pub allowed: bool,
     pub limit: u32,
@@ -146,11 +188,10 @@ pub struct Quota {
 
 impl Quota {
     /// Adds the rate-limit headers to a response.
-    pub fn annotate(&self, mut r: warp::reply::Response) -> warp::reply::Response {
+    pub fn annotate(&self, r: &mut warp::reply::Response) {
         let h = r.headers_mut();
         h.insert("x-ratelimit-limit", self.limit.into());
         h.insert("x-ratelimit-remaining", self.remaining.into());
-        r
     }
 }
 

@@ -1,125 +1,154 @@
-//! The OpenAPI 3.1 description of the API, served at `/openapi.json`.
+//! The OpenAPI 3.1 document served at `/openapi.json`, generated from the table of routes and
+//! the schemas of the request and response types (OpenAPI 3.1 schemas are JSON Schema 2020-12,
+//! which schemars writes).
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
-fn error_responses(codes: &[&str]) -> Value {
-    let mut m = serde_json::Map::new();
-    for code in codes {
-        m.insert(code.to_string(), json!({"description": "Error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}));
+use super::api::PredictionRequest;
+use super::config::Config;
+use super::routes::{error_schema, Access, Spec, ROUTES};
+
+/// Why each error status is answered.
+fn describe(status: u16) -> &'static str {
+    match status {
+        400 => "The request is malformed or a field is wrong (the error names it)",
+        401 => "Missing or unknown API key",
+        403 => "The key's role does not allow this, or the data is outside the allowed directories",
+        404 => "No such model, pipeline, run, version or prediction",
+        409 => "Conflicts with the current state",
+        411 => "A body without Content-Length",
+        413 => "The body is larger than 8 MiB",
+        415 => "The body is not `application/json`",
+        422 => "Well-formed but not acceptable (the error says why)",
+        429 => "Rate limit or unknown-key limit reached",
+        500 => "The server failed (logged with the request id)",
+        503 => "Overloaded, or the database cannot take writes",
+        _ => "Error",
     }
-    Value::Object(m)
 }
 
-fn with(mut base: Value, extra: Value) -> Value {
-    if let (Some(b), Value::Object(e)) = (base.as_object_mut(), extra) {
-        b.extend(e);
+/// Statuses every route of an access may answer.
+fn access_errors(access: Access) -> &'static [u16] {
+    match access {
+        Access::Public => &[],
+        Access::Prediction => &[401, 403, 429],
+        Access::Key(_) => &[401, 403, 429],
     }
-    base
 }
 
-fn ok(schema: Value) -> Value {
-    json!({"description": "OK", "content": {"application/json": {"schema": schema}}})
+fn operation(spec: &Spec, g: &mut schemars::SchemaGenerator) -> Value {
+    let mut op = Map::new();
+    op.insert("summary".into(), spec.summary.into());
+    let mut parameters: Vec<Value> = spec
+        .path
+        .split('/')
+        .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+        .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string", "minLength": 1}}))
+        .collect();
+    if let Some(query) = spec.query {
+        let reference = Value::from(query(g));
+        let name = reference["$ref"]
+            .as_str()
+            .and_then(|r| r.rsplit('/').next())
+            .unwrap_or_default();
+        let schema = g.definitions().get(name).cloned().unwrap_or_default();
+        let required: Vec<&Value> = schema["required"].as_array().into_iter().flatten().collect();
+        for (field, field_schema) in schema["properties"].as_object().into_iter().flatten() {
+            let mut field_schema = field_schema.clone();
+            let description = field_schema.as_object_mut().and_then(|o| o.remove("description"));
+            parameters.push(
+                json!({"name": field, "in": "query", "required": required.contains(&&Value::from(field.as_str())),
+                                   "description": description, "schema": field_schema}),
+            );
+        }
+    }
+    if !parameters.is_empty() {
+        op.insert("parameters".into(), parameters.into());
+    }
+    if let Some(request) = spec.request {
+        op.insert(
+            "requestBody".into(),
+            json!({"required": true, "content": {"application/json": {"schema": Value::from(request(g))}}}),
+        );
+    }
+    let mut responses = Map::new();
+    if let Some(response) = spec.response {
+        let mut ok =
+            json!({"description": "OK", "content": {"application/json": {"schema": Value::from(response(g))}}});
+        if spec.status == 202 {
+            ok["description"] = "Accepted".into();
+            ok["headers"] =
+                json!({"Location": {"description": "Where the run's status is", "schema": {"type": "string"}}});
+        }
+        responses.insert(spec.status.to_string(), ok);
+    }
+    let error = Value::from(error_schema(g));
+    let mut errors: Vec<u16> = access_errors(spec.access).iter().chain(spec.errors).copied().collect();
+    errors.sort_unstable();
+    errors.dedup();
+    for status in errors {
+        let mut answer = json!({"description": describe(status), "content": {"application/json": {"schema": error}}});
+        if status == 429 || status == 503 {
+            answer["headers"] = json!({"Retry-After": {"description": "Seconds to wait before retrying", "schema": {"type": "integer"}}});
+        }
+        if spec.errors_with_body && spec.errors.contains(&status) {
+            answer["content"] = responses[&spec.status.to_string()]["content"].clone();
+        }
+        responses.insert(status.to_string(), answer);
+    }
+    op.insert("responses".into(), responses.into());
+    match spec.access {
+        Access::Public => {}
+        Access::Key(_) => {
+            op.insert("security".into(), json!([{"bearer": []}]));
+        }
+        // Without a key when the server runs with `--open-prediction`.
+        Access::Prediction => {
+            op.insert("security".into(), json!([{"bearer": []}, {}]));
+        }
+    }
+    Value::Object(op)
 }
 
 /// The document, with the limits this server was started with.
-pub fn document(config: &super::Config) -> Value {
-    let secured = json!([{"bearer": []}]);
+pub fn document(config: &Config) -> Value {
+    let mut settings = schemars::generate::SchemaSettings::draft2020_12();
+    settings.definitions_path = "/components/schemas".into();
+    let mut g = settings.into_generator();
+    let mut paths = Map::new();
+    for spec in ROUTES.iter().filter(|s| s.documented) {
+        let op = operation(spec, &mut g);
+        let item = paths.entry(spec.path).or_insert_with(|| json!({}));
+        item[spec.verb.as_str()] = op;
+    }
+    let mut schemas = g.take_definitions(true);
+    limit_texts(&mut schemas, config);
     json!({
         "openapi": "3.1.0",
         "info": {"title": "sentiflow", "version": env!("CARGO_PKG_VERSION"),
-                 "description": "Sentiment predictions, model registry and training runs."},
+                 "description": "Sentiment predictions, model registry and training runs. Send API keys as \
+                                 `Authorization: Bearer <key>` (`sentiflow keys create`)."},
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {
-                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object",
-                    "required": ["code", "message", "request_id"],
-                    "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "request_id": {"type": "string"}}}}},
-                "Prediction": {"type": "object", "required": ["id", "label", "score", "probabilities"], "properties": {
-                    "id": {"type": "string"},
-                    "label": {"type": "string", "enum": ["negative", "positive"]},
-                    "score": {"type": "number", "minimum": 0, "maximum": 1},
-                    "probabilities": {"type": "object", "properties": {"negative": {"type": "number"}, "positive": {"type": "number"}}},
-                    "model": {"type": "string"}, "version": {"type": "string"}}},
-                "Text": {"type": "string", "pattern": "\\S", "maxLength": config.max_text_chars},
-                "PredictionRequest": {
-                    "type": "object",
-                    "additionalProperties": false,
-                    "properties": {
-                        "text": {"$ref": "#/components/schemas/Text"},
-                        "texts": {"type": "array", "items": {"$ref": "#/components/schemas/Text"}, "minItems": 1, "maxItems": config.max_batch},
-                        "model": {"type": "string"},
-                        "explain": {"type": "boolean"}
-                    },
-                    "oneOf": [{"required": ["text"]}, {"required": ["texts"]}]
-                },
-                "TrainingRequest": {"type": "object", "required": ["pipeline"], "additionalProperties": false, "properties": {
-                    "pipeline": {"type": "string"},
-                    "params": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}},
-                    "stages": {"type": "array", "items": {"type": "string"}}}},
-                "TrainingRun": {"type": "object", "required": ["id", "pipeline", "status"], "properties": {
-                    "id": {"type": "string"}, "pipeline": {"type": "string"},
-                    "status": {"type": "string", "enum": ["running", "succeeded", "failed", "interrupted"]},
-                    "error": {"type": ["string", "null"]}, "params": {}, "created_at": {"type": "string"},
-                    "finished_at": {"type": ["string", "null"]},
-                    "stages": {"type": "object", "additionalProperties": {"type": "object"}}}},
-                "Model": {"type": "object", "required": ["version", "name", "status"], "properties": {
-                    "version": {"type": "string"}, "name": {"type": "string"}, "kind": {"type": "string"},
-                    "pipeline": {"type": "string"}, "path": {"type": "string"}, "params": {}, "metrics": {}, "tuning": {},
-                    "accuracy": {"type": ["number", "null"]}, "run_id": {"type": ["string", "null"]},
-                    "status": {"type": "string", "enum": ["candidate", "production", "archived"]},
-                    "created_at": {"type": "string"}, "promoted_at": {"type": ["string", "null"]}}}
-            }
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "description": "An API key"}},
+            "schemas": schemas,
         },
-        "paths": {
-            "/health": {"get": {"summary": "Liveness", "responses": {"200": ok(json!({"type": "object"}))}}},
-            "/ready": {"get": {"summary": "Whether a model is loaded", "responses": {
-                "200": ok(json!({"type": "object"})), "503": {"description": "No model loaded", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "OK", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": ok(json!({"type": "object"}))}}},
-            "/best_model_parameter": {"get": {
-                "summary": "Best hyper-parameters behind a served model",
-                "security": secured,
-                "parameters": [{"name": "model", "in": "query", "required": false, "schema": {"type": "string", "enum": ["tfidf", "bert"]}}],
-                "responses": with(json!({"200": ok(json!({"type": "object", "required": ["model", "version", "parameters"]}))}),
-                                  error_responses(&["401", "403", "404", "429"]))}},
-            "/prediction": {"post": {
-                "summary": "Score one text or a batch",
-                "security": secured,
-                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/PredictionRequest"}}}},
-                "responses": with(json!({"200": ok(json!({"oneOf": [
-                    {"$ref": "#/components/schemas/Prediction"},
-                    {"type": "object", "required": ["predictions"], "properties": {"predictions": {"type": "array", "items": {"$ref": "#/components/schemas/Prediction"}}, "model": {"type": "string"}, "version": {"type": "string"}}}
-                ]}))}), error_responses(&["400", "401", "403", "404", "411", "413", "415", "422", "429", "500", "503"]))}},
-            "/feedback": {"post": {"summary": "The true label of an earlier prediction (drift monitoring)", "security": secured,
-                "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "additionalProperties": false,
-                    "required": ["prediction_id", "label"], "properties": {"prediction_id": {"type": "string"},
-                    "label": {"type": "string", "enum": ["negative", "positive"]}}}}}},
-                "responses": with(json!({"200": ok(json!({"type": "object", "required": ["correct"]}))}),
-                                  error_responses(&["400", "401", "403", "404", "409", "411", "413", "415", "429", "503"]))}},
-            "/pipelines": {"get": {"summary": "Pipelines the server can run, with parameters and stages (admin)", "security": secured,
-                "responses": with(json!({"200": ok(json!({"type": "object", "required": ["pipelines"]}))}),
-                                  error_responses(&["401", "403", "429"]))}},
-            "/drift": {"get": {"summary": "Drift of each served model's recent predictions against its reference", "security": secured,
-                "parameters": [{"name": "history", "in": "query", "required": false, "schema": {"type": "string", "enum": ["1"]}}],
-                "responses": with(json!({"200": ok(json!({"type": "object", "required": ["models"]}))}),
-                                  error_responses(&["400", "401", "403", "429"]))}},
-            "/models": {"get": {"summary": "Registered model versions", "security": secured,
-                "responses": with(json!({"200": ok(json!({"type": "object", "properties": {"models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}}))}),
-                                  error_responses(&["401", "403", "429"]))}},
-            "/models/{version}/promote": {"post": {"summary": "Serve this version (admin)", "security": secured,
-                "parameters": [{"name": "version", "in": "path", "required": true, "schema": {"type": "string"}}],
-                "responses": with(json!({"200": ok(json!({"type": "object"}))}), error_responses(&["401", "403", "404", "409", "429", "503"]))}},
-            "/training": {"post": {"summary": "Start a pipeline run (admin)", "security": secured,
-                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TrainingRequest"}}}},
-                "responses": with(json!({"202": {"description": "Started", "headers": {"Location": {"schema": {"type": "string"}}},
-                                                  "content": {"application/json": {"schema": {"type": "object", "required": ["id"]}}}}}),
-                                  error_responses(&["400", "401", "403", "404", "409", "411", "413", "415", "422", "429", "503"]))}},
-            "/training/{id}": {"get": {"summary": "A run's status and stages (admin)", "security": secured,
-                "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
-                "responses": with(json!({"200": ok(json!({"$ref": "#/components/schemas/TrainingRun"}))}), error_responses(&["401", "403", "404", "429"]))}},
-            "/training/{id}/logs": {"get": {"summary": "A run's log lines (admin)", "security": secured,
-                "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
-                "responses": with(json!({"200": ok(json!({"type": "object"}))}), error_responses(&["401", "403", "404", "429"]))}}
-        }
+        "paths": paths,
     })
+}
+
+/// The texts of `POST /prediction` as this server accepts them: not blank, at most
+/// `--max-text-chars` long, `text` or `texts` of 1 to `--max-batch`.
+fn limit_texts(schemas: &mut Map<String, Value>, config: &Config) {
+    let name = std::any::type_name::<PredictionRequest>()
+        .rsplit("::")
+        .next()
+        .unwrap_or_default();
+    let Some(request) = schemas.get_mut(name) else {
+        return;
+    };
+    let text = json!({"type": "string", "pattern": "\\S", "maxLength": config.max_text_chars});
+    request["properties"]["text"] = text.clone();
+    request["properties"]["texts"] =
+        json!({"type": "array", "items": text, "minItems": 1, "maxItems": config.max_batch});
+    request["oneOf"] = json!([{"required": ["text"]}, {"required": ["texts"]}]);
 }

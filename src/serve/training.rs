@@ -1,20 +1,24 @@
 //! `POST /training`: pipeline runs in the background, one per pipeline at a time, recorded in
 //! the database stage by stage; exported bundles are registered and, when better, promoted.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use serde::Deserialize;
 use serde_json::{json, Value};
-use warp::http::{HeaderValue, StatusCode};
+use warp::http::StatusCode;
 
-use super::{json_response, ApiError, ApiResult, App};
+use super::api::{
+    LogLine, PipelineInfo, Pipelines, StageInfo, StageOutcome, TrainingLogs, TrainingRequest, TrainingRun,
+    TrainingStarted,
+};
+use super::error::ApiError;
+use super::App;
 use crate::cache::Cache;
 use crate::pipeline::exec::{self, Observer, Options};
 use crate::pipeline::report::{StageReport, State};
-use crate::pipeline::{real_path, Override, ParamValue, Pipeline};
+use crate::pipeline::{real_path, Override, Pipeline};
 use crate::stages::StageKind;
 use crate::store::{EventState, RunStatus};
 use crate::tracking::{Delivery, Tracker};
@@ -89,36 +93,38 @@ fn available(dir: &std::path::Path) -> Vec<String> {
 }
 
 /// `GET /pipelines`: each pipeline the server may run, with its parameters and its stages.
-pub fn list(app: &App) -> ApiResult {
+pub fn list(app: &App) -> Pipelines {
     let dir = &app.config.pipelines;
-    let pipelines: Vec<Value> = available(dir)
+    let pipelines = available(dir)
         .into_iter()
         .filter_map(|name| {
             let file = find_pipeline(dir, &name)?;
             Some(match Pipeline::load(&file, &[]) {
-                Ok(p) => json!({
-                    "name": name,
-                    "params": p.params,
-                    "stages": p.stages.iter().map(|s| json!({"name": s.name, "kind": s.kind.name(), "needs": s.needs})).collect::<Vec<_>>(),
-                }),
-                Err(d) => json!({"name": name, "error": d.to_string()}),
+                Ok(p) => PipelineInfo {
+                    name,
+                    params: Some(p.params.into_iter().collect()),
+                    stages: Some(
+                        p.stages
+                            .iter()
+                            .map(|s| StageInfo {
+                                name: s.name.clone(),
+                                kind: s.kind.name().to_string(),
+                                needs: s.needs.clone(),
+                            })
+                            .collect(),
+                    ),
+                    error: None,
+                },
+                Err(d) => PipelineInfo {
+                    name,
+                    params: None,
+                    stages: None,
+                    error: Some(d.to_string()),
+                },
             })
         })
         .collect();
-    Ok(json_response(StatusCode::OK, &json!({ "pipelines": pipelines })))
-}
-
-/// The body of `POST /training`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TrainingRequest {
-    pipeline: String,
-    /// Parameter overrides, as typed JSON scalars (never parsed as YAML).
-    #[serde(default)]
-    params: BTreeMap<String, ParamValue>,
-    /// Stages to run, with what they need (all when empty).
-    #[serde(default)]
-    stages: Vec<String>,
+    Pipelines { pipelines }
 }
 
 /// Characters a parameter value that reaches a shell command may hold: enough for names,
@@ -167,16 +173,7 @@ fn check_reads(app: &App, pipeline: &Pipeline) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub fn start(app: &Arc<App>, request: &Value) -> ApiResult {
-    let request: TrainingRequest = serde_path_to_error::deserialize(request).map_err(|e| {
-        let message = e.inner().to_string();
-        // A missing field is reported at the body's root (`.`): name the field instead.
-        let field = match message.strip_prefix("missing field `") {
-            Some(rest) => rest.trim_end_matches('`').to_string(),
-            None => e.path().to_string(),
-        };
-        super::bad_field(&field, message)
-    })?;
+pub fn start(app: &Arc<App>, request: TrainingRequest) -> Result<TrainingStarted, ApiError> {
     let name = request.pipeline.as_str();
     let dir = &app.config.pipelines;
     let file = find_pipeline(dir, name).ok_or_else(|| {
@@ -225,7 +222,7 @@ pub fn start(app: &Arc<App>, request: &Value) -> ApiResult {
             .zip(commands(&declared))
             .find(|(a, b)| a != b)
         {
-            return Err(super::bad_field(
+            return Err(ApiError::field(
                 &format!("params.{}", o.name),
                 format!(
                     "the value reaches the shell command of stage `{}`; values set through the API that do may hold only letters, digits and `._,:/=+-@%`",
@@ -238,13 +235,12 @@ pub fn start(app: &Arc<App>, request: &Value) -> ApiResult {
     let stages = request.stages;
     let mut running = app.training.running.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((id, _, _)) = running.get(name) {
-        let mut e = ApiError::new(
+        return Err(ApiError::new(
             StatusCode::CONFLICT,
             "already_running",
             format!("pipeline `{name}` is already being trained by run `{id}`"),
-        );
-        e.headers.push(("location", format!("/training/{id}")));
-        return Err(e);
+        )
+        .with_header("location", format!("/training/{id}")));
     }
     let id = format!(
         "run-{}",
@@ -260,6 +256,9 @@ pub fn start(app: &Arc<App>, request: &Value) -> ApiResult {
         std::thread::Builder::new()
             .name(format!("train-{name}"))
             .spawn(move || {
+                // Everything the run logs names it.
+                let _span = tracing::info_span!("training", run_id = %id, pipeline = %name).entered();
+                tracing::info!("training started");
                 run(&app, &id, &pipeline, stages, &cancel);
                 app.training
                     .running
@@ -276,15 +275,11 @@ pub fn start(app: &Arc<App>, request: &Value) -> ApiResult {
             })?
     };
     running.insert(name.to_string(), (id.clone(), cancel, Some(handle)));
-    let mut r = json_response(
-        StatusCode::ACCEPTED,
-        &json!({"id": id, "pipeline": name, "status": "running"}),
-    );
-    r.headers_mut().insert(
-        "location",
-        HeaderValue::from_str(&format!("/training/{id}")).expect("ids are ASCII"),
-    );
-    Ok(r)
+    Ok(TrainingStarted {
+        id,
+        pipeline: name.to_string(),
+        status: RunStatus::Running,
+    })
 }
 
 /// Records what the engine reports into the run's rows.
@@ -306,6 +301,8 @@ impl Recorder<'_> {
 
 impl Observer for Recorder<'_> {
     fn started(&self, stage: &str) {
+        // Stages run on the engine's threads, outside the run's span: name the run.
+        tracing::info!(run_id = self.id, stage, "stage started");
         let r = self
             .app
             .store
@@ -314,6 +311,7 @@ impl Observer for Recorder<'_> {
     }
 
     fn finished(&self, r: &StageReport) {
+        tracing::info!(run_id = self.id, stage = %r.name, state = ?r.state, duration_ms = r.duration_ms, "stage finished");
         let written = self.app.store.add_event(
             self.id,
             &r.name,
@@ -331,7 +329,7 @@ impl Observer for Recorder<'_> {
     }
 
     fn warn(&self, message: &str) {
-        tracing::warn!("{message}");
+        tracing::warn!(run_id = self.id, "{message}");
         let r = self.app.store.add_log(self.id, "", message);
         self.keep("run_log", r);
     }
@@ -361,7 +359,7 @@ fn run(app: &App, id: &str, pipeline: &Pipeline, stages: Vec<String>, cancel: &A
                 continue;
             };
             if let (Some((_, out)), State::Ran | State::Cached) = (stage.kind.bundle(), s.state) {
-                match app.register(&pipeline.root.join(out), Some(id)) {
+                match app.registry.register(&app.store, &pipeline.root.join(out), Some(id)) {
                     Ok(row) => match app.maybe_promote(&row) {
                         Ok(true) => recorder.log("", &format!("model {} version {} promoted", row.name, row.version)),
                         Ok(false) => {
@@ -388,28 +386,57 @@ fn run(app: &App, id: &str, pipeline: &Pipeline, stages: Vec<String>, cancel: &A
         })
     })();
     let (status, error) = outcome.unwrap_or_else(|e| (RunStatus::Failed, Some(e)));
+    tracing::info!(
+        run_id = id,
+        status = status.as_str(),
+        error = error.as_deref(),
+        "training finished"
+    );
     app.metrics.training(status.as_str());
     if let Err(e) = app.store.finish_run(id, status, error.as_deref()) {
         tracing::error!("recording the end of run {id}: {e}");
     }
 }
 
-pub fn status(app: &App, id: &str) -> ApiResult {
-    let run = app
-        .store
-        .run(id)?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no training run `{id}`")))?;
-    let mut stages = serde_json::Map::new();
-    for e in &run.events {
+fn no_run(id: &str) -> ApiError {
+    ApiError::not_found("not_found", format!("no training run `{id}`"))
+}
+
+/// `GET /training/{id}`: the run and each stage's last state.
+pub fn status(app: &App, id: &str) -> Result<TrainingRun, ApiError> {
+    let run = app.store.run(id)?.ok_or_else(|| no_run(id))?;
+    let mut stages = std::collections::BTreeMap::new();
+    for e in run.events {
         let name = e["stage"].as_str().unwrap_or_default().to_string();
-        stages.insert(
-            name,
-            json!({"state": e["state"], "duration_ms": e["duration_ms"], "metrics": e["metrics"], "error": e["error"]}),
-        );
+        if let Ok(outcome) = serde_json::from_value::<StageOutcome>(e) {
+            stages.insert(name, outcome);
+        }
     }
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"id": run.id, "pipeline": run.pipeline, "status": run.status, "error": run.error, "params": run.params,
-                "stages": stages, "created_at": run.created_at, "finished_at": run.finished_at}),
-    ))
+    Ok(TrainingRun {
+        id: run.id,
+        pipeline: run.pipeline,
+        status: run.status,
+        error: run.error,
+        params: run.params,
+        stages,
+        created_at: run.created_at,
+        finished_at: run.finished_at,
+    })
+}
+
+/// `GET /training/{id}/logs`.
+pub fn logs(app: &App, id: &str) -> Result<TrainingLogs, ApiError> {
+    if app.store.run(id)?.is_none() {
+        return Err(no_run(id));
+    }
+    let lines = app
+        .store
+        .logs(id)?
+        .into_iter()
+        .filter_map(|l| serde_json::from_value::<LogLine>(l).ok())
+        .collect();
+    Ok(TrainingLogs {
+        id: id.to_string(),
+        lines,
+    })
 }

@@ -477,12 +477,12 @@ impl Store {
     }
 
     /// The role of the unrevoked key whose SHA-256 is `hash`, with the key's id.
-    pub fn key_role(&self, hash: &str) -> Result<Option<(i64, String)>, StoreError> {
+    pub fn key_role(&self, hash: &str) -> Result<Option<(i64, String, Option<String>)>, StoreError> {
         let c = self.auth.lock().unwrap_or_else(|p| p.into_inner());
         Ok(c.query_row(
-            "SELECT id, role FROM api_keys WHERE hash = ?1 AND revoked_at IS NULL",
+            "SELECT id, role, label FROM api_keys WHERE hash = ?1 AND revoked_at IS NULL",
             [hash],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .optional()?)
     }

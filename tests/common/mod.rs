@@ -237,30 +237,41 @@ fn dechunk(mut body: &str) -> String {
 pub struct Server {
     pub child: std::process::Child,
     pub addr: String,
+    /// Every line the server has written to stderr so far.
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Server {
     pub fn start(p: &Project, extra: &[&str]) -> Server {
+        // Warnings, and the line that says where the server listens.
+        Server::start_env(p, extra, &[("SENTIFLOW_LOG", "warn,sentiflow::serve=info")])
+    }
+
+    pub fn start_env(p: &Project, extra: &[&str], env: &[(&str, &str)]) -> Server {
         use std::io::BufRead;
         let mut args = vec!["serve", "--addr", "127.0.0.1:0"];
         args.extend_from_slice(extra);
-        let mut child = p
-            .cmd(&args)
-            .env("SENTIFLOW_LOG", "warn")
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut cmd = p.cmd(&args);
+        cmd.envs(env.iter().copied());
+        let mut child = cmd.stderr(std::process::Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let mut lines = std::io::BufReader::new(stderr).lines();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let addr = loop {
             let line = lines.next().expect("the server exited before listening").unwrap();
+            log.lock().unwrap().push(line.clone());
             if let Some(rest) = line.split("serving on http://").nth(1) {
                 break rest.split_whitespace().next().unwrap().to_string();
             }
         };
         // Keep draining stderr so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Server { child, addr }
+        let kept = log.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                kept.lock().unwrap().push(line);
+            }
+        });
+        Server { child, addr, log }
     }
 
     pub fn stop(&mut self) -> std::process::ExitStatus {

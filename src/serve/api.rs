@@ -1,0 +1,326 @@
+//! The API's request and response bodies: what handlers read and write, and what the OpenAPI
+//! document describes (both come from these types).
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+
+use crate::models::bundle::Explanation;
+use crate::pipeline::ParamValue;
+use crate::store::{ModelRow, RunStatus};
+
+/// A field that may be left out but, when sent, holds a value (`null` is refused, not read as
+/// absent, so a client's mistake is named).
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// The body of `POST /prediction`: `text` or `texts`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(example = example_prediction_request())]
+pub struct PredictionRequest {
+    /// One review to score.
+    #[serde(default, deserialize_with = "present")]
+    pub text: Option<String>,
+    /// Several reviews, scored in one batch.
+    #[serde(default, deserialize_with = "present")]
+    pub texts: Option<Vec<String>>,
+    /// The served model to use.
+    #[serde(default, deserialize_with = "present")]
+    #[schemars(default = "default_model")]
+    pub model: Option<String>,
+    /// Add each text's most influential terms (TF-IDF models).
+    #[serde(default, deserialize_with = "present")]
+    pub explain: Option<bool>,
+}
+
+fn default_model() -> &'static str {
+    "tfidf"
+}
+
+fn example_prediction_request() -> Value {
+    serde_json::json!({"text": "A moving, beautifully acted film with a sharp and funny script."})
+}
+
+/// A sentiment label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Sentiment {
+    Negative,
+    Positive,
+}
+
+impl Sentiment {
+    pub fn of(label: &str) -> Sentiment {
+        if label == "positive" {
+            Sentiment::Positive
+        } else {
+            Sentiment::Negative
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sentiment::Negative => "negative",
+            Sentiment::Positive => "positive",
+        }
+    }
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Probabilities {
+    pub negative: f64,
+    pub positive: f64,
+}
+
+/// The prediction for one text.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Scored {
+    /// Names this prediction in `POST /feedback`.
+    pub id: String,
+    pub label: Sentiment,
+    /// The probability of `positive`.
+    pub score: f64,
+    pub probabilities: Probabilities,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub explanation: Option<Explanation>,
+}
+
+/// The answer to `POST /prediction`: the prediction's fields for `text`, `predictions` for
+/// `texts`.
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(example = example_prediction())]
+pub struct PredictionResponse {
+    #[serde(flatten)]
+    pub one: Option<Scored>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub predictions: Option<Vec<Scored>>,
+    pub model: String,
+    pub version: String,
+}
+
+fn example_prediction() -> Value {
+    serde_json::json!({"id": "6745f0c1-2a", "label": "positive", "score": 0.93,
+        "probabilities": {"negative": 0.07, "positive": 0.93}, "model": "tfidf", "version": "tfidf-3f9a2c1d"})
+}
+
+/// The body of `POST /feedback`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FeedbackRequest {
+    /// An `id` from a `POST /prediction` answer.
+    pub prediction_id: String,
+    /// The true label.
+    pub label: Sentiment,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct FeedbackResponse {
+    pub prediction_id: String,
+    pub model: String,
+    pub version: String,
+    pub predicted: Sentiment,
+    pub label: Sentiment,
+    pub correct: bool,
+}
+
+/// The query of `GET /best_model_parameter`.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct ModelQuery {
+    /// The served model.
+    #[serde(default = "model_default")]
+    #[schemars(default = "default_model")]
+    pub model: String,
+}
+
+fn model_default() -> String {
+    default_model().to_string()
+}
+
+/// The query of `GET /drift`.
+#[derive(Debug, Deserialize, JsonSchema)]
+pub struct DriftQuery {
+    /// `1`: add the last stored evaluations.
+    pub history: Option<HistoryFlag>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, JsonSchema)]
+pub enum HistoryFlag {
+    #[serde(rename = "1")]
+    Yes,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Health {
+    pub status: HealthStatus,
+    /// When the server started, in seconds since the Unix epoch.
+    pub started_at: u64,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthStatus {
+    Ok,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Ready {
+    /// Whether a model is served.
+    pub ready: bool,
+    pub models: Vec<String>,
+}
+
+/// The answer to `GET /best_model_parameter`.
+#[derive(Debug, Serialize, JsonSchema)]
+#[schemars(example = example_best())]
+pub struct BestModelParameter {
+    pub model: String,
+    pub version: String,
+    pub pipeline: String,
+    /// The training run that produced it, when trained through the API.
+    pub run_id: Option<String>,
+    pub kind: String,
+    /// The hyper-parameters of the model and its features.
+    pub parameters: Value,
+    /// The cross-validation of the tuning that chose them, if the model was tuned.
+    pub cv: Option<CrossValidation>,
+    /// Metrics on the validation split.
+    pub validation: Value,
+}
+
+fn example_best() -> Value {
+    serde_json::json!({"model": "tfidf", "version": "tfidf-3f9a2c1d", "pipeline": "imdb", "run_id": null,
+        "kind": "tfidf", "parameters": {"model": {"kind": "logistic_regression", "c": 4.0},
+        "vectorizer": {"ngram_range": [1, 2], "min_df": 2}},
+        "cv": {"metric": "accuracy", "mean": 0.9113, "std": 0.0045, "folds": 5, "vectorizer_stage": "vectorize"},
+        "validation": {"accuracy": 0.9201}})
+}
+
+/// A tuning's cross-validated score of the chosen parameters.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct CrossValidation {
+    pub metric: String,
+    pub mean: f64,
+    pub std: f64,
+    pub folds: u32,
+    #[serde(alias = "vectorizer")]
+    pub vectorizer_stage: String,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Models {
+    pub models: Vec<ModelRow>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Promoted {
+    pub promoted: ModelRow,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Pipelines {
+    pub pipelines: Vec<PipelineInfo>,
+}
+
+/// A pipeline the server may run; `error` instead of the rest when it does not validate.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct PipelineInfo {
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub params: Option<BTreeMap<String, Value>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stages: Option<Vec<StageInfo>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct StageInfo {
+    pub name: String,
+    pub kind: String,
+    pub needs: Vec<String>,
+}
+
+/// The body of `POST /training`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(example = example_training_request())]
+pub struct TrainingRequest {
+    /// A pipeline of `GET /pipelines`.
+    pub pipeline: String,
+    /// Parameter overrides, as typed JSON scalars (never parsed as YAML).
+    #[serde(default)]
+    pub params: BTreeMap<String, ParamValue>,
+    /// Stages to run, with what they need (all when empty).
+    #[serde(default)]
+    pub stages: Vec<String>,
+}
+
+fn example_training_request() -> Value {
+    serde_json::json!({"pipeline": "imdb", "params": {"seed": 7}})
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct TrainingStarted {
+    pub id: String,
+    pub pipeline: String,
+    pub status: RunStatus,
+}
+
+/// A training run and its stages.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct TrainingRun {
+    pub id: String,
+    pub pipeline: String,
+    pub status: RunStatus,
+    pub error: Option<String>,
+    pub params: Value,
+    /// Each stage's last state, by name.
+    pub stages: BTreeMap<String, StageOutcome>,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct StageOutcome {
+    pub state: String,
+    pub duration_ms: u64,
+    pub metrics: Value,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct TrainingLogs {
+    pub id: String,
+    pub lines: Vec<LogLine>,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct LogLine {
+    pub seq: i64,
+    pub stage: String,
+    pub line: String,
+    pub at: String,
+}
+
+/// The shape of `GET /openapi.json` (the document itself is built in `openapi`).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct OpenApiDocument {
+    pub openapi: String,
+    pub info: Value,
+    pub paths: Value,
+    pub components: Value,
+}
+
+/// The answer to `GET /drift`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct DriftAnswer {
+    /// Each served model's drift, by name.
+    pub models: Value,
+    /// The last stored evaluations, newest first (with `?history=1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<Vec<Value>>,
+}

@@ -1,0 +1,126 @@
+//! The server's settings: every flag is also an environment variable.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::models::bert::{Device, Runtime};
+
+/// Server settings; every flag is also an environment variable.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "SENTIFLOW_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// SQLite database [default: <project root>/sentiflow.db].
+    #[arg(long, env = "SENTIFLOW_DB")]
+    pub db: Option<PathBuf>,
+    /// Directory of the pipelines `POST /training` may run; its parent is the project root.
+    #[arg(long, env = "SENTIFLOW_PIPELINES", default_value = "pipelines")]
+    pub pipelines: PathBuf,
+    /// Requests per second (and burst) for each `predict` key.
+    #[arg(long, env = "SENTIFLOW_PREDICT_RPS", default_value_t = 1000)]
+    pub predict_rps: u32,
+    /// Requests per second (and burst) for each `admin` key.
+    #[arg(long, env = "SENTIFLOW_ADMIN_RPS", default_value_t = 50)]
+    pub admin_rps: u32,
+    /// Let `POST /prediction` through without a key (for demos); rate-limited as one key.
+    #[arg(long, env = "SENTIFLOW_OPEN_PREDICTION")]
+    pub open_prediction: bool,
+    /// Do not promote a newly trained model automatically when it beats production.
+    #[arg(long, env = "SENTIFLOW_NO_AUTO_PROMOTE")]
+    pub no_auto_promote: bool,
+    /// Most texts in one `POST /prediction`.
+    #[arg(long, env = "SENTIFLOW_MAX_BATCH", default_value_t = 64)]
+    pub max_batch: usize,
+    /// Longest text accepted, in characters.
+    #[arg(long, env = "SENTIFLOW_MAX_TEXT_CHARS", default_value_t = 100_000)]
+    pub max_text_chars: usize,
+    /// ONNX models: how long to gather concurrent requests into one batch, in milliseconds
+    /// (0: each request runs alone).
+    #[arg(long, env = "SENTIFLOW_BATCH_WINDOW_MS", default_value_t = 5)]
+    pub batch_window_ms: u64,
+    /// ONNX models: texts per batch at most.
+    #[arg(long, env = "SENTIFLOW_BATCH_MAX_TEXTS", default_value_t = 32)]
+    pub batch_max_texts: usize,
+    /// ONNX models: requests waiting at most; beyond it `POST /prediction` answers 503.
+    #[arg(long, env = "SENTIFLOW_BATCH_QUEUE", default_value_t = 256)]
+    pub batch_queue: usize,
+    /// ONNX Runtime threads per model (0: ONNX Runtime's default, one per core).
+    #[arg(long, env = "SENTIFLOW_ONNX_THREADS", default_value_t = 0)]
+    pub onnx_threads: usize,
+    /// ONNX models: where they run, `cpu` or `cuda[:N]` (an NVIDIA GPU).
+    #[arg(long, env = "SENTIFLOW_DEVICE", default_value = "cpu")]
+    pub device: Device,
+    /// Drift monitoring: recent predictions (and feedback labels) each model's window holds.
+    #[arg(long, env = "SENTIFLOW_DRIFT_WINDOW", default_value_t = 1000)]
+    pub drift_window: usize,
+    /// Drift monitoring: seconds between stored evaluations.
+    #[arg(long, env = "SENTIFLOW_DRIFT_PERIOD_S", default_value_t = 60)]
+    pub drift_period_s: u64,
+    /// Connections open at most; one more is answered `503` and closed.
+    #[arg(long, env = "SENTIFLOW_MAX_CONNECTIONS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+    /// Seconds a client has to send a request's headers, from their first byte.
+    #[arg(long, env = "SENTIFLOW_HEADER_TIMEOUT_S", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub header_timeout_s: u64,
+    /// Seconds a connection may send and receive nothing (between requests, or stalled in one)
+    /// before it is closed; keep it above the idle timeout of a load balancer in front.
+    #[arg(long, env = "SENTIFLOW_IDLE_TIMEOUT_S", default_value_t = 75,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub idle_timeout_s: u64,
+    /// Requests with an unknown API key from one address before it is refused (`429`) for the
+    /// rest of `--auth-fail-window-s` (0: never).
+    #[arg(long, env = "SENTIFLOW_AUTH_FAIL_LIMIT", default_value_t = 10)]
+    pub auth_fail_limit: u32,
+    /// Seconds over which `--auth-fail-limit` counts, from an address's first unknown key.
+    #[arg(long, env = "SENTIFLOW_AUTH_FAIL_WINDOW_S", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub auth_fail_window_s: u64,
+    /// Store the texts of predictions in the database (otherwise only their SHA-256).
+    #[arg(long, env = "SENTIFLOW_STORE_TEXTS")]
+    pub store_texts: bool,
+    /// Directories outside the project root that trainings started through the API may read
+    /// (`:`-separated); the project root is always allowed.
+    #[arg(long, env = "SENTIFLOW_DATA_DIRS", value_delimiter = ':')]
+    pub data_dirs: Vec<PathBuf>,
+    /// Stored predictions kept at most (the newest); older ones, and their feedback, are
+    /// deleted at each drift evaluation.
+    #[arg(long, env = "SENTIFLOW_KEEP_PREDICTIONS", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep_predictions: u64,
+    /// Days stored predictions, their feedback and drift evaluations are kept.
+    #[arg(long, env = "SENTIFLOW_KEEP_DAYS", default_value_t = 30,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep_days: u32,
+}
+
+impl Config {
+    pub fn root(&self) -> PathBuf {
+        project_root(&self.pipelines)
+    }
+
+    pub fn runtime(&self) -> Runtime {
+        Runtime {
+            threads: self.onnx_threads,
+            device: self.device,
+        }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        db_path(self.db.as_deref(), &self.pipelines)
+    }
+}
+
+/// The project root: the parent of the pipelines directory.
+fn project_root(pipelines: &Path) -> PathBuf {
+    let abs = std::path::absolute(pipelines).unwrap_or_else(|_| pipelines.to_path_buf());
+    abs.parent().map(Path::to_path_buf).unwrap_or(abs)
+}
+
+/// The database: `db`, else `sentiflow.db` in the project root.
+pub fn db_path(db: Option<&Path>, pipelines: &Path) -> PathBuf {
+    db.map(Path::to_path_buf)
+        .unwrap_or_else(|| project_root(pipelines).join("sentiflow.db"))
+}

@@ -1,0 +1,352 @@
+//! What each route does, between its typed request and its typed answer. Work that touches the
+//! database, files or a model goes through `Ctx::blocking` (or a model's own worker).
+
+use std::sync::{Arc, LazyLock};
+
+use warp::http::{HeaderValue, StatusCode};
+use warp::hyper::body::Bytes;
+
+use super::api::*;
+use super::error::ApiError;
+use super::routes::{Answer, Ctx, Reply};
+use super::{drift, openapi, training, App, Serving};
+use crate::models::bundle::{Explanation, Model, Prediction, LABELS};
+
+/// The web interface: one self-contained page (HTML, CSS and JavaScript, no build step) that
+/// talks to this API.
+const UI: &str = include_str!("ui.html");
+
+/// The page's Content-Security-Policy: its one inline script allowed by hash, so no injected
+/// script runs; inline styles (the page sets `style` attributes); everything else from this
+/// server only; never in a frame.
+static UI_CSP: LazyLock<String> = LazyLock::new(|| {
+    use base64::Engine;
+    use sha2::Digest;
+    let script = UI
+        .split_once("<script>")
+        .and_then(|(_, rest)| rest.split_once("</script>"))
+        .map(|(script, _)| script)
+        .expect("ui.html has an inline <script>");
+    let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(script));
+    format!(
+        "default-src 'self'; script-src 'sha256-{hash}'; style-src 'unsafe-inline'; object-src 'none'; \
+         base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
+});
+
+pub async fn page(_: &Ctx) -> Answer {
+    Ok(
+        Reply::with_type(HeaderValue::from_static("text/html; charset=utf-8"), UI)
+            .header("content-security-policy", UI_CSP.as_str())
+            .header("x-frame-options", "DENY"),
+    )
+}
+
+/// Swagger UI, from the files built into the binary, reading `/openapi.json`; the validator
+/// badge (a request to swagger.io) is off, so the page works with no network.
+static DOCS_CONFIG: LazyLock<Arc<utoipa_swagger_ui::Config<'static>>> = LazyLock::new(|| {
+    Arc::new(
+        utoipa_swagger_ui::Config::from("/openapi.json")
+            .validator_url("none")
+            .try_it_out_enabled(true)
+            .persist_authorization(true),
+    )
+});
+
+/// Swagger UI's policy: its scripts and styles from this server only (it sets inline styles).
+const DOCS_CSP: &str = "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; \
+                        object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+pub async fn docs(ctx: &Ctx) -> Answer {
+    // The page loads its files relative to itself, so it must be read from `/docs/`.
+    if ctx.params.is_empty() && !ctx.path.ends_with('/') {
+        return Ok(
+            Reply::with_type(HeaderValue::from_static("text/plain; charset=utf-8"), "")
+                .status(StatusCode::PERMANENT_REDIRECT)
+                .header("location", "/docs/"),
+        );
+    }
+    let file = ctx.params.first().map(String::as_str).unwrap_or("");
+    let not_found = || ApiError::not_found("not_found", format!("no file {} in the API documentation", ctx.path));
+    let found = utoipa_swagger_ui::serve(file, DOCS_CONFIG.clone())
+        .map_err(|e| ApiError::internal(format!("serving the API documentation: {e}")))?
+        .ok_or_else(not_found)?;
+    let content_type = HeaderValue::from_str(&found.content_type).map_err(|_| not_found())?;
+    Ok(Reply::with_type(content_type, found.bytes.into_owned())
+        .header("content-security-policy", DOCS_CSP)
+        .header("x-frame-options", "DENY"))
+}
+
+pub async fn metrics(ctx: &Ctx) -> Answer {
+    // The drift gauges evaluate every model's window: not on a connection's thread.
+    let text = ctx
+        .blocking(|app| {
+            let mut text = app.metrics.render();
+            text.push_str(&drift::gauges(&drift::report(app)));
+            text
+        })
+        .await?;
+    Ok(Reply::with_type(
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+        text,
+    ))
+}
+
+pub async fn health(ctx: &Ctx) -> Answer {
+    Ok(Reply::json(&Health {
+        status: HealthStatus::Ok,
+        started_at: ctx.app.started,
+    }))
+}
+
+pub async fn ready(ctx: &Ctx) -> Answer {
+    let models = ctx.app.model_names();
+    let ready = !models.is_empty();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok(Reply::json(&Ready { ready, models }).status(status))
+}
+
+pub async fn openapi(ctx: &Ctx) -> Answer {
+    Ok(Reply::with_type(
+        HeaderValue::from_static("application/json"),
+        openapi::document(&ctx.app.config).to_string(),
+    ))
+}
+
+pub async fn best_model_parameter(ctx: &Ctx, query: String) -> Answer {
+    let q: ModelQuery = ctx.query(&query)?;
+    let serving = ctx.app.served(&q.model)?;
+    let m = &serving.bundle.manifest;
+    Ok(Reply::json(&BestModelParameter {
+        model: m.name.clone(),
+        version: m.version.clone(),
+        pipeline: m.pipeline.clone(),
+        run_id: serving.row.run_id.clone(),
+        kind: m.kind().to_string(),
+        parameters: m.parameters(),
+        cv: serde_json::from_value(m.tuning()).ok(),
+        validation: m.metrics.clone(),
+    }))
+}
+
+/// Texts up to this many bytes in all are scored on the request's thread: a TF-IDF score of
+/// them takes less time than handing them to a blocking thread and back.
+const INLINE_SCORING_BYTES: usize = 4096;
+
+pub async fn prediction(ctx: &Ctx, body: Bytes) -> Answer {
+    let app = &ctx.app;
+    let request: PredictionRequest = ctx.json(&body)?;
+    let (texts, single) = match (request.text, request.texts) {
+        (Some(text), None) => (vec![text], true),
+        (None, Some(texts)) => (texts, false),
+        (None, None) => return Err(ApiError::field("text", "missing: send `text` or `texts`")),
+        (Some(_), Some(_)) => return Err(ApiError::field("text", "send either `text` or `texts`, not both")),
+    };
+    let max = app.config.max_batch;
+    if texts.is_empty() || texts.len() > max {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_batch",
+            format!("`texts` must hold 1 to {max} texts, got {}", texts.len()),
+        ));
+    }
+    for (i, t) in texts.iter().enumerate() {
+        let field = if single {
+            "text".to_string()
+        } else {
+            format!("texts[{i}]")
+        };
+        if t.trim().is_empty() {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "empty_text",
+                format!("`{field}` is empty"),
+            ));
+        }
+        let chars = t.chars().count();
+        if chars > app.config.max_text_chars {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "text_too_long",
+                format!(
+                    "`{field}` has {chars} characters; the limit is {}",
+                    app.config.max_text_chars
+                ),
+            ));
+        }
+    }
+    let name = request.model.unwrap_or_else(|| "tfidf".to_string());
+    let explain = request.explain.unwrap_or(false);
+    let serving = app.served(&name)?;
+    let bytes: usize = texts.iter().map(String::len).sum();
+    let (serving, texts, scored) = if serving.batcher.is_some() {
+        // An ONNX model runs on its batching worker.
+        let scored = serving.predict_batched(&texts).await.map(|s| {
+            let none = s.iter().map(|_| None).collect();
+            (s, none)
+        });
+        (serving, texts, scored)
+    } else if bytes <= INLINE_SCORING_BYTES {
+        let scored = score_now(&serving, &texts, explain);
+        (serving, texts, scored)
+    } else {
+        ctx.blocking(move |_| {
+            let scored = score_now(&serving, &texts, explain);
+            (serving, texts, scored)
+        })
+        .await?
+    };
+    let (samples, explanations) = scored?;
+    let version = serving.row.version.clone();
+    let mut predictions: Vec<Scored> = Vec::with_capacity(texts.len());
+    for (i, ((s, text), explanation)) in samples.iter().zip(&texts).zip(explanations).enumerate() {
+        let p = Prediction::from_score(s.score);
+        let id = format!("{}-{i}", ctx.id);
+        app.metrics.prediction(&name, &version, p.label);
+        let made = drift::Made {
+            model: name.clone(),
+            version: version.clone(),
+            label: p.label,
+        };
+        app.journal.add(id.clone(), made, s, text, app.config.store_texts);
+        predictions.push(Scored {
+            id,
+            label: Sentiment::of(p.label),
+            score: p.score,
+            probabilities: Probabilities {
+                negative: 1.0 - p.score,
+                positive: p.score,
+            },
+            explanation,
+        });
+    }
+    let answer = if single {
+        PredictionResponse {
+            one: predictions.pop(),
+            predictions: None,
+            model: name.clone(),
+            version: version.clone(),
+        }
+    } else {
+        PredictionResponse {
+            one: None,
+            predictions: Some(predictions),
+            model: name.clone(),
+            version: version.clone(),
+        }
+    };
+    Ok(Reply::json(&answer).served(&name, &version))
+}
+
+type Scores = Result<(Vec<crate::drift::Sample>, Vec<Option<Explanation>>), ApiError>;
+
+/// Scores `texts` with a model that runs in the calling thread and, when asked, explains them.
+fn score_now(serving: &Serving, texts: &[String], explain: bool) -> Scores {
+    let samples = serving.predict_now(texts)?;
+    let explanations = match (&serving.bundle.model, explain) {
+        (Model::Tfidf(m), true) => texts.iter().map(|t| Some(m.explain(t, 8))).collect(),
+        _ => texts.iter().map(|_| None).collect(),
+    };
+    Ok((samples, explanations))
+}
+
+pub async fn feedback(ctx: &Ctx, body: Bytes) -> Answer {
+    let request: FeedbackRequest = ctx.json(&body)?;
+    let answer = ctx.blocking(move |app| record_feedback(app, request)).await??;
+    Ok(Reply::json(&answer))
+}
+
+fn record_feedback(app: &App, request: FeedbackRequest) -> Result<FeedbackResponse, ApiError> {
+    let id = request.prediction_id;
+    let made = match app.journal.find(&id) {
+        Some(m) => Some((m.model, m.version, m.label.to_string())),
+        None => app.store.prediction(&id)?,
+    };
+    let Some((model, version, predicted)) = made else {
+        return Err(ApiError::not_found(
+            "not_found",
+            format!("no prediction `{id}` (ids are in `POST /prediction` answers)"),
+        ));
+    };
+    let label = request.label;
+    let correct = predicted == label.as_str();
+    if !app.store.add_feedback(&id, label.as_str(), correct)? {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "duplicate_feedback",
+            format!("prediction `{id}` already has feedback"),
+        ));
+    }
+    if let Some(serving) = app.serving(&model).filter(|s| s.row.version == version) {
+        serving.monitor.feedback(correct);
+    }
+    debug_assert!(LABELS.contains(&predicted.as_str()));
+    Ok(FeedbackResponse {
+        prediction_id: id,
+        model,
+        version,
+        predicted: Sentiment::of(&predicted),
+        label,
+        correct,
+    })
+}
+
+pub async fn pipelines(ctx: &Ctx) -> Answer {
+    let answer = ctx.blocking(training::list).await?;
+    Ok(Reply::json(&answer))
+}
+
+pub async fn drift(ctx: &Ctx, query: String) -> Answer {
+    let q: DriftQuery = ctx.query(&query)?;
+    let answer = ctx
+        .blocking(move |app| -> Result<DriftAnswer, ApiError> {
+            let report = drift::report(app);
+            let history = match q.history {
+                Some(HistoryFlag::Yes) => Some(app.store.drift_history(100)?),
+                None => None,
+            };
+            Ok(DriftAnswer {
+                models: report["models"].clone(),
+                history,
+            })
+        })
+        .await??;
+    Ok(Reply::json(&answer))
+}
+
+pub async fn models(ctx: &Ctx) -> Answer {
+    let models = ctx.blocking(|app| app.store.models()).await??;
+    Ok(Reply::json(&Models { models }))
+}
+
+pub async fn promote(ctx: &Ctx) -> Answer {
+    let version = ctx.param(0).to_string();
+    let promoted = ctx.blocking(move |app| app.promote(&version)).await??;
+    Ok(Reply::json(&Promoted { promoted }))
+}
+
+pub async fn training(ctx: &Ctx, body: Bytes) -> Answer {
+    let request: TrainingRequest = ctx.json(&body)?;
+    let app = ctx.app.clone();
+    let started = ctx.blocking(move |_| training::start(&app, request)).await??;
+    let location = format!("/training/{}", started.id);
+    Ok(Reply::json(&started)
+        .status(StatusCode::ACCEPTED)
+        .header("location", location))
+}
+
+pub async fn training_status(ctx: &Ctx) -> Answer {
+    let id = ctx.param(0).to_string();
+    let run = ctx.blocking(move |app| training::status(app, &id)).await??;
+    Ok(Reply::json(&run))
+}
+
+pub async fn training_logs(ctx: &Ctx) -> Answer {
+    let id = ctx.param(0).to_string();
+    let logs = ctx.blocking(move |app| training::logs(app, &id)).await??;
+    Ok(Reply::json(&logs))
+}
