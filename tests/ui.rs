@@ -36,7 +36,13 @@ fn the_web_interface_predicts_trains_and_shows_drift() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("ui ok"), "{stdout}");
-    for shot in ["ui-try.png", "ui-train.png", "ui-models.png", "ui-drift.png"] {
+    for shot in [
+        "ui-try.png",
+        "ui-train.png",
+        "ui-models.png",
+        "ui-drift.png",
+        "ui-docs.png",
+    ] {
         assert!(shots.join(shot).is_file(), "{shot}");
     }
 }

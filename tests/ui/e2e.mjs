@@ -107,6 +107,24 @@ try {
   await page.screenshot({ path: `${shots}/ui-phone.png`, fullPage: true });
 
   expect(errors.length === 0, "no script errors: " + errors.join("; "));
+
+  step("API documentation: Swagger UI at /docs, every file from this server");
+  const docs = await browser.newPage();
+  const requested = [];
+  const consoleErrors = [];
+  docs.on("request", (r) => requested.push(r.url()));
+  docs.on("console", (m) => { if (m.type() === "error") consoleErrors.push(m.text()); });
+  docs.on("pageerror", (e) => consoleErrors.push(e.message));
+  await docs.goto(base + "/docs");
+  await docs.waitForSelector(".opblock-summary-path", { timeout: 20000 });
+  const paths = await docs.$$eval(".opblock-summary-path", (es) => es.map((e) => e.textContent.trim()));
+  expect(paths.includes("/prediction") && paths.includes("/best_model_parameter") && paths.includes("/training"),
+         "the contract's operations listed, got " + paths.join(", "));
+  await docs.screenshot({ path: `${shots}/ui-docs.png` });
+  const away = requested.filter((u) => !u.startsWith(base + "/") && !u.startsWith("data:"));
+  expect(away.length === 0, "no request leaves the server, got " + away.join(", "));
+  expect(requested.some((u) => u === base + "/openapi.json"), "the document read from /openapi.json");
+  expect(consoleErrors.length === 0, "no errors in the docs page (a Content-Security-Policy refusal is one): " + consoleErrors.join("; "));
   console.log("ui ok");
 } finally {
   await browser.close();
