@@ -276,7 +276,11 @@ def main():
                              args.training_timeout)
             if first["status"] != "succeeded":
                 sys.exit(f"the first training {first['status']}: {first['error']}")
-            wait_http(base + "/ready")
+            deadline = time.time() + 60
+            while call(base + "/ready", predictor)[0] != 200:
+                if time.time() > deadline:
+                    sys.exit("no model is served: GET /ready answers 503")
+                time.sleep(0.5)
             wrk(base + "/prediction", script, args.connections, 3)  # warm-up
 
             print(f"{version}; {os.cpu_count()} cores; wrk -t2 -c{args.connections}, {args.duration} s per round; "
