@@ -14,6 +14,9 @@ round (idle, training, drift, idle, training, drift, ...):
 The server stores a drift evaluation with the predictions made since the last one every
 `--drift-period-s` (1 s here) in every condition: the same flags throughout, so only the load
 differs, and wrk's thousands of predictions per second give each evaluation plenty to write.
+Stored predictions are bounded (`--keep-predictions`, 50,000 here) and the warm-up fills the
+database to that bound, so every round writes and prunes a table of the same size, as a server
+that has been up for a while does (unbounded, later rounds would write into a larger table).
 wrk posts a real ~1.2 KB review (as bench/api.py) over 32 connections and 2 threads. Prints each
 round, then p50, p99 and requests per second per condition (means over the rounds) and the ratios
 p99(training)/p99(idle) and p99(drift)/p99(idle).
@@ -24,6 +27,7 @@ Without a bundle at --model, a first training (not measured) exports one.
 
 Usage: bench/under_load.py --archive aclImdb_v1.tar.gz [--model models/tfidf] [--bin PATH]
                            [--rounds 2] [--duration 15] [--connections 32] [--drift-period-s 1]
+                           [--keep-predictions 50000]
 Needs: a release build (default $CARGO_TARGET_DIR/release/sentiflow, else target/release/sentiflow),
 wrk (Debian package `wrk`), the IMDB archive (the official aclImdb_v1.tar.gz, or one with only its
 training reviews; default data/aclImdb_v1.tar.gz, as pipelines/imdb.yaml).
@@ -218,6 +222,7 @@ def main():
     ap.add_argument("--duration", type=int, default=15, help="seconds of wrk per condition and round")
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--drift-period-s", type=int, default=1)
+    ap.add_argument("--keep-predictions", type=int, default=50_000, help="stored predictions kept at most")
     ap.add_argument("--feedback-rps", type=float, default=20, help="drift condition: feedback per second")
     ap.add_argument("--drift-rps", type=float, default=5, help="drift condition: GET /drift?history=1 per second")
     ap.add_argument("--stage", default="export_tfidf", help="training condition: the stage trained up to")
@@ -260,7 +265,8 @@ def main():
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         flags = ["--addr", f"127.0.0.1:{port}", "--db", db, "--pipelines", os.path.join(tmp, "pipelines"),
-                 "--predict-rps", "1000000", "--admin-rps", "1000", "--drift-period-s", str(args.drift_period_s)]
+                 "--predict-rps", "1000000", "--admin-rps", "1000", "--drift-period-s", str(args.drift_period_s),
+                 "--keep-predictions", str(args.keep_predictions)]
         log_path = os.path.join(tmp, "serve.log")
         log = open(log_path, "w")
         started = time.time()
@@ -281,10 +287,19 @@ def main():
                 if time.time() > deadline:
                     sys.exit("no model is served: GET /ready answers 503")
                 time.sleep(0.5)
-            wrk(base + "/prediction", script, args.connections, 3)  # warm-up
+            # Warm-up, until the stored predictions reach their bound (a minute at most).
+            warm = time.time()
+            while True:
+                wrk(base + "/prediction", script, args.connections, 5)
+                time.sleep(args.drift_period_s + 0.5)
+                stored = re.search(r"^sentiflow_stored_predictions (\d+)", metrics(base), re.M)
+                if (stored and int(stored.group(1)) >= args.keep_predictions) or time.time() - warm > 60:
+                    break
+            warm = time.time() - warm
 
             print(f"{version}; {os.cpu_count()} cores; wrk -t2 -c{args.connections}, {args.duration} s per round; "
                   f"review of {len(REVIEW)} bytes; serve {' '.join(flags[6:])}")
+            print(f"warm-up: {warm:.0f} s, {stored.group(1) if stored else '?'} predictions stored")
             print(f"load average before: {load_before}\n")
             print("| round | condition | requests/s | p50 ms | p90 ms | p99 ms | max ms | non-2xx | socket errors "
                   "| stored predictions | load avg (1 min) | beside wrk |")
