@@ -870,11 +870,8 @@ fn drift(model: &Path, input: &Path, chart: Option<&Path>) -> anyhow::Result<i32
         .zip(&labels)
         .filter_map(|(s, l)| l.map(|l| Prediction::from_score(s.score).label == l))
         .collect();
-    let mut report = crate::drift::evaluate(reference, &samples, &feedback, &Default::default());
-    report["model"] = bundle.manifest.name.clone().into();
-    report["version"] = bundle.manifest.version.clone().into();
+    let report = crate::drift::evaluate(reference, &samples, &feedback, &Default::default());
     if let Some(path) = chart {
-        let stats = &report["statistics"];
         let score_labels: Vec<String> = (0..10).map(|i| format!(".{i}")).collect();
         let edges = &reference.length_edges;
         let length_labels: Vec<String> = (0..=edges.len())
@@ -884,33 +881,29 @@ fn drift(model: &Path, input: &Path, chart: Option<&Path>) -> anyhow::Result<i32
                 i => format!("{:.0}", edges[i]),
             })
             .collect();
-        let shares = |v: &serde_json::Value| -> Vec<f64> {
-            v.as_array().into_iter().flatten().filter_map(|x| x.as_f64()).collect()
-        };
-        let panel = |name: &str, stat: &serde_json::Value, labels: Vec<String>| crate::plot::Panel {
-            title: format!(
-                "{name}: PSI {:.3} ({})",
-                stat["value"].as_f64().unwrap_or(0.0),
-                stat["status"].as_str().unwrap_or("")
-            ),
+        let panel = |name: &str, stat: &crate::drift::Statistic, labels: Vec<String>| crate::plot::Panel {
+            title: format!("{name}: PSI {:.3} ({})", stat.value, stat.status.as_str()),
             labels,
-            reference: shares(&stat["reference"]),
-            current: shares(&stat["current"]),
+            reference: stat.reference.shares().to_vec(),
+            current: stat.current.shares().to_vec(),
         };
         let png = crate::plot::distributions(
             &format!(
                 "drift of {} {}: {}",
                 bundle.manifest.name,
                 bundle.manifest.version,
-                report["status"].as_str().unwrap_or("")
+                report.status.as_str()
             ),
             &[
-                panel("P(positive)", &stats["score_psi"], score_labels),
-                panel("length (characters)", &stats["length_psi"], length_labels),
+                panel("P(positive)", &report.statistics.score_psi, score_labels),
+                panel("length (characters)", &report.statistics.length_psi, length_labels),
             ],
         );
         std::fs::write(path, png).with_context(|| path.display().to_string())?;
     }
+    let mut report = serde_json::to_value(&report)?;
+    report["model"] = bundle.manifest.name.clone().into();
+    report["version"] = bundle.manifest.version.clone().into();
     println!("{}", serde_json::to_string_pretty(&report)?);
     Ok(exit::OK)
 }

@@ -8,8 +8,8 @@
 //! absolute shift and the unknown-token rate by its ratio; labelled feedback gives a rolling
 //! accuracy against the validation accuracy.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 
 const SCORE_BINS: usize = 10;
 /// Length bins are the reference's quintiles: finer bins make PSI noisy on windows of a few
@@ -133,88 +133,234 @@ impl Default for Thresholds {
     }
 }
 
-fn status(value: f64, (warn, alert): (f64, f64)) -> &'static str {
-    if value >= alert {
-        "alert"
-    } else if value >= warn {
-        "warn"
-    } else {
-        "ok"
+/// How far a statistic (or a whole report) is from its reference; ordered from best to worst.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    #[default]
+    Ok,
+    Warn,
+    Alert,
+}
+
+impl Status {
+    fn of(value: f64, (warn, alert): (f64, f64)) -> Status {
+        if value >= alert {
+            Status::Alert
+        } else if value >= warn {
+            Status::Warn
+        } else {
+            Status::Ok
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Warn => "warn",
+            Status::Alert => "alert",
+        }
+    }
+
+    /// 0 ok, 1 warn, 2 alert: the value of the status gauges.
+    pub fn level(self) -> i64 {
+        self as i64
     }
 }
 
-fn worst<'a>(statuses: impl IntoIterator<Item = &'a str>) -> &'a str {
-    statuses
+impl std::str::FromStr for Status {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Status, String> {
+        match s {
+            "ok" => Ok(Status::Ok),
+            "warn" => Ok(Status::Warn),
+            "alert" => Ok(Status::Alert),
+            other => Err(format!("unknown drift status `{other}`")),
+        }
+    }
+}
+
+/// What a statistic compares: a rate, or the shares of a histogram's bins.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Measure {
+    Rate(f64),
+    Shares(Vec<f64>),
+}
+
+impl Measure {
+    /// The shares of a histogram (a rate is one share).
+    pub fn shares(&self) -> &[f64] {
+        match self {
+            Measure::Rate(r) => std::slice::from_ref(r),
+            Measure::Shares(s) => s,
+        }
+    }
+}
+
+/// One statistic of a window against the reference, with its warn and alert levels.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct Statistic {
+    pub value: f64,
+    pub warn: f64,
+    pub alert: f64,
+    /// Always `ok` while the window is not judged.
+    pub status: Status,
+    pub reference: Measure,
+    pub current: Measure,
+    /// Inner bin edges of the length histogram (characters).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub edges: Option<Vec<f64>>,
+}
+
+/// The statistics of a report, in the order they are reported.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct Statistics {
+    /// PSI of the P(positive) histogram.
+    pub score_psi: Statistic,
+    /// PSI of the text-length histogram.
+    pub length_psi: Statistic,
+    /// Absolute change of the positive-prediction rate.
+    pub positive_rate_shift: Statistic,
+    /// Unknown-token rate over the reference's.
+    pub unknown_token_ratio: Statistic,
+}
+
+impl Statistics {
+    /// Each statistic with its name.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &Statistic)> {
+        [
+            ("score_psi", &self.score_psi),
+            ("length_psi", &self.length_psi),
+            ("positive_rate_shift", &self.positive_rate_shift),
+            ("unknown_token_ratio", &self.unknown_token_ratio),
+        ]
         .into_iter()
-        .max_by_key(|s| match *s {
-            "alert" => 2,
-            "warn" => 1,
-            _ => 0,
-        })
-        .unwrap_or("ok")
+    }
+}
+
+/// Rolling accuracy of labelled feedback against the validation accuracy.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct Performance {
+    /// Predictions in the window that have feedback.
+    pub feedback: usize,
+    pub validation_accuracy: f64,
+    /// Present from `MIN_SAMPLES` predictions with feedback on.
+    #[serde(flatten)]
+    pub rolling: Option<RollingAccuracy>,
+}
+
+/// The accuracy of the feedback in the window, judged by its drop below the validation accuracy.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct RollingAccuracy {
+    pub accuracy: f64,
+    /// Validation accuracy minus `accuracy`.
+    pub drop: f64,
+    pub warn: f64,
+    pub alert: f64,
+    pub status: Status,
+}
+
+/// The drift report of a window of predictions against a reference.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct DriftReport {
+    /// The worst status of the statistics and of the performance.
+    pub status: Status,
+    pub samples: usize,
+    pub min_samples: usize,
+    /// Whether the window has `min_samples` predictions; statuses are `ok` until it has.
+    pub judged: bool,
+    pub statistics: Statistics,
+    pub performance: Performance,
+}
+
+/// The drift report of a served model's rolling window.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct WindowReport {
+    #[serde(flatten)]
+    pub report: DriftReport,
+    /// The served version of the model.
+    pub version: String,
+    /// Predictions (and feedback) the window holds at most.
+    pub window: usize,
 }
 
 /// The drift report of a window of predictions (and, when given, of labelled feedback:
 /// whether each prediction was right) against `reference`.
-pub fn evaluate(reference: &Reference, samples: &[Sample], feedback: &[bool], t: &Thresholds) -> Value {
-    let mut statistics = serde_json::Map::new();
+pub fn evaluate(reference: &Reference, samples: &[Sample], feedback: &[bool], t: &Thresholds) -> DriftReport {
     let (scores, lengths) = histograms(samples, &reference.length_edges);
     let (score_cur, length_cur) = (shares(&scores), shares(&lengths));
     let judged = samples.len() >= MIN_SAMPLES;
-    let mut add = |name: &str, value: f64, levels: (f64, f64), extra: Value| {
-        let mut v = json!({"value": value, "warn": levels.0, "alert": levels.1,
-                           "status": if judged { status(value, levels) } else { "ok" }});
-        if let (Some(m), Value::Object(e)) = (v.as_object_mut(), extra) {
-            m.extend(e);
-        }
-        statistics.insert(name.into(), v);
+    let stat = |value: f64, levels: (f64, f64), reference: Measure, current: Measure| Statistic {
+        value,
+        warn: levels.0,
+        alert: levels.1,
+        status: if judged { Status::of(value, levels) } else { Status::Ok },
+        reference,
+        current,
+        edges: None,
     };
-    add(
-        "score_psi",
-        psi(&reference.score_hist, &score_cur),
-        t.psi,
-        json!({"reference": reference.score_hist, "current": score_cur}),
-    );
-    add(
-        "length_psi",
-        psi(&reference.length_hist, &length_cur),
-        t.psi,
-        json!({"reference": reference.length_hist, "current": length_cur, "edges": reference.length_edges}),
-    );
     let rate = positive_rate(samples);
-    add(
-        "positive_rate_shift",
-        (rate - reference.positive_rate).abs(),
-        t.positive_shift,
-        json!({"reference": reference.positive_rate, "current": rate}),
-    );
     let unknown = unknown_rate(samples);
-    add(
-        "unknown_token_ratio",
-        unknown / reference.unknown_rate.max(1e-4),
-        t.unknown_ratio,
-        json!({"reference": reference.unknown_rate, "current": unknown}),
-    );
-    let mut performance = json!({"feedback": feedback.len(), "validation_accuracy": reference.accuracy});
-    let mut statuses: Vec<&str> = statistics.values().filter_map(|v| v["status"].as_str()).collect();
-    if feedback.len() >= MIN_SAMPLES {
+    let statistics = Statistics {
+        score_psi: stat(
+            psi(&reference.score_hist, &score_cur),
+            t.psi,
+            Measure::Shares(reference.score_hist.clone()),
+            Measure::Shares(score_cur),
+        ),
+        length_psi: Statistic {
+            edges: Some(reference.length_edges.clone()),
+            ..stat(
+                psi(&reference.length_hist, &length_cur),
+                t.psi,
+                Measure::Shares(reference.length_hist.clone()),
+                Measure::Shares(length_cur),
+            )
+        },
+        positive_rate_shift: stat(
+            (rate - reference.positive_rate).abs(),
+            t.positive_shift,
+            Measure::Rate(reference.positive_rate),
+            Measure::Rate(rate),
+        ),
+        unknown_token_ratio: stat(
+            unknown / reference.unknown_rate.max(1e-4),
+            t.unknown_ratio,
+            Measure::Rate(reference.unknown_rate),
+            Measure::Rate(unknown),
+        ),
+    };
+    let rolling = (feedback.len() >= MIN_SAMPLES).then(|| {
         let accuracy = feedback.iter().filter(|&&ok| ok).count() as f64 / feedback.len() as f64;
         let drop = reference.accuracy - accuracy;
-        let s = status(drop, t.accuracy_drop);
-        performance = json!({"feedback": feedback.len(), "validation_accuracy": reference.accuracy,
-                             "accuracy": accuracy, "drop": drop, "warn": t.accuracy_drop.0,
-                             "alert": t.accuracy_drop.1, "status": s});
-        statuses.push(s);
+        RollingAccuracy {
+            accuracy,
+            drop,
+            warn: t.accuracy_drop.0,
+            alert: t.accuracy_drop.1,
+            status: Status::of(drop, t.accuracy_drop),
+        }
+    });
+    let status = statistics
+        .iter()
+        .map(|(_, s)| s.status)
+        .chain(rolling.as_ref().map(|a| a.status))
+        .max()
+        .unwrap_or_default();
+    DriftReport {
+        status,
+        samples: samples.len(),
+        min_samples: MIN_SAMPLES,
+        judged,
+        statistics,
+        performance: Performance {
+            feedback: feedback.len(),
+            validation_accuracy: reference.accuracy,
+            rolling,
+        },
     }
-    let overall = worst(statuses);
-    json!({
-        "status": overall,
-        "samples": samples.len(),
-        "min_samples": MIN_SAMPLES,
-        "judged": judged,
-        "statistics": statistics,
-        "performance": performance,
-    })
 }
 
 #[cfg(test)]
@@ -239,28 +385,83 @@ mod tests {
         assert_eq!(r.length_edges.len(), LENGTH_BINS - 1);
         let t = Thresholds::default();
         let same = evaluate(&r, &reference, &[], &t);
-        assert_eq!(same["status"], "ok", "{same}");
+        assert_eq!(same.status, Status::Ok, "{same:?}");
         let short: Vec<Sample> = (0..200).map(|i| sample((i % 100) as f64 / 100.0, 40)).collect();
         let report = evaluate(&r, &short, &[], &t);
-        assert_eq!(report["statistics"]["length_psi"]["status"], "alert", "{report}");
-        assert_eq!(report["statistics"]["score_psi"]["status"], "ok", "{report}");
+        assert_eq!(report.statistics.length_psi.status, Status::Alert, "{report:?}");
+        assert_eq!(report.statistics.score_psi.status, Status::Ok, "{report:?}");
         let negative: Vec<Sample> = (0..200).map(|i| sample(0.1, 200 + i * 4)).collect();
         let report = evaluate(&r, &negative, &[], &t);
         assert_eq!(
-            report["statistics"]["positive_rate_shift"]["status"], "alert",
-            "{report}"
+            report.statistics.positive_rate_shift.status,
+            Status::Alert,
+            "{report:?}"
         );
         let wrong = vec![false; 50];
         let report = evaluate(&r, &reference, &wrong, &t);
-        assert_eq!(report["performance"]["status"], "alert", "{report}");
-        assert_eq!(report["status"], "alert");
+        assert_eq!(report.performance.rolling.as_ref().unwrap().status, Status::Alert);
+        assert_eq!(report.status, Status::Alert);
     }
 
     #[test]
     fn small_windows_are_not_judged() {
         let r = Reference::build(&[sample(0.9, 100), sample(0.1, 300)], 0.9);
         let report = evaluate(&r, &[sample(0.1, 5)], &[], &Thresholds::default());
-        assert_eq!(report["judged"], false);
-        assert_eq!(report["status"], "ok");
+        assert!(!report.judged);
+        assert_eq!(report.status, Status::Ok);
+    }
+
+    fn keys(v: &serde_json::Value) -> Vec<&str> {
+        v.as_object().unwrap().keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn the_json_report_keeps_its_fields_and_their_order() {
+        let reference: Vec<Sample> = (0..100).map(|i| sample(i as f64 / 100.0, 100 + i)).collect();
+        let r = Reference::build(&reference, 0.9);
+        let t = Thresholds::default();
+        let v = serde_json::to_value(evaluate(&r, &reference, &[true; 10], &t)).unwrap();
+        assert_eq!(
+            keys(&v),
+            [
+                "status",
+                "samples",
+                "min_samples",
+                "judged",
+                "statistics",
+                "performance"
+            ]
+        );
+        assert_eq!(v["status"], "ok");
+        assert_eq!(
+            keys(&v["statistics"]),
+            ["score_psi", "length_psi", "positive_rate_shift", "unknown_token_ratio"]
+        );
+        assert_eq!(
+            keys(&v["statistics"]["length_psi"]),
+            ["value", "warn", "alert", "status", "reference", "current", "edges"]
+        );
+        assert_eq!(
+            v["statistics"]["score_psi"]["current"].as_array().unwrap().len(),
+            SCORE_BINS
+        );
+        assert!(v["statistics"]["positive_rate_shift"]["reference"].is_f64());
+        assert_eq!(keys(&v["performance"]), ["feedback", "validation_accuracy"]);
+
+        let v = serde_json::to_value(evaluate(&r, &reference, &[false; 40], &t)).unwrap();
+        assert_eq!(
+            keys(&v["performance"]),
+            [
+                "feedback",
+                "validation_accuracy",
+                "accuracy",
+                "drop",
+                "warn",
+                "alert",
+                "status"
+            ]
+        );
+        assert_eq!(v["performance"]["status"], "alert");
+        assert_eq!(v["status"], "alert");
     }
 }

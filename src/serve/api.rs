@@ -314,13 +314,3 @@ pub struct OpenApiDocument {
     pub paths: Value,
     pub components: Value,
 }
-
-/// The answer to `GET /drift`.
-#[derive(Debug, Serialize, JsonSchema)]
-pub struct DriftAnswer {
-    /// Each served model's drift, by name.
-    pub models: Value,
-    /// The last stored evaluations, newest first (with `?history=1`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub history: Option<Vec<Value>>,
-}

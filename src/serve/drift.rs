@@ -3,16 +3,18 @@
 //! reference, and every period an evaluation is stored (and sent to MLflow when tracking is on)
 //! together with the predictions made since the last one.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use schemars::JsonSchema;
+use serde::Serialize;
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::App;
-use crate::drift::{evaluate, Sample, Thresholds};
-use crate::store::{PredictionRow, Retention};
+use crate::drift::{evaluate, Sample, Status, Thresholds, WindowReport};
+use crate::store::{DriftRecord, PredictionRow, Retention};
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -116,27 +118,66 @@ impl Journal {
     }
 }
 
-/// The drift report of every served model that has a reference.
-pub fn report(app: &App) -> Value {
+/// The drift of one served model: its window's report, or why it has none.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ModelDrift {
+    Window(Box<WindowReport>),
+    NoReference(NoReference),
+}
+
+/// A served model whose bundle has no drift reference: it is not judged.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct NoReference {
+    pub version: String,
+    /// Always `ok`.
+    pub status: Status,
+    /// Always false.
+    pub judged: bool,
+    pub note: String,
+}
+
+/// The body of `GET /drift`.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct DriftOverview {
+    /// Served models by name.
+    pub models: BTreeMap<String, ModelDrift>,
+    /// The latest stored evaluations, newest first (with `?history=1`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<Vec<DriftRecord>>,
+}
+
+/// The drift report of every served model.
+pub fn report(app: &App) -> DriftOverview {
     let thresholds = Thresholds::default();
-    let mut models = serde_json::Map::new();
+    let mut models = BTreeMap::new();
     for name in app.model_names() {
         let Some(serving) = app.serving(&name) else { continue };
+        let version = serving.row.version.clone();
         let Some(reference) = &serving.bundle.drift else {
+            let note = "the bundle has no drift reference (exported by an older version)".to_string();
             models.insert(
                 name,
-                json!({"version": serving.row.version, "status": "ok", "judged": false,
-                       "note": "the bundle has no drift reference (exported by an older version)"}),
+                ModelDrift::NoReference(NoReference {
+                    version,
+                    status: Status::Ok,
+                    judged: false,
+                    note,
+                }),
             );
             continue;
         };
         let (samples, feedback) = serving.monitor.snapshot();
-        let mut r = evaluate(reference, &samples, &feedback, &thresholds);
-        r["version"] = serving.row.version.clone().into();
-        r["window"] = serving.monitor.size.into();
-        models.insert(name, r);
+        let report = evaluate(reference, &samples, &feedback, &thresholds);
+        let window = serving.monitor.size;
+        let report = WindowReport {
+            report,
+            version,
+            window,
+        };
+        models.insert(name, ModelDrift::Window(Box::new(report)));
     }
-    json!({"models": models})
+    DriftOverview { models, history: None }
 }
 
 /// Prometheus gauges of the drift report: each statistic's value and status (0 ok, 1 warn, 2 alert).
@@ -232,21 +273,19 @@ fn evaluate_once(app: &App, mut mlflow_runs: HashMap<String, String>, step: i64)
     }
     let report = report(app);
     let tracker = crate::tracking::Tracker::from_env();
-    for (model, r) in report["models"].as_object().into_iter().flatten() {
-        if r["samples"].as_u64().unwrap_or(0) == 0 {
+    for (model, drift) in &report.models {
+        let ModelDrift::Window(w) = drift else { continue };
+        if w.report.samples == 0 {
             continue;
         }
-        let version = r["version"].as_str().unwrap_or_default();
-        if let Err(e) = app
-            .store
-            .add_drift(model, version, r["status"].as_str().unwrap_or("ok"), r)
-        {
+        let version = &w.version;
+        if let Err(e) = app.store.add_drift(model, w) {
             tracing::error!("saving the drift evaluation of {model}: {e}");
             app.metrics.store_failure("drift_evaluation");
         }
         if let Some(t) = &tracker {
             let key = format!("{model} {version}");
-            match t.log_drift(mlflow_runs.get(&key).cloned(), model, version, r, step) {
+            match t.log_drift(mlflow_runs.get(&key).cloned(), model, version, &w.report, step) {
                 Ok(run) => {
                     mlflow_runs.insert(key, run);
                 }

@@ -82,7 +82,9 @@ pub async fn metrics(ctx: &Ctx) -> Answer {
     let text = ctx
         .blocking(|app| {
             let mut text = app.metrics.render();
-            text.push_str(&drift::gauges(&drift::report(app)));
+            text.push_str(&drift::gauges(
+                &serde_json::to_value(drift::report(app)).expect("reports serialize"),
+            ));
             text
         })
         .await?;
@@ -303,16 +305,12 @@ pub async fn pipelines(ctx: &Ctx) -> Answer {
 pub async fn drift(ctx: &Ctx, query: String) -> Answer {
     let q: DriftQuery = ctx.query(&query)?;
     let answer = ctx
-        .blocking(move |app| -> Result<DriftAnswer, ApiError> {
-            let report = drift::report(app);
-            let history = match q.history {
-                Some(HistoryFlag::Yes) => Some(app.store.drift_history(100)?),
-                None => None,
-            };
-            Ok(DriftAnswer {
-                models: report["models"].clone(),
-                history,
-            })
+        .blocking(move |app| -> Result<drift::DriftOverview, ApiError> {
+            let mut report = drift::report(app);
+            if let Some(HistoryFlag::Yes) = q.history {
+                report.history = Some(app.store.drift_history(100)?);
+            }
+            Ok(report)
         })
         .await??;
     Ok(Reply::json(&answer))

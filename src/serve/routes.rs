@@ -199,7 +199,7 @@ pub static PIPELINES: Spec = Spec {
 };
 pub static DRIFT: Spec = Spec {
     query: Some(schema::<DriftQuery>),
-    response: Some(schema::<DriftAnswer>),
+    response: Some(schema::<super::drift::DriftOverview>),
     errors: &[400],
     ..route(
         Get,

@@ -11,6 +11,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::drift::{Status, WindowReport};
 use crate::pipeline::report::State;
 
 #[derive(Debug, thiserror::Error)]
@@ -264,6 +265,18 @@ pub struct PredictionRow {
     pub chars: usize,
 }
 
+/// A stored drift evaluation.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct DriftRecord {
+    pub model: String,
+    pub version: String,
+    pub status: Status,
+    /// The model's report as it was stored (a `WindowReport`).
+    pub report: Value,
+    /// When it was stored (UTC, RFC 3339).
+    pub at: String,
+}
+
 /// A registered model version.
 #[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct ModelRow {
@@ -438,27 +451,34 @@ impl Store {
         })
     }
 
-    pub fn add_drift(&self, model: &str, version: &str, status: &str, report: &Value) -> Result<(), StoreError> {
+    pub fn add_drift(&self, model: &str, report: &WindowReport) -> Result<(), StoreError> {
+        let text = serde_json::to_string(report).map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))?;
         self.with(|c| {
             c.execute(
                 "INSERT INTO drift_evaluations (model, version, status, report) VALUES (?1, ?2, ?3, ?4)",
-                params![model, version, status, report.to_string()],
+                params![model, report.version, report.report.status.as_str(), text],
             )
         })?;
         Ok(())
     }
 
     /// The latest stored drift evaluations, newest first.
-    pub fn drift_history(&self, limit: usize) -> Result<Vec<Value>, StoreError> {
+    pub fn drift_history(&self, limit: usize) -> Result<Vec<DriftRecord>, StoreError> {
         self.with(|c| {
             let mut q = c.prepare(
                 "SELECT model, version, status, report, created_at FROM drift_evaluations ORDER BY id DESC LIMIT ?1",
             )?;
             let rows = q.query_map([limit as i64], |r| {
-                Ok(
-                    serde_json::json!({"model": r.get::<_, String>(0)?, "version": r.get::<_, String>(1)?,
-                    "status": r.get::<_, String>(2)?, "report": json(r.get(3)?), "at": r.get::<_, String>(4)?}),
-                )
+                let status: String = r.get(2)?;
+                Ok(DriftRecord {
+                    model: r.get(0)?,
+                    version: r.get(1)?,
+                    status: status.parse().map_err(|e: String| {
+                        rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, e.into())
+                    })?,
+                    report: json(r.get(3)?),
+                    at: r.get(4)?,
+                })
             })?;
             rows.collect()
         })

@@ -319,7 +319,7 @@ impl Tracker {
         run: Option<String>,
         model: &str,
         version: &str,
-        report: &Value,
+        report: &crate::drift::DriftReport,
         step: i64,
     ) -> Result<String, TrackingError> {
         let run = match run {
@@ -334,14 +334,12 @@ impl Tracker {
                     .0
             }
         };
-        let mut metrics = vec![("samples".to_string(), report["samples"].as_f64().unwrap_or(0.0), step)];
-        for (name, v) in report["statistics"].as_object().into_iter().flatten() {
-            if let Some(value) = v["value"].as_f64() {
-                metrics.push((key(name), value, step));
-            }
+        let mut metrics = vec![("samples".to_string(), report.samples as f64, step)];
+        for (name, s) in report.statistics.iter() {
+            metrics.push((key(name), s.value, step));
         }
-        if let Some(acc) = report["performance"]["accuracy"].as_f64() {
-            metrics.push(("feedback_accuracy".into(), acc, step));
+        if let Some(rolling) = &report.performance.rolling {
+            metrics.push(("feedback_accuracy".into(), rolling.accuracy, step));
         }
         self.log_batch(&run, &[], &metrics, &[], now_ms())?;
         Ok(run)
