@@ -7,9 +7,12 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
 use schemars::JsonSchema;
 use serde::Serialize;
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::App;
@@ -180,57 +183,60 @@ pub fn report(app: &App) -> DriftOverview {
     DriftOverview { models, history: None }
 }
 
-/// Prometheus gauges of the drift report: each statistic's value and status (0 ok, 1 warn, 2 alert).
-pub fn gauges(report: &Value) -> String {
-    use std::fmt::Write;
-    let level = |s: &Value| match s.as_str() {
-        Some("alert") => 2,
-        Some("warn") => 1,
-        _ => 0,
-    };
-    let mut out = String::from(
-        "# HELP sentiflow_drift_value Drift statistics of the rolling window against the bundle's reference.\n\
-         # TYPE sentiflow_drift_value gauge\n\
-         # HELP sentiflow_drift_status Drift status: 0 ok, 1 warn, 2 alert.\n\
-         # TYPE sentiflow_drift_status gauge\n",
-    );
-    for (model, r) in report["models"].as_object().into_iter().flatten() {
-        let _ = writeln!(
-            out,
-            "sentiflow_drift_status{{model=\"{model}\",statistic=\"overall\"}} {}",
-            level(&r["status"])
-        );
-        let _ = writeln!(
-            out,
-            "sentiflow_drift_value{{model=\"{model}\",statistic=\"samples\"}} {}",
-            r["samples"]
-        );
-        for (stat, v) in r["statistics"].as_object().into_iter().flatten() {
-            if let Some(value) = v["value"].as_f64() {
-                let _ = writeln!(
-                    out,
-                    "sentiflow_drift_value{{model=\"{model}\",statistic=\"{stat}\"}} {value}"
-                );
-                let _ = writeln!(
-                    out,
-                    "sentiflow_drift_status{{model=\"{model}\",statistic=\"{stat}\"}} {}",
-                    level(&v["status"])
-                );
+/// The drift report as Prometheus gauges, computed at scrape time: each statistic's value and
+/// status (0 ok, 1 warn, 2 alert), by model.
+#[derive(Debug)]
+pub struct Gauges(pub DriftOverview);
+
+impl Collector for Gauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let mut values: Vec<(&str, &str, f64)> = Vec::new();
+        let mut statuses: Vec<(&str, &str, Status)> = Vec::new();
+        for (model, drift) in &self.0.models {
+            let r = match drift {
+                ModelDrift::Window(w) => &w.report,
+                ModelDrift::NoReference(n) => {
+                    statuses.push((model, "overall", n.status));
+                    continue;
+                }
+            };
+            statuses.push((model, "overall", r.status));
+            values.push((model, "samples", r.samples as f64));
+            for (stat, s) in r.statistics.iter() {
+                values.push((model, stat, s.value));
+                statuses.push((model, stat, s.status));
+            }
+            if let Some(a) = &r.performance.rolling {
+                values.push((model, "accuracy", a.accuracy));
+                statuses.push((model, "accuracy", a.status));
             }
         }
-        if let Some(acc) = r["performance"]["accuracy"].as_f64() {
-            let _ = writeln!(
-                out,
-                "sentiflow_drift_value{{model=\"{model}\",statistic=\"accuracy\"}} {acc}"
-            );
-            let _ = writeln!(
-                out,
-                "sentiflow_drift_status{{model=\"{model}\",statistic=\"accuracy\"}} {}",
-                level(&r["performance"]["status"])
-            );
+        // Each family's samples follow its own HELP and TYPE lines.
+        if !values.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "sentiflow_drift_value",
+                "Drift statistics of the rolling window against the bundle's reference.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (model, statistic, value) in values {
+                ConstGauge::new(value).encode(family.encode_family(&[("model", model), ("statistic", statistic)])?)?;
+            }
         }
+        if !statuses.is_empty() {
+            let mut family = encoder.encode_descriptor(
+                "sentiflow_drift_status",
+                "Drift status: 0 ok, 1 warn, 2 alert.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (model, statistic, status) in statuses {
+                ConstGauge::new(status.level())
+                    .encode(family.encode_family(&[("model", model), ("statistic", statistic)])?)?;
+            }
+        }
+        Ok(())
     }
-    out
 }
 
 /// Every `period`: writes the predictions made since the last time, stores an evaluation of each

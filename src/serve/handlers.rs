@@ -80,16 +80,10 @@ pub async fn docs(ctx: &Ctx) -> Answer {
 pub async fn metrics(ctx: &Ctx) -> Answer {
     // The drift gauges evaluate every model's window: not on a connection's thread.
     let text = ctx
-        .blocking(|app| {
-            let mut text = app.metrics.render();
-            text.push_str(&drift::gauges(
-                &serde_json::to_value(drift::report(app)).expect("reports serialize"),
-            ));
-            text
-        })
+        .blocking(|app| app.metrics.render(drift::Gauges(drift::report(app))))
         .await?;
     Ok(Reply::with_type(
-        HeaderValue::from_static("text/plain; version=0.0.4"),
+        HeaderValue::from_static(super::metrics::CONTENT_TYPE),
         text,
     ))
 }
