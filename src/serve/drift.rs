@@ -301,3 +301,30 @@ fn evaluate_once(app: &App, mut mlflow_runs: HashMap<String, String>, step: i64)
     }
     mlflow_runs
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drift_body_has_a_json_schema() {
+        let schema = serde_json::to_value(schemars::schema_for!(DriftOverview)).unwrap();
+        assert_eq!(schema["required"], serde_json::json!(["models"]), "{schema}");
+        let defs = schema["$defs"].as_object().unwrap();
+        for name in [
+            "ModelDrift",
+            "WindowReport",
+            "NoReference",
+            "Statistic",
+            "Status",
+            "DriftRecord",
+        ] {
+            assert!(defs.contains_key(name), "no {name} in {schema}");
+        }
+        let window = &defs["WindowReport"]["properties"];
+        for field in ["status", "samples", "statistics", "performance", "version", "window"] {
+            assert!(window[field].is_object(), "no {field} in {window}");
+        }
+        assert_eq!(defs["Status"]["enum"], serde_json::json!(["ok", "warn", "alert"]));
+    }
+}
