@@ -914,6 +914,11 @@ fn each_request_is_logged_once_as_json_and_no_key_is_ever_logged() {
     );
     assert_eq!(by_id(3)["route"], "other");
     assert_eq!(by_id(4)["status"], 405, "{}", by_id(4));
+    assert_eq!(
+        by_id(4)["route"],
+        "/models/{version}/promote",
+        "a wrong method counts under its path"
+    );
 
     let log = s.log.lock().unwrap().join("\n");
     for secret in [admin.as_str(), predictor.as_str(), bogus] {

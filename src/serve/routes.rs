@@ -635,10 +635,11 @@ fn refused(app: &App, method: &Method, path: &str, rejection: Rejection) -> Resp
     let mut response = error_response(e, &id);
     response.extensions_mut().insert(Handled {
         request_id: id,
-        // A refused body still counts under its route.
+        // A refused body, or a method the path does not answer, counts under the path's route.
         route: ROUTES
             .iter()
             .find(|s| s.verb.allows(method) && s.params(path).is_some())
+            .or_else(|| ROUTES.iter().find(|s| s.params(path).is_some()))
             .copied(),
         key: None,
         served: None,
