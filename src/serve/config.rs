@@ -90,6 +90,11 @@ pub struct Config {
     #[arg(long, env = "SENTIFLOW_KEEP_PREDICTIONS", default_value_t = 1_000_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub keep_predictions: u64,
+    /// Nice value of training runs started through the API (0 to 19): their threads, and the
+    /// programs their stages start, yield the CPU to requests.
+    #[arg(long, env = "SENTIFLOW_TRAINING_NICE", default_value_t = 10,
+          value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub training_nice: i32,
     /// Days stored predictions, their feedback and drift evaluations are kept.
     #[arg(long, env = "SENTIFLOW_KEEP_DAYS", default_value_t = 30,
           value_parser = clap::value_parser!(u32).range(1..))]

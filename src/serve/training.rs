@@ -258,6 +258,7 @@ pub fn start(app: &Arc<App>, request: TrainingRequest) -> Result<TrainingStarted
             .spawn(move || {
                 // Everything the run logs names it.
                 let _span = tracing::info_span!("training", run_id = %id, pipeline = %name).entered();
+                yield_to_requests(app.config.training_nice);
                 tracing::info!("training started");
                 run(&app, &id, &pipeline, stages, &cancel);
                 app.training
@@ -280,6 +281,23 @@ pub fn start(app: &Arc<App>, request: TrainingRequest) -> Result<TrainingStarted
         pipeline: name.to_string(),
         status: RunStatus::Running,
     })
+}
+
+/// Lowers the calling thread's priority to `nice`. On Linux the nice value is per thread and is
+/// inherited by the threads and processes it starts, so the run's stage pool and programs run
+/// at it too, and requests keep their latency while a training computes.
+fn yield_to_requests(nice: i32) {
+    // SAFETY: gettid and setpriority on the calling thread only.
+    let rc = unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice)
+    };
+    if rc != 0 {
+        tracing::warn!(
+            "lowering the training's priority: {}; it competes with requests",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Records what the engine reports into the run's rows.
