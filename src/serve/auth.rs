@@ -157,7 +157,7 @@ impl Keys {
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub key: Known,
-    pub quota: Option<Quota>,
+    pub quota: Quota,
 }
 
 impl Caller {

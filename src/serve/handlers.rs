@@ -9,8 +9,8 @@ use warp::hyper::body::Bytes;
 use super::api::*;
 use super::error::ApiError;
 use super::routes::{Answer, Ctx, Reply};
-use super::{drift, openapi, training, App, Serving};
-use crate::models::bundle::{Explanation, Model, Prediction, LABELS};
+use super::{drift, training, App, Serving};
+use crate::models::bundle::{Explanation, Model, Prediction};
 
 /// The web interface: one self-contained page (HTML, CSS and JavaScript, no build step) that
 /// talks to this API.
@@ -109,7 +109,7 @@ pub async fn ready(ctx: &Ctx) -> Answer {
 pub async fn openapi(ctx: &Ctx) -> Answer {
     Ok(Reply::with_type(
         HeaderValue::from_static("application/json"),
-        openapi::document(&ctx.app.config).to_string(),
+        ctx.app.openapi.clone(),
     ))
 }
 
@@ -179,24 +179,17 @@ pub async fn prediction(ctx: &Ctx, body: Bytes) -> Answer {
     let explain = request.explain.unwrap_or(false);
     let serving = app.served(&name)?;
     let bytes: usize = texts.iter().map(String::len).sum();
-    let (serving, texts, scored) = if serving.batcher.is_some() {
+    let (samples, explanations) = if serving.batcher.is_some() {
         // An ONNX model runs on its batching worker.
-        let scored = serving.predict_batched(&texts).await.map(|s| {
-            let none = s.iter().map(|_| None).collect();
-            (s, none)
-        });
-        (serving, texts, scored)
+        let samples = serving.predict_batched(&texts).await?;
+        let none = samples.iter().map(|_| None).collect();
+        (samples, none)
     } else if bytes <= INLINE_SCORING_BYTES {
-        let scored = score_now(&serving, &texts, explain);
-        (serving, texts, scored)
+        score_now(&serving, &texts, explain)?
     } else {
-        ctx.blocking(move |_| {
-            let scored = score_now(&serving, &texts, explain);
-            (serving, texts, scored)
-        })
-        .await?
+        let (serving, texts) = (serving.clone(), texts.clone());
+        ctx.blocking(move |_| score_now(&serving, &texts, explain)).await??
     };
-    let (samples, explanations) = scored?;
     let version = serving.row.version.clone();
     let mut predictions: Vec<Scored> = Vec::with_capacity(texts.len());
     for (i, ((s, text), explanation)) in samples.iter().zip(&texts).zip(explanations).enumerate() {
@@ -280,7 +273,6 @@ fn record_feedback(app: &App, request: FeedbackRequest) -> Result<FeedbackRespon
     if let Some(serving) = app.serving(&model).filter(|s| s.row.version == version) {
         serving.monitor.feedback(correct);
     }
-    debug_assert!(LABELS.contains(&predicted.as_str()));
     Ok(FeedbackResponse {
         prediction_id: id,
         model,

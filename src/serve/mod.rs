@@ -97,6 +97,8 @@ pub struct App {
     pub training: training::Trainer,
     request_seq: AtomicU64,
     started: u64,
+    /// `/openapi.json`, built once: it depends only on the routes, the types and the settings.
+    openapi: String,
 }
 
 impl App {
@@ -118,6 +120,7 @@ impl App {
             journal: drift::Journal::default(),
             training: training::Trainer::default(),
             request_seq: AtomicU64::new(0),
+            openapi: openapi::document(&config).to_string(),
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -341,10 +344,7 @@ impl App {
             .with_header("x-ratelimit-limit", quota.limit.to_string())
             .with_header("x-ratelimit-remaining", "0"));
         }
-        Ok(Some(Caller {
-            key: known,
-            quota: Some(quota),
-        }))
+        Ok(Some(Caller { key: known, quota }))
     }
 }
 

@@ -104,11 +104,7 @@ impl Spec {
 }
 
 fn percent_decode(s: &str) -> String {
-    serde_urlencoded::from_str::<Vec<(String, String)>>(&format!("v={}", s.replace('+', "%2B")))
-        .ok()
-        .and_then(|mut v| v.pop())
-        .map(|(_, v)| v)
-        .unwrap_or_else(|| s.to_string())
+    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
 }
 
 const fn route(verb: Verb, path: &'static str, access: Access, summary: &'static str) -> Spec {
@@ -376,24 +372,30 @@ impl Ctx {
             ));
         }
         let malformed = |message: String| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", message);
-        // Syntax first, so that a broken body is not reported as a wrong field.
-        let value: serde_json::Value =
-            serde_json::from_slice(body).map_err(|e| malformed(format!("the body is not valid JSON: {e}")))?;
-        if !value.is_object() {
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
             return Err(malformed("the body must be a JSON object".into()));
         }
-        serde_path_to_error::deserialize(value).map_err(|e| {
-            let message = e.inner().to_string();
+        // One pass from the bytes: syntax errors are a broken body, data errors a wrong field.
+        let mut de = serde_json::Deserializer::from_slice(body);
+        let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let inner = e.inner();
+            if inner.is_syntax() || inner.is_eof() {
+                return malformed(format!("the body is not valid JSON: {inner}"));
+            }
+            let message = inner.to_string();
             // A missing field is reported at the body's root (`.`): name the field instead.
             let field = match message.strip_prefix("missing field `") {
-                Some(rest) => rest.trim_end_matches('`').to_string(),
+                Some(rest) => rest.split('`').next().unwrap_or_default().to_string(),
                 None => match message.strip_prefix("unknown field `") {
                     Some(rest) => rest.split('`').next().unwrap_or_default().to_string(),
                     None => e.path().to_string(),
                 },
             };
             ApiError::field(&field, message)
-        })
+        })?;
+        de.end()
+            .map_err(|e| malformed(format!("the body is not valid JSON: {e}")))?;
+        Ok(value)
     }
 
     /// The response of `answer`, with the headers every response carries.
@@ -414,8 +416,8 @@ impl Ctx {
             }
             Err(e) => (error_response(e, &self.id), None),
         };
-        if let Some(quota) = self.caller.as_ref().and_then(|c| c.quota.as_ref()) {
-            quota.annotate(&mut r);
+        if let Some(caller) = &self.caller {
+            caller.quota.annotate(&mut r);
         }
         r.extensions_mut().insert(Handled {
             request_id: self.id,
