@@ -110,6 +110,8 @@ const DRIFT_EXAMPLES: &str = "Examples:
   sentiflow drift --model models/tfidf --input last_week.jsonl
   sentiflow drift --model models/tfidf --input last_week.jsonl --chart drift.png";
 
+// Parsed once per process: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run a pipeline; unchanged stages are restored from the cache.
@@ -255,18 +257,18 @@ enum KeysCommand {
 /// The database the server keeps its keys in, found as `sentiflow serve` finds it.
 #[derive(clap::Args)]
 struct KeyDatabase {
-    /// SQLite database [default: <project root>/sentiflow.db].
+    /// The database: a SQLite file or a `postgres://` URL [default: <project root>/sentiflow.db].
     #[arg(long, env = "SENTIFLOW_DB")]
-    db: Option<PathBuf>,
+    db: Option<String>,
     /// Directory of the pipelines; its parent is the project root.
     #[arg(long, env = "SENTIFLOW_PIPELINES", default_value = "pipelines")]
     pipelines: PathBuf,
 }
 
 impl KeyDatabase {
-    fn open(&self) -> anyhow::Result<(crate::store::Store, PathBuf)> {
-        let path = crate::serve::db_path(self.db.as_deref(), &self.pipelines);
-        Ok((crate::store::Store::open(&path)?, path))
+    fn open(&self) -> anyhow::Result<(crate::store::Store, String)> {
+        let location = crate::serve::db_location(self.db.as_deref(), &self.pipelines);
+        Ok((crate::store::Store::open(&location, 1)?, location.display()))
     }
 }
 
@@ -597,11 +599,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let (store, path) = db.open()?;
             let key = crate::serve::create_key(&store, role, label.as_deref())?;
             if !cli.quiet {
-                eprintln!(
-                    "created a `{}` key in {}; it is shown only now:",
-                    role.as_str(),
-                    path.display()
-                );
+                eprintln!("created a `{}` key in {}; it is shown only now:", role.as_str(), path);
             }
             println!("{key}");
             Ok(exit::OK)
@@ -653,7 +651,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                             "revoked key {} ({}) in {}",
                             one.id,
                             one.label.as_deref().unwrap_or("no label"),
-                            path.display()
+                            path
                         );
                     }
                     Ok(exit::OK)
@@ -662,7 +660,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                     let labels = keys.iter().filter_map(|k| k.label.as_deref());
                     eprintln!(
                         "error: no key has the id or label `{key}` in {}\n  = hint: {}`sentiflow keys list` shows them",
-                        path.display(),
+                        path,
                         crate::pipeline::diag::did_you_mean(&key, labels)
                     );
                     Ok(exit::INVALID)

@@ -34,18 +34,15 @@ pub enum RegistryError {
     },
 }
 
-/// The registry of one database: its copies live in `registry/` beside the database file.
+/// The registry of one database: its copies live in `dir` (`--artifacts`).
 pub struct Registry {
     dir: PathBuf,
     runtime: Runtime,
 }
 
 impl Registry {
-    pub fn new(db: &Path, runtime: Runtime) -> Registry {
-        Registry {
-            dir: db.parent().unwrap_or(Path::new(".")).join("registry"),
-            runtime,
-        }
+    pub fn new(dir: PathBuf, runtime: Runtime) -> Registry {
+        Registry { dir, runtime }
     }
 
     /// Records the bundle at `dir` (once per version) and returns its row.

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use crate::models::bert::{Device, Runtime};
+use crate::store::sql::Location;
 
 /// Server settings; every flag is also an environment variable.
 #[derive(Debug, Clone, clap::Args)]
@@ -11,9 +12,27 @@ pub struct Config {
     /// Address to listen on.
     #[arg(long, env = "SENTIFLOW_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
-    /// SQLite database [default: <project root>/sentiflow.db].
+    /// The database: a SQLite file, or a `postgres://user:password@host/db` URL that several
+    /// replicas share [default: <project root>/sentiflow.db].
     #[arg(long, env = "SENTIFLOW_DB")]
-    pub db: Option<PathBuf>,
+    pub db: Option<String>,
+    /// PostgreSQL: connections the server keeps at most.
+    #[arg(long, env = "SENTIFLOW_DB_POOL", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub db_pool: u32,
+    /// Where the registry keeps its copy of each registered bundle [default: `registry/` beside
+    /// a SQLite database, `<project root>/registry` with PostgreSQL].
+    #[arg(long, env = "SENTIFLOW_ARTIFACTS")]
+    pub artifacts: Option<PathBuf>,
+    /// This server's name in the database: its training runs and drift evaluations carry it
+    /// [default: <host name>:<port>].
+    #[arg(long, env = "SENTIFLOW_REPLICA")]
+    pub replica: Option<String>,
+    /// Seconds a training run stays `running` without its server renewing it; a run whose
+    /// server died is then recorded as interrupted by any other server of the database.
+    #[arg(long, env = "SENTIFLOW_RUN_LEASE_S", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(3..))]
+    pub run_lease_s: u64,
     /// Directory of the pipelines `POST /training` may run; its parent is the project root.
     #[arg(long, env = "SENTIFLOW_PIPELINES", default_value = "pipelines")]
     pub pipelines: PathBuf,
@@ -113,9 +132,41 @@ impl Config {
         }
     }
 
-    pub fn db_path(&self) -> PathBuf {
-        db_path(self.db.as_deref(), &self.pipelines)
+    pub fn db(&self) -> Location {
+        db_location(self.db.as_deref(), &self.pipelines)
     }
+
+    pub fn artifacts(&self) -> PathBuf {
+        match (&self.artifacts, self.db()) {
+            (Some(dir), _) => dir.clone(),
+            (None, Location::Sqlite(path)) => path.parent().unwrap_or(Path::new(".")).join("registry"),
+            (None, Location::Postgres(_)) => self.root().join("registry"),
+        }
+    }
+
+    /// The name this server's runs and drift evaluations carry: unique among live servers (one
+    /// process per host and port), and the same after a restart, so a restarted server knows its
+    /// own unfinished runs.
+    pub fn replica(&self) -> String {
+        self.replica
+            .clone()
+            .unwrap_or_else(|| format!("{}:{}", host_name(), self.addr.port()))
+    }
+
+    pub fn run_lease(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.run_lease_s)
+    }
+}
+
+fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer and its length are valid; gethostname writes at most that many bytes.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "localhost".into();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
 }
 
 /// The project root: the parent of the pipelines directory.
@@ -124,8 +175,8 @@ fn project_root(pipelines: &Path) -> PathBuf {
     abs.parent().map(Path::to_path_buf).unwrap_or(abs)
 }
 
-/// The database: `db`, else `sentiflow.db` in the project root.
-pub fn db_path(db: Option<&Path>, pipelines: &Path) -> PathBuf {
-    db.map(Path::to_path_buf)
-        .unwrap_or_else(|| project_root(pipelines).join("sentiflow.db"))
+/// The database: `db` (a path or a `postgres://` URL), else `sentiflow.db` in the project root.
+pub fn db_location(db: Option<&str>, pipelines: &Path) -> Location {
+    db.map(Location::parse)
+        .unwrap_or_else(|| Location::Sqlite(project_root(pipelines).join("sentiflow.db")))
 }

@@ -285,7 +285,7 @@ fn evaluate_once(app: &App, mut mlflow_runs: HashMap<String, String>, step: i64)
             continue;
         }
         let version = &w.version;
-        if let Err(e) = app.store.add_drift(model, w) {
+        if let Err(e) = app.store.add_drift(model, &app.replica, w) {
             tracing::error!("saving the drift evaluation of {model}: {e}");
             app.metrics.store_failure("drift_evaluation");
         }

@@ -18,17 +18,17 @@ mod openapi;
 mod routes;
 mod training;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 
 pub use auth::{create_key, KeyError, Role};
-pub use config::{db_path, Config};
+pub use config::{db_location, Config};
 pub use routes::routes;
 
 use crate::drift::Sample;
@@ -97,21 +97,25 @@ pub struct App {
     pub training: training::Trainer,
     request_seq: AtomicU64,
     started: u64,
+    /// This server's name in the database ([`Config::replica`]).
+    pub replica: String,
+    /// Production versions that failed to load here, reported once each.
+    unloadable: Mutex<HashSet<String>>,
     /// `/openapi.json`, built once: it depends only on the routes, the types and the settings.
     openapi: String,
 }
 
 impl App {
     pub fn new(config: Config, cache_dir: std::path::PathBuf) -> anyhow::Result<Arc<App>> {
-        let store = Store::open(&config.db_path())?;
-        let interrupted = store.interrupt_unfinished()?;
+        let store = Store::open(&config.db(), config.db_pool)?;
+        let interrupted = store.interrupt_unfinished(&config.replica())?;
         if interrupted > 0 {
             tracing::warn!("{interrupted} training run(s) were cut short by a stop; recorded as interrupted");
         }
         let app = Arc::new(App {
             cache_dir,
             store,
-            registry: Registry::new(&config.db_path(), config.runtime()),
+            registry: Registry::new(config.artifacts(), config.runtime()),
             models: RwLock::new(HashMap::new()),
             keys: auth::Keys::default(),
             limiter: auth::Limiter::new(),
@@ -120,6 +124,8 @@ impl App {
             journal: drift::Journal::default(),
             training: training::Trainer::default(),
             request_seq: AtomicU64::new(0),
+            replica: config.replica(),
+            unloadable: Mutex::default(),
             openapi: openapi::document(&config).to_string(),
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -193,6 +199,50 @@ impl App {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(name, serving);
+    }
+
+    /// Serves the production version of each name recorded in the database, when another server
+    /// of the database (or a command) promoted one this server does not serve yet.
+    fn follow_production(&self) {
+        let rows = match self.store.production() {
+            Ok(rows) => rows,
+            Err(e) => return tracing::warn!("reading the production versions: {e}"),
+        };
+        for row in rows {
+            if self.serving(&row.name).is_some_and(|s| s.row.version == row.version) {
+                continue;
+            }
+            match self.registry.load(&row) {
+                Ok(bundle) => {
+                    tracing::info!("serving {} version {}, promoted in the database", row.name, row.version);
+                    self.swap(row, bundle);
+                }
+                Err(e) => {
+                    let mut failed = self.unloadable.lock().unwrap_or_else(|p| p.into_inner());
+                    if failed.insert(row.version.clone()) {
+                        tracing::error!(
+                            "production version {} of {} cannot be served here: {e}",
+                            row.version,
+                            row.name
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Renews the leases of this server's runs and interrupts the runs of servers that died.
+    fn keep_leases(&self) {
+        if let Err(e) = self.store.renew_leases(&self.replica, self.config.run_lease()) {
+            tracing::warn!("renewing the leases of this server's training runs: {e}");
+        }
+        match self.store.expire_leases() {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::warn!("{n} training run(s) of a server that stopped renewing them recorded as interrupted")
+            }
+            Err(e) => tracing::warn!("interrupting the runs whose lease ran out: {e}"),
+        }
     }
 
     /// Promotes `version` and serves it; requests in flight finish on the old one.
@@ -397,10 +447,52 @@ pub async fn serve(app: Arc<App>) -> anyhow::Result<()> {
         app.clone(),
         Duration::from_secs(app.config.drift_period_s.max(1)),
     ));
+    tokio::spawn(follow(app.clone()));
     tracing::info!("sentiflow serving on http://{addr} (models: {:?})", app.model_names());
     listener::run(app.clone(), socket, warp::service(routes), signal).await;
     app.training.stop_all(&app);
     Ok(())
+}
+
+/// Keeps this server in step with the others on its database: a version promoted anywhere is
+/// served here within a fraction of a second of its commit (PostgreSQL's notifications, SQLite's
+/// `data_version`), with a full check every few seconds in case a notification was lost; the
+/// leases of this server's runs are renewed at a third of their length.
+async fn follow(app: Arc<App>) {
+    const TICK: Duration = Duration::from_millis(200);
+    const FULL_CHECK: Duration = Duration::from_secs(5);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let (mut renewed, mut checked) = (Instant::now(), Instant::now());
+    let mut seen = None;
+    loop {
+        tick.tick().await;
+        let changes = app.store.outside_changes().ok();
+        let changed = changes.is_none() || changes != seen;
+        seen = changes;
+        let renew = renewed.elapsed() >= app.config.run_lease() / 3;
+        let check = changed || checked.elapsed() >= FULL_CHECK;
+        if renew {
+            renewed = Instant::now();
+        }
+        if check {
+            checked = Instant::now();
+        }
+        if renew || check {
+            let app = app.clone();
+            let work = tokio::task::spawn_blocking(move || {
+                if renew {
+                    app.keep_leases();
+                }
+                if check {
+                    app.follow_production();
+                }
+            });
+            if let Err(e) = work.await {
+                tracing::error!("following the database: {e}");
+            }
+        }
+    }
 }
 
 /// Files the server keeps open besides connections: the database, models, logs.

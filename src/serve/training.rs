@@ -20,7 +20,7 @@ use crate::pipeline::exec::{self, Observer, Options};
 use crate::pipeline::report::{StageReport, State};
 use crate::pipeline::{real_path, Override, Pipeline};
 use crate::stages::StageKind;
-use crate::store::{EventState, RunStatus};
+use crate::store::{EventState, NewRun, RunStatus};
 use crate::tracking::{Delivery, Tracker};
 
 /// A run in progress: its id, its stop flag and its thread.
@@ -234,21 +234,35 @@ pub fn start(app: &Arc<App>, request: TrainingRequest) -> Result<TrainingStarted
     check_reads(app, &pipeline)?;
     let stages = request.stages;
     let mut running = app.training.running.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some((id, _, _)) = running.get(name) {
+    let id = format!(
+        "run-{}",
+        &crate::cache::sha256_hex(
+            format!(
+                "{name}{:?}{}{}",
+                std::time::SystemTime::now(),
+                std::process::id(),
+                app.replica
+            )
+            .as_bytes()
+        )[..16]
+    );
+    // The database decides, so that one run per pipeline holds across every server sharing it.
+    let created = app.store.create_run(
+        &id,
+        name,
+        &json!(request.params),
+        &json!(stages),
+        &app.replica,
+        app.config.run_lease(),
+    )?;
+    if let NewRun::Busy(other) = created {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "already_running",
-            format!("pipeline `{name}` is already being trained by run `{id}`"),
+            format!("pipeline `{name}` is already being trained by run `{other}`"),
         )
-        .with_header("location", format!("/training/{id}")));
+        .with_header("location", format!("/training/{other}")));
     }
-    let id = format!(
-        "run-{}",
-        &crate::cache::sha256_hex(format!("{name}{:?}{}", std::time::SystemTime::now(), std::process::id()).as_bytes())
-            [..16]
-    );
-    app.store
-        .create_run(&id, name, &json!(request.params), &json!(stages))?;
     let cancel = Arc::new(AtomicBool::new(false));
     let handle = {
         let (app, id, cancel) = (app.clone(), id.clone(), cancel.clone());

@@ -1,18 +1,23 @@
-//! The SQLite database: model versions, training runs with their stage events and log lines,
-//! and API keys. WAL mode, schema migrations by `user_version`, every write in a transaction, so
-//! a process killed at any moment loses no committed record.
+//! The database: model versions, training runs with their stage events and log lines, API keys,
+//! stored predictions and drift evaluations. It is a SQLite file by default (WAL mode, schema
+//! versions in `user_version`), or a PostgreSQL server that several replicas share (a pool of
+//! connections, schema versions in `sentiflow_schema`). Both take the same migrations and the same
+//! statements; every write is one transaction, so a process killed at any moment loses no
+//! committed record.
 
-use std::path::Path;
-use std::sync::Mutex;
+pub mod sql;
 
-use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
-use rusqlite::{params, Connection, OptionalExtension};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::drift::{Status, WindowReport};
 use crate::pipeline::report::State;
+use sql::{params, Dialect, Location, PgTx, Pool, Row, SqliteTx, Tx};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -24,18 +29,63 @@ pub enum StoreError {
     },
     #[error("database: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error(
+        "PostgreSQL {url}: {source}; check that the server runs and the URL's host, port, user, password and database"
+    )]
+    Connect {
+        url: String,
+        #[source]
+        source: r2d2::Error,
+    },
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] postgres::Error),
+    #[error("PostgreSQL: no free connection in the pool ({0}); raise --db-pool or lower the load")]
+    Pool(#[from] r2d2::Error),
+    #[error("database: column {index} holds {found}, not {expected}")]
+    Column {
+        index: usize,
+        expected: &'static str,
+        found: String,
+    },
+    #[error("database: column {column} holds `{value}`, which this version does not know")]
+    Unknown { column: usize, value: String },
+    #[error("database: a statement that returns a row returned none")]
+    NoRow,
+    #[error("database: a value could not be stored: {0}")]
+    Encode(#[from] serde_json::Error),
 }
 
 impl StoreError {
     /// Whether the database could not take a write for a reason outside the request (a full
-    /// disk, a read-only file, another process holding the lock), rather than a bug.
+    /// disk, a read-only file, another process holding the lock, a server that cannot be
+    /// reached), rather than a bug.
     pub fn is_unavailable(&self) -> bool {
         use rusqlite::ErrorCode::*;
-        let (StoreError::Open { source, .. } | StoreError::Sql(source)) = self;
-        matches!(
-            source.sqlite_error_code(),
-            Some(DiskFull | ReadOnly | DatabaseBusy | DatabaseLocked | SystemIoFailure | CannotOpen)
-        )
+        match self {
+            StoreError::Open { source, .. } | StoreError::Sql(source) => matches!(
+                source.sqlite_error_code(),
+                Some(DiskFull | ReadOnly | DatabaseBusy | DatabaseLocked | SystemIoFailure | CannotOpen)
+            ),
+            StoreError::Connect { .. } | StoreError::Pool(_) => true,
+            // Connection exceptions (08), insufficient resources (53), operator intervention
+            // (57: shutdown, cancelled) and a closed connection are the server's state.
+            StoreError::Postgres(e) => {
+                e.is_closed()
+                    || e.code().is_none_or(|c| {
+                        let c = c.code();
+                        c.starts_with("08") || c.starts_with("53") || c.starts_with("57")
+                    })
+            }
+            _ => false,
+        }
+    }
+
+    fn is_unique_violation(&self) -> bool {
+        match self {
+            StoreError::Sql(e) => e.sqlite_error_code() == Some(rusqlite::ErrorCode::ConstraintViolation),
+            StoreError::Postgres(e) => e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION),
+            _ => false,
+        }
     }
 }
 
@@ -46,7 +96,8 @@ pub struct Retention {
     pub days: u32,
 }
 
-/// Schema versions, applied in order; the database's `user_version` says how many ran.
+/// Schema versions, applied in order, each in one transaction. `{…}` words are rendered for
+/// each engine by [`Dialect::render`].
 const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE models (
@@ -58,10 +109,10 @@ CREATE TABLE models (
     params      TEXT NOT NULL,
     metrics     TEXT NOT NULL,
     tuning      TEXT NOT NULL,
-    accuracy    REAL,
+    accuracy    {real},
     run_id      TEXT,
     status      TEXT NOT NULL DEFAULT 'candidate',
-    created_at  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    created_at  TEXT NOT NULL DEFAULT {now},
     promoted_at TEXT
 );
 CREATE TABLE runs (
@@ -71,33 +122,33 @@ CREATE TABLE runs (
     stages      TEXT NOT NULL,
     status      TEXT NOT NULL,
     error       TEXT,
-    created_at  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    created_at  TEXT NOT NULL DEFAULT {now},
     finished_at TEXT
 );
 CREATE TABLE run_events (
     run_id      TEXT NOT NULL REFERENCES runs(id),
     stage       TEXT NOT NULL,
     state       TEXT NOT NULL,
-    duration_ms INTEGER,
+    duration_ms {int},
     metrics     TEXT,
     error       TEXT,
-    at          TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+    at          TEXT NOT NULL DEFAULT {now}
 );
 CREATE INDEX run_events_run ON run_events(run_id);
 CREATE TABLE run_logs (
     run_id TEXT NOT NULL REFERENCES runs(id),
-    seq    INTEGER NOT NULL,
+    seq    {int} NOT NULL,
     stage  TEXT NOT NULL,
     line   TEXT NOT NULL,
-    at     TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+    at     TEXT NOT NULL DEFAULT {now},
     PRIMARY KEY (run_id, seq)
 );
 CREATE TABLE api_keys (
-    id         INTEGER PRIMARY KEY,
+    id         {id},
     hash       TEXT NOT NULL UNIQUE,
     role       TEXT NOT NULL,
     label      TEXT,
-    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+    created_at TEXT NOT NULL DEFAULT {now}
 );
 "#,
     r#"
@@ -105,26 +156,26 @@ CREATE TABLE predictions (
     id          TEXT PRIMARY KEY,
     model       TEXT NOT NULL,
     version     TEXT NOT NULL,
-    score       REAL NOT NULL,
+    score       {real} NOT NULL,
     label       TEXT NOT NULL,
     text_sha256 TEXT NOT NULL,
     text        TEXT,
-    chars       INTEGER NOT NULL,
-    created_at  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+    chars       {int} NOT NULL,
+    created_at  TEXT NOT NULL DEFAULT {now}
 );
 CREATE TABLE feedback (
     prediction_id TEXT PRIMARY KEY,
     label         TEXT NOT NULL,
-    correct       INTEGER NOT NULL,
-    created_at    TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+    correct       {int} NOT NULL,
+    created_at    TEXT NOT NULL DEFAULT {now}
 );
 CREATE TABLE drift_evaluations (
-    id         INTEGER PRIMARY KEY,
+    id         {id},
     model      TEXT NOT NULL,
     version    TEXT NOT NULL,
     status     TEXT NOT NULL,
     report     TEXT NOT NULL,
-    created_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+    created_at TEXT NOT NULL DEFAULT {now}
 );
 "#,
     r#"
@@ -135,8 +186,34 @@ ALTER TABLE api_keys ADD COLUMN revoked_at TEXT;
 CREATE INDEX predictions_created_at ON predictions (created_at);
 CREATE INDEX drift_evaluations_created_at ON drift_evaluations (created_at);
 "#,
+    // Replicas: a run belongs to the replica that started it for as long as that replica renews
+    // its lease; one run per pipeline at a time, whichever replica asks; events in the order
+    // they were added; each drift evaluation names the replica whose window it measured.
+    r#"
+ALTER TABLE runs ADD COLUMN owner TEXT;
+ALTER TABLE runs ADD COLUMN lease_until_ms {int};
+CREATE UNIQUE INDEX runs_one_running ON runs (pipeline) WHERE status = 'running';
+ALTER TABLE run_events ADD COLUMN seq {int};
+UPDATE run_events SET seq = {rowid};
+ALTER TABLE drift_evaluations ADD COLUMN replica TEXT;
+"#,
 ];
 
+/// The current time as the database's timestamps spell it (UTC, RFC 3339, milliseconds).
+fn now_text() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// `days` before now, spelled as the timestamps are.
+fn days_ago_text(days: u32) -> String {
+    (chrono::Utc::now() - chrono::Duration::days(days.into()))
+        .format("%Y-%m-%dT%H:%M:%S%.3fZ")
+        .to_string()
+}
 /// Where a training run is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -212,35 +289,6 @@ impl From<State> for EventState {
     }
 }
 
-/// Stored as the text of `as_str`, read back from it.
-macro_rules! text_column {
-    ($($t:ident),*) => {$(
-        impl ToSql for $t {
-            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-                Ok(self.as_str().into())
-            }
-        }
-
-        impl FromSql for $t {
-            fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
-                let text = value.as_str()?;
-                $t::ALL
-                    .into_iter()
-                    .find(|s| s.as_str() == text)
-                    .ok_or_else(|| FromSqlError::Other(format!("unknown {} `{text}`", stringify!($t)).into()))
-            }
-        }
-    )*};
-}
-
-text_column!(RunStatus, ModelStatus);
-
-impl ToSql for EventState {
-    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(self.as_str().into())
-    }
-}
-
 /// An API key as `sentiflow keys list` shows it: never the key, nor its hash.
 #[derive(Debug, Clone, Serialize, JsonSchema)]
 pub struct KeyRow {
@@ -275,6 +323,8 @@ pub struct DriftRecord {
     pub report: Value,
     /// When it was stored (UTC, RFC 3339).
     pub at: String,
+    /// The server whose window it measured (absent for evaluations stored before replicas).
+    pub replica: Option<String>,
 }
 
 /// A registered model version.
@@ -309,52 +359,178 @@ pub struct RunRow {
     pub events: Vec<Value>,
 }
 
-pub struct Store {
-    conn: Mutex<Connection>,
-    /// A second connection for the reads on every request's path (API keys): in WAL mode it
-    /// never waits for a write in progress on `conn`, such as a period's predictions.
-    auth: Mutex<Connection>,
+/// The pool of a store that is not being dropped.
+fn live(pool: &Option<Pool>) -> &Pool {
+    pool.as_ref().expect("the pool is taken only when the store is dropped")
 }
 
-fn json(text: String) -> Value {
-    serde_json::from_str(&text).unwrap_or(Value::Null)
+/// What a request to start a run found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NewRun {
+    Created,
+    /// The pipeline is being trained by this run (on this or another replica).
+    Busy(String),
+}
+
+// One per process: the size of the variants does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Engine {
+    Sqlite {
+        conn: Mutex<rusqlite::Connection>,
+        /// A second connection for the reads on every request's path (API keys): in WAL mode
+        /// it never waits for a write in progress on `conn`, such as a period's predictions.
+        auth: Mutex<rusqlite::Connection>,
+    },
+    Postgres {
+        /// Taken when the store is dropped, to close the connections off the async runtime.
+        pool: Option<Pool>,
+        /// Counts the changes announced on [`sql::CHANGES_CHANNEL`].
+        changes: Arc<AtomicU64>,
+        stop: Arc<AtomicBool>,
+        /// A run's log lines are numbered in order; this replica writes its own runs' lines.
+        logs: Mutex<()>,
+    },
+}
+
+pub struct Store {
+    engine: Engine,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Engine::Postgres { stop, pool, .. } = &mut self.engine {
+            stop.store(true, Ordering::Relaxed);
+            let pool = pool.take();
+            sql::off_runtime(|| drop(pool));
+        }
+    }
+}
+
+fn json(text: Option<String>) -> Value {
+    text.and_then(|t| serde_json::from_str(&t).ok()).unwrap_or(Value::Null)
 }
 
 impl Store {
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+    /// Opens the database at `location` with at most `pool` connections (PostgreSQL), applying
+    /// the migrations it has not had.
+    pub fn open(location: &Location, pool: u32) -> Result<Store, StoreError> {
+        match location {
+            Location::Sqlite(path) => Store::open_sqlite(path),
+            Location::Postgres(url) => sql::off_runtime(|| Store::open_postgres(url, pool)),
+        }
+    }
+
+    fn open_sqlite(path: &std::path::Path) -> Result<Store, StoreError> {
         let err = |source| StoreError::Open {
             path: path.display().to_string(),
             source,
         };
-        if let Some(parent) = path.parent() {
-            let _ = std::fs::create_dir_all(parent);
-        }
-        let mut conn = Connection::open(path).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        let mut conn = sql::open_sqlite(path).map_err(err)?;
         let applied: usize = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(err)?;
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(applied) {
+        for (i, migration) in MIGRATIONS.iter().enumerate().skip(applied) {
             let tx = conn.transaction().map_err(err)?;
-            tx.execute_batch(sql).map_err(err)?;
+            tx.execute_batch(&Dialect::Sqlite.render(migration)).map_err(err)?;
             tx.pragma_update(None, "user_version", i + 1).map_err(err)?;
             tx.commit().map_err(err)?;
         }
-        let auth = Connection::open(path).map_err(err)?;
+        let auth = rusqlite::Connection::open(path).map_err(err)?;
         auth.pragma_update(None, "query_only", "ON").map_err(err)?;
-        auth.busy_timeout(std::time::Duration::from_secs(5)).map_err(err)?;
+        auth.busy_timeout(Duration::from_secs(5)).map_err(err)?;
         Ok(Store {
-            conn: Mutex::new(conn),
-            auth: Mutex::new(auth),
+            engine: Engine::Sqlite {
+                conn: Mutex::new(conn),
+                auth: Mutex::new(auth),
+            },
         })
     }
 
-    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
-        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(f(&conn)?)
+    fn open_postgres(url: &str, size: u32) -> Result<Store, StoreError> {
+        let config: postgres::Config = url.parse().map_err(StoreError::Postgres)?;
+        let manager = r2d2_postgres::PostgresConnectionManager::new(config, postgres::NoTls);
+        let pool = r2d2::Pool::builder()
+            .max_size(size.max(1))
+            .connection_timeout(Duration::from_secs(10))
+            .build(manager)
+            .map_err(|source| StoreError::Connect {
+                url: sql::redact(url),
+                source,
+            })?;
+        let mut client = pool.get()?;
+        let mut tx = client.transaction()?;
+        // One process migrates at a time; the others wait here, then find nothing to do.
+        tx.batch_execute(
+            "SELECT pg_advisory_xact_lock(7715514281); CREATE TABLE IF NOT EXISTS sentiflow_schema (version BIGINT NOT NULL)",
+        )?;
+        let applied = tx
+            .query_opt("SELECT version FROM sentiflow_schema", &[])?
+            .map_or(0, |r| r.get::<_, i64>(0) as usize);
+        for migration in MIGRATIONS.iter().skip(applied) {
+            tx.batch_execute(&Dialect::Postgres.render(migration))?;
+        }
+        tx.execute("DELETE FROM sentiflow_schema", &[])?;
+        tx.execute(
+            "INSERT INTO sentiflow_schema (version) VALUES ($1)",
+            &[&(MIGRATIONS.len() as i64)],
+        )?;
+        tx.commit()?;
+        drop(client);
+        let changes = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        sql::listen(url.to_string(), changes.clone(), stop.clone());
+        Ok(Store {
+            engine: Engine::Postgres {
+                pool: Some(pool),
+                changes,
+                stop,
+                logs: Mutex::new(()),
+            },
+        })
+    }
+
+    /// Runs `f` in one transaction, committed when it returns `Ok`.
+    fn write<T>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        match &self.engine {
+            Engine::Sqlite { conn, .. } => {
+                let mut conn = conn.lock().unwrap_or_else(|p| p.into_inner());
+                let tx = conn.transaction()?;
+                let out = f(&mut SqliteTx(&tx))?;
+                tx.commit()?;
+                Ok(out)
+            }
+            Engine::Postgres { pool, .. } => sql::off_runtime(|| {
+                let mut client = live(pool).get()?;
+                let mut tx = client.transaction()?;
+                let out = f(&mut PgTx(&mut tx))?;
+                tx.commit()?;
+                Ok(out)
+            }),
+        }
+    }
+
+    /// Like [`Store::write`], and announces the change to the other replicas when it commits.
+    fn write_announced<T>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let postgres = matches!(self.engine, Engine::Postgres { .. });
+        self.write(|tx| {
+            let out = f(tx)?;
+            if postgres {
+                // Delivered on commit, and only then.
+                tx.execute(&format!("NOTIFY {}", sql::CHANGES_CHANNEL), &[])?;
+            }
+            Ok(out)
+        })
+    }
+
+    /// Reads on the request path (keys): SQLite's second connection, or the pool.
+    fn read_auth<T>(&self, f: impl FnOnce(&mut dyn Tx) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        match &self.engine {
+            Engine::Sqlite { auth, .. } => {
+                let conn = auth.lock().unwrap_or_else(|p| p.into_inner());
+                f(&mut SqliteTx(&conn))
+            }
+            Engine::Postgres { .. } => self.write(f),
+        }
     }
 
     // --- drift monitoring ---
@@ -363,100 +539,100 @@ impl Store {
         // A transaction per chunk: the connection is free between them for the requests that
         // write (feedback, promotion).
         for chunk in rows.chunks(2_000) {
-            self.add_prediction_chunk(chunk)?;
+            let now = now_text();
+            self.write(|tx| {
+                tx.execute_many(
+                    "INSERT INTO predictions (id, model, version, score, label, text_sha256, text, chars, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT DO NOTHING",
+                    &mut chunk.iter().map(|r| {
+                        params![
+                            &r.id,
+                            &r.model,
+                            &r.version,
+                            r.score,
+                            &r.label,
+                            &r.text_sha256,
+                            r.text.as_deref(),
+                            r.chars as i64,
+                            &now
+                        ]
+                        .to_vec()
+                    }),
+                )
+            })?;
         }
-        Ok(())
-    }
-
-    fn add_prediction_chunk(&self, rows: &[PredictionRow]) -> Result<(), StoreError> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction()?;
-        {
-            let mut insert = tx.prepare(
-                "INSERT OR IGNORE INTO predictions (id, model, version, score, label, text_sha256, text, chars)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?;
-            for r in rows {
-                insert.execute(params![
-                    r.id,
-                    r.model,
-                    r.version,
-                    r.score,
-                    r.label,
-                    r.text_sha256,
-                    r.text,
-                    r.chars
-                ])?;
-            }
-        }
-        tx.commit()?;
         Ok(())
     }
 
     /// Deletes the predictions (with their feedback) and drift evaluations that `keep` no longer
     /// covers; returns how many predictions went. Freed pages are reused by later inserts, so
-    /// the file stops growing once the retention is reached.
+    /// the database stops growing once the retention is reached.
     pub fn prune(&self, keep: Retention) -> Result<usize, StoreError> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction()?;
-        let cutoff = format!("-{} days", keep.days);
-        // Rows are inserted in time order, so the oldest rows have the smallest rowids.
-        let mut removed = tx.execute(
-            "DELETE FROM predictions WHERE rowid <= (SELECT rowid FROM predictions ORDER BY rowid DESC LIMIT 1 OFFSET ?1)",
-            [keep.rows],
-        )?;
-        removed += tx.execute(
-            "DELETE FROM predictions WHERE created_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?1)",
-            [&cutoff],
-        )?;
-        if removed > 0 {
-            tx.execute(
-                "DELETE FROM feedback WHERE NOT EXISTS (SELECT 1 FROM predictions p WHERE p.id = feedback.prediction_id)",
-                [],
+        let cutoff = days_ago_text(keep.days);
+        self.write(|tx| {
+            // Newest first by time, then id: exactly `rows` stay even when a period's rows
+            // share a timestamp.
+            let mut removed = tx.execute(
+                "DELETE FROM predictions WHERE (created_at, id) <= (SELECT created_at, id FROM predictions
+                 ORDER BY created_at DESC, id DESC LIMIT 1 OFFSET ?1)",
+                params![keep.rows as i64],
             )?;
-        }
-        tx.execute(
-            "DELETE FROM drift_evaluations WHERE created_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?1)",
-            [&cutoff],
-        )?;
-        tx.commit()?;
-        Ok(removed)
+            removed += tx.execute("DELETE FROM predictions WHERE created_at < ?1", params![&cutoff])?;
+            if removed > 0 {
+                tx.execute(
+                    "DELETE FROM feedback WHERE NOT EXISTS (SELECT 1 FROM predictions p WHERE p.id = feedback.prediction_id)",
+                    &[],
+                )?;
+            }
+            tx.execute("DELETE FROM drift_evaluations WHERE created_at < ?1", params![&cutoff])?;
+            Ok(removed as usize)
+        })
     }
 
     /// The number of stored predictions.
     pub fn prediction_count(&self) -> Result<u64, StoreError> {
-        self.with(|c| c.query_row("SELECT count(*) FROM predictions", [], |r| r.get(0)))
+        self.write(|tx| Ok(tx.query_one("SELECT count(*) FROM predictions", &[])?.int(0)? as u64))
     }
 
     /// The model, version and label of a stored prediction.
     pub fn prediction(&self, id: &str) -> Result<Option<(String, String, String)>, StoreError> {
-        self.with(|c| {
-            c.query_row(
+        self.write(|tx| {
+            tx.query_opt(
                 "SELECT model, version, label FROM predictions WHERE id = ?1",
-                [id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()
+                params![id],
+            )?
+            .map(|r| Ok((r.text(0)?, r.text(1)?, r.text(2)?)))
+            .transpose()
         })
     }
 
     /// Records the true label of a prediction; false when it already had one.
     pub fn add_feedback(&self, prediction_id: &str, label: &str, correct: bool) -> Result<bool, StoreError> {
-        self.with(|c| {
-            let n = c.execute(
-                "INSERT OR IGNORE INTO feedback (prediction_id, label, correct) VALUES (?1, ?2, ?3)",
-                params![prediction_id, label, correct],
+        self.write(|tx| {
+            let n = tx.execute(
+                "INSERT INTO feedback (prediction_id, label, correct, created_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT DO NOTHING",
+                params![prediction_id, label, correct, &now_text()],
             )?;
             Ok(n == 1)
         })
     }
 
-    pub fn add_drift(&self, model: &str, report: &WindowReport) -> Result<(), StoreError> {
-        let text = serde_json::to_string(report).map_err(|e| rusqlite::Error::ToSqlConversionFailure(e.into()))?;
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO drift_evaluations (model, version, status, report) VALUES (?1, ?2, ?3, ?4)",
-                params![model, report.version, report.report.status.as_str(), text],
+    /// Stores an evaluation of `model`'s window on `replica`.
+    pub fn add_drift(&self, model: &str, replica: &str, report: &WindowReport) -> Result<(), StoreError> {
+        let text = serde_json::to_string(report)?;
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO drift_evaluations (model, version, status, report, replica, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    model,
+                    &report.version,
+                    report.report.status.as_str(),
+                    &text,
+                    replica,
+                    &now_text()
+                ],
             )
         })?;
         Ok(())
@@ -464,119 +640,148 @@ impl Store {
 
     /// The latest stored drift evaluations, newest first.
     pub fn drift_history(&self, limit: usize) -> Result<Vec<DriftRecord>, StoreError> {
-        self.with(|c| {
-            let mut q = c.prepare(
-                "SELECT model, version, status, report, created_at FROM drift_evaluations ORDER BY id DESC LIMIT ?1",
-            )?;
-            let rows = q.query_map([limit as i64], |r| {
-                let status: String = r.get(2)?;
+        self.write(|tx| {
+            tx.query(
+                "SELECT model, version, status, report, created_at, replica FROM drift_evaluations
+                 ORDER BY created_at DESC, id DESC LIMIT ?1",
+                params![limit as i64],
+            )?
+            .iter()
+            .map(|r| {
                 Ok(DriftRecord {
-                    model: r.get(0)?,
-                    version: r.get(1)?,
-                    status: status.parse().map_err(|e: String| {
-                        rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, e.into())
-                    })?,
-                    report: json(r.get(3)?),
-                    at: r.get(4)?,
+                    model: r.text(0)?,
+                    version: r.text(1)?,
+                    status: r
+                        .text(2)?
+                        .parse()
+                        .map_err(|value| StoreError::Unknown { column: 2, value })?,
+                    report: json(r.opt_text(3)?),
+                    at: r.text(4)?,
+                    replica: r.opt_text(5)?,
                 })
-            })?;
-            rows.collect()
+            })
+            .collect()
         })
     }
 
     // --- API keys ---
 
     pub fn add_key(&self, hash: &str, role: &str, label: Option<&str>) -> Result<i64, StoreError> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO api_keys (hash, role, label) VALUES (?1, ?2, ?3)",
-                params![hash, role, label],
-            )?;
-            Ok(c.last_insert_rowid())
+        self.write_announced(|tx| {
+            tx.query_one(
+                "INSERT INTO api_keys (hash, role, label, created_at) VALUES (?1, ?2, ?3, ?4) RETURNING id",
+                params![hash, role, label, &now_text()],
+            )?
+            .int(0)
         })
     }
 
     /// The role of the unrevoked key whose SHA-256 is `hash`, with the key's id.
     pub fn key_role(&self, hash: &str) -> Result<Option<(i64, String, Option<String>)>, StoreError> {
-        let c = self.auth.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(c.query_row(
-            "SELECT id, role, label FROM api_keys WHERE hash = ?1 AND revoked_at IS NULL",
-            [hash],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .optional()?)
+        self.read_auth(|tx| {
+            tx.query_opt(
+                "SELECT id, role, label FROM api_keys WHERE hash = ?1 AND revoked_at IS NULL",
+                params![hash],
+            )?
+            .map(|r| Ok((r.int(0)?, r.text(1)?, r.opt_text(2)?)))
+            .transpose()
+        })
     }
 
     /// Every key, oldest first, without its hash.
     pub fn keys(&self) -> Result<Vec<KeyRow>, StoreError> {
-        self.with(|c| {
-            let mut q =
-                c.prepare("SELECT id, label, role, created_at, last_used_at, revoked_at FROM api_keys ORDER BY id")?;
-            let rows = q.query_map([], |r| {
+        self.write(|tx| {
+            tx.query(
+                "SELECT id, label, role, created_at, last_used_at, revoked_at FROM api_keys ORDER BY id",
+                &[],
+            )?
+            .iter()
+            .map(|r| {
                 Ok(KeyRow {
-                    id: r.get(0)?,
-                    label: r.get(1)?,
-                    role: r.get(2)?,
-                    created_at: r.get(3)?,
-                    last_used_at: r.get(4)?,
-                    revoked_at: r.get(5)?,
+                    id: r.int(0)?,
+                    label: r.opt_text(1)?,
+                    role: r.text(2)?,
+                    created_at: r.text(3)?,
+                    last_used_at: r.opt_text(4)?,
+                    revoked_at: r.opt_text(5)?,
                 })
-            })?;
-            rows.collect()
+            })
+            .collect()
         })
     }
 
     pub fn revoke_key(&self, id: i64) -> Result<(), StoreError> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE api_keys SET revoked_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?1 AND revoked_at IS NULL",
-                [id],
+        self.write_announced(|tx| {
+            tx.execute(
+                "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![id, &now_text()],
             )
-            .map(|_| ())
+            .map(drop)
         })
     }
 
-    /// Records that key `id` was used now, unless this store's connection is busy with another
-    /// write (then `false`: it is bookkeeping, not worth a wait).
+    /// Records that key `id` was used now, unless the database is busy with another write
+    /// (then `false`: it is bookkeeping, not worth a wait).
     pub fn try_touch_key(&self, id: i64) -> Result<bool, StoreError> {
-        let conn = match self.conn.try_lock() {
-            Ok(c) => c,
-            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
-        };
-        conn.execute(
-            "UPDATE api_keys SET last_used_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?1",
-            [id],
-        )?;
+        let sql = "UPDATE api_keys SET last_used_at = ?2 WHERE id = ?1";
+        let now = now_text();
+        match &self.engine {
+            Engine::Sqlite { conn, .. } => {
+                let conn = match conn.try_lock() {
+                    Ok(c) => c,
+                    Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+                };
+                SqliteTx(&conn).execute(sql, params![id, &now])?;
+            }
+            Engine::Postgres { pool, .. } => {
+                return sql::off_runtime(|| {
+                    let Some(mut client) = live(pool).try_get() else {
+                        return Ok(false);
+                    };
+                    let mut tx = client.transaction()?;
+                    PgTx(&mut tx).execute(sql, params![id, &now])?;
+                    tx.commit()?;
+                    Ok(true)
+                })
+            }
+        }
         Ok(true)
     }
 
-    /// A number that changes whenever a change is committed to the database by another process
-    /// or by this store's writing connection (SQLite's `data_version`, asked on the connection
-    /// for keys): cheap enough to ask on every request.
+    /// A number that changes whenever a change to the keys or the registry may have been
+    /// committed by another process (or by this store): SQLite's `data_version`, asked on the
+    /// connection for keys, or the count of PostgreSQL's notifications. Cheap enough to ask on
+    /// every request.
     pub fn outside_changes(&self) -> Result<i64, StoreError> {
-        let c = self.auth.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(c.pragma_query_value(None, "data_version", |r| r.get(0))?)
+        match &self.engine {
+            Engine::Sqlite { auth, .. } => {
+                let c = auth.lock().unwrap_or_else(|p| p.into_inner());
+                Ok(c.pragma_query_value(None, "data_version", |r| r.get(0))?)
+            }
+            Engine::Postgres { changes, .. } => Ok(changes.load(Ordering::SeqCst) as i64),
+        }
     }
 
     // --- models ---
 
     pub fn register_model(&self, m: &ModelRow) -> Result<bool, StoreError> {
-        self.with(|c| {
-            let n = c.execute(
-                "INSERT OR IGNORE INTO models (version, name, kind, pipeline, path, params, metrics, tuning, accuracy, run_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        self.write_announced(|tx| {
+            let n = tx.execute(
+                "INSERT INTO models (version, name, kind, pipeline, path, params, metrics, tuning, accuracy, run_id, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) ON CONFLICT DO NOTHING",
                 params![
-                    m.version,
-                    m.name,
-                    m.kind,
-                    m.pipeline,
-                    m.path,
-                    m.params.to_string(),
-                    m.metrics.to_string(),
-                    m.tuning.to_string(),
+                    &m.version,
+                    &m.name,
+                    &m.kind,
+                    &m.pipeline,
+                    &m.path,
+                    &m.params.to_string(),
+                    &m.metrics.to_string(),
+                    &m.tuning.to_string(),
                     m.accuracy,
-                    m.run_id
+                    m.run_id.as_deref(),
+                    &now_text()
                 ],
             )?;
             Ok(n == 1)
@@ -585,108 +790,176 @@ impl Store {
 
     /// Marks `version` as the production model of its name; the previous one is archived.
     pub fn promote(&self, version: &str) -> Result<bool, StoreError> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        let tx = conn.transaction()?;
-        let name: Option<String> = tx
-            .query_row("SELECT name FROM models WHERE version = ?1", [version], |r| r.get(0))
-            .optional()?;
-        let Some(name) = name else { return Ok(false) };
-        tx.execute(
-            "UPDATE models SET status = ?2 WHERE name = ?1 AND status = ?3",
-            params![name, ModelStatus::Archived, ModelStatus::Production],
-        )?;
-        tx.execute(
-            "UPDATE models SET status = ?2, promoted_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE version = ?1",
-            params![version, ModelStatus::Production],
-        )?;
-        tx.commit()?;
-        Ok(true)
+        self.write_announced(|tx| {
+            let Some(row) = tx.query_opt("SELECT name FROM models WHERE version = ?1", params![version])? else {
+                return Ok(false);
+            };
+            let name = row.text(0)?;
+            tx.execute(
+                "UPDATE models SET status = ?2 WHERE name = ?1 AND status = ?3",
+                params![&name, ModelStatus::Archived.as_str(), ModelStatus::Production.as_str()],
+            )?;
+            tx.execute(
+                "UPDATE models SET status = ?2, promoted_at = ?3 WHERE version = ?1",
+                params![version, ModelStatus::Production.as_str(), &now_text()],
+            )?;
+            Ok(true)
+        })
     }
 
     const MODEL_COLUMNS: &'static str =
         "version, name, kind, pipeline, path, params, metrics, tuning, accuracy, run_id, status, created_at, promoted_at";
 
-    fn model_row(r: &rusqlite::Row) -> rusqlite::Result<ModelRow> {
+    fn model_row(r: &Row) -> Result<ModelRow, StoreError> {
         Ok(ModelRow {
-            version: r.get(0)?,
-            name: r.get(1)?,
-            kind: r.get(2)?,
-            pipeline: r.get(3)?,
-            path: r.get(4)?,
-            params: json(r.get(5)?),
-            metrics: json(r.get(6)?),
-            tuning: json(r.get(7)?),
-            accuracy: r.get(8)?,
-            run_id: r.get(9)?,
-            status: r.get(10)?,
-            created_at: r.get(11)?,
-            promoted_at: r.get(12)?,
+            version: r.text(0)?,
+            name: r.text(1)?,
+            kind: r.text(2)?,
+            pipeline: r.text(3)?,
+            path: r.text(4)?,
+            params: json(r.opt_text(5)?),
+            metrics: json(r.opt_text(6)?),
+            tuning: json(r.opt_text(7)?),
+            accuracy: r.opt_real(8)?,
+            run_id: r.opt_text(9)?,
+            status: r.named(10, &ModelStatus::ALL, ModelStatus::as_str)?,
+            created_at: r.text(11)?,
+            promoted_at: r.opt_text(12)?,
         })
     }
 
     pub fn models(&self) -> Result<Vec<ModelRow>, StoreError> {
-        self.with(|c| {
-            let mut st = c.prepare(&format!(
+        self.write(|tx| {
+            let sql = format!(
                 "SELECT {} FROM models ORDER BY created_at DESC, version",
                 Self::MODEL_COLUMNS
-            ))?;
-            let rows = st.query_map([], Self::model_row)?.collect();
-            rows
+            );
+            tx.query(&sql, &[])?.iter().map(Self::model_row).collect()
         })
     }
 
     pub fn model(&self, version: &str) -> Result<Option<ModelRow>, StoreError> {
-        self.with(|c| {
-            c.query_row(
-                &format!("SELECT {} FROM models WHERE version = ?1", Self::MODEL_COLUMNS),
-                [version],
-                Self::model_row,
-            )
-            .optional()
+        self.write(|tx| {
+            let sql = format!("SELECT {} FROM models WHERE version = ?1", Self::MODEL_COLUMNS);
+            tx.query_opt(&sql, params![version])?
+                .as_ref()
+                .map(Self::model_row)
+                .transpose()
         })
     }
 
     /// The production version of each model name.
     pub fn production(&self) -> Result<Vec<ModelRow>, StoreError> {
-        self.with(|c| {
-            let mut st = c.prepare(&format!(
+        self.write(|tx| {
+            let sql = format!(
                 "SELECT {} FROM models WHERE status = ?1 ORDER BY name",
                 Self::MODEL_COLUMNS
-            ))?;
-            let rows = st.query_map([ModelStatus::Production], Self::model_row)?.collect();
-            rows
+            );
+            tx.query(&sql, params![ModelStatus::Production.as_str()])?
+                .iter()
+                .map(Self::model_row)
+                .collect()
         })
     }
 
     // --- training runs ---
 
-    pub fn create_run(&self, id: &str, pipeline: &str, params: &Value, stages: &Value) -> Result<(), StoreError> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO runs (id, pipeline, params, stages, status) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![id, pipeline, params.to_string(), stages.to_string(), RunStatus::Running],
+    /// Records run `id` of `pipeline` as running on `owner`, leased for `lease`, unless a run of
+    /// the pipeline is running (on any replica): runs whose lease ran out are interrupted first.
+    pub fn create_run(
+        &self,
+        id: &str,
+        pipeline: &str,
+        params: &Value,
+        stages: &Value,
+        owner: &str,
+        lease: Duration,
+    ) -> Result<NewRun, StoreError> {
+        let busy = |tx: &mut dyn Tx| -> Result<Option<String>, StoreError> {
+            tx.query_opt(
+                "SELECT id FROM runs WHERE pipeline = ?1 AND status = ?2",
+                params![pipeline, RunStatus::Running.as_str()],
+            )?
+            .map(|r| r.text(0))
+            .transpose()
+        };
+        self.expire_leases()?;
+        let created = self.write(|tx| {
+            if let Some(running) = busy(tx)? {
+                return Ok(NewRun::Busy(running));
+            }
+            tx.execute(
+                "INSERT INTO runs (id, pipeline, params, stages, status, owner, lease_until_ms, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    id,
+                    pipeline,
+                    &params.to_string(),
+                    &stages.to_string(),
+                    RunStatus::Running.as_str(),
+                    owner,
+                    now_ms() + lease.as_millis() as i64,
+                    &now_text()
+                ],
+            )?;
+            Ok(NewRun::Created)
+        });
+        match created {
+            // Another replica's insert won the race (the one-running-run index refused ours).
+            Err(e) if e.is_unique_violation() => Ok(NewRun::Busy(self.write(busy)?.unwrap_or_default())),
+            other => other,
+        }
+    }
+
+    /// Extends the leases of the runs `owner` is running; returns how many it holds.
+    pub fn renew_leases(&self, owner: &str, lease: Duration) -> Result<u64, StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE runs SET lease_until_ms = ?3 WHERE owner = ?1 AND status = ?2",
+                params![owner, RunStatus::Running.as_str(), now_ms() + lease.as_millis() as i64],
             )
-            .map(|_| ())
+        })
+    }
+
+    /// Runs whose replica stopped renewing their lease are recorded as interrupted.
+    pub fn expire_leases(&self) -> Result<u64, StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE runs SET status = ?1, error = 'the replica running it stopped (its lease ran out)', finished_at = ?3
+                 WHERE status = ?2 AND (lease_until_ms IS NULL OR lease_until_ms < ?4)",
+                params![
+                    RunStatus::Interrupted.as_str(),
+                    RunStatus::Running.as_str(),
+                    &now_text(),
+                    now_ms()
+                ],
+            )
         })
     }
 
     pub fn finish_run(&self, id: &str, status: RunStatus, error: Option<&str>) -> Result<(), StoreError> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE runs SET status = ?2, error = ?3, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?1",
-                params![id, status, error],
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE runs SET status = ?2, error = ?3, finished_at = ?4 WHERE id = ?1",
+                params![id, status.as_str(), error, &now_text()],
             )
-            .map(|_| ())
+            .map(drop)
         })
     }
 
-    /// Runs left `running` by a process that died: they are recorded as interrupted.
-    pub fn interrupt_unfinished(&self) -> Result<usize, StoreError> {
-        self.with(|c| {
-            c.execute(
-                "UPDATE runs SET status = ?1, error = 'the server stopped during the run',
-                 finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE status = ?2",
-                [RunStatus::Interrupted, RunStatus::Running],
+    /// Runs left `running` by an earlier life of replica `owner` (the same name, so the same
+    /// host and port): they are recorded as interrupted.
+    pub fn interrupt_unfinished(&self, owner: &str) -> Result<u64, StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE runs SET status = ?1, error = 'the server stopped during the run', finished_at = ?3
+                 WHERE status = ?2 AND (owner = ?4 OR owner IS NULL)",
+                params![
+                    RunStatus::Interrupted.as_str(),
+                    RunStatus::Running.as_str(),
+                    &now_text(),
+                    owner
+                ],
             )
         })
     }
@@ -700,79 +973,91 @@ impl Store {
         metrics: &Value,
         error: Option<&str>,
     ) -> Result<(), StoreError> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO run_events (run_id, stage, state, duration_ms, metrics, error) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![run, stage, state, duration_ms as i64, metrics.to_string(), error],
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO run_events (run_id, seq, stage, state, duration_ms, metrics, error, at)
+                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM run_events WHERE run_id = ?1), ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    run,
+                    stage,
+                    state.as_str(),
+                    duration_ms as i64,
+                    &metrics.to_string(),
+                    error,
+                    &now_text()
+                ],
             )
-            .map(|_| ())
+            .map(drop)
         })
     }
 
     pub fn add_log(&self, run: &str, stage: &str, line: &str) -> Result<(), StoreError> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO run_logs (run_id, seq, stage, line)
-                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM run_logs WHERE run_id = ?1), ?2, ?3)",
-                params![run, stage, line],
+        // On PostgreSQL two stages' lines could read the same last number; one at a time here.
+        let _one = match &self.engine {
+            Engine::Postgres { logs, .. } => Some(logs.lock().unwrap_or_else(|p| p.into_inner())),
+            Engine::Sqlite { .. } => None,
+        };
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO run_logs (run_id, seq, stage, line, at)
+                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM run_logs WHERE run_id = ?1), ?2, ?3, ?4)",
+                params![run, stage, line, &now_text()],
             )
-            .map(|_| ())
+            .map(drop)
         })
     }
 
     pub fn run(&self, id: &str) -> Result<Option<RunRow>, StoreError> {
-        self.with(|c| {
-            let row = c
-                .query_row(
-                    "SELECT id, pipeline, params, stages, status, error, created_at, finished_at FROM runs WHERE id = ?1",
-                    [id],
-                    |r| {
-                        Ok(RunRow {
-                            id: r.get(0)?,
-                            pipeline: r.get(1)?,
-                            params: json(r.get(2)?),
-                            stages: json(r.get(3)?),
-                            status: r.get(4)?,
-                            error: r.get(5)?,
-                            created_at: r.get(6)?,
-                            finished_at: r.get(7)?,
-                            events: Vec::new(),
-                        })
-                    },
-                )
-                .optional()?;
-            let Some(mut row) = row else { return Ok(None) };
-            let mut st = c.prepare(
-                "SELECT stage, state, duration_ms, metrics, error, at FROM run_events WHERE run_id = ?1 ORDER BY rowid",
-            )?;
-            row.events = st
-                .query_map([id], |r| {
+        self.write(|tx| {
+            let Some(r) = tx.query_opt(
+                "SELECT id, pipeline, params, stages, status, error, created_at, finished_at FROM runs WHERE id = ?1",
+                params![id],
+            )?
+            else {
+                return Ok(None);
+            };
+            let events = tx
+                .query(
+                    "SELECT stage, state, duration_ms, metrics, error, at FROM run_events WHERE run_id = ?1 ORDER BY seq",
+                    params![id],
+                )?
+                .iter()
+                .map(|e| {
                     Ok(serde_json::json!({
-                        "stage": r.get::<_, String>(0)?,
-                        "state": r.get::<_, String>(1)?,
-                        "duration_ms": r.get::<_, Option<i64>>(2)?,
-                        "metrics": json(r.get::<_, Option<String>>(3)?.unwrap_or_default()),
-                        "error": r.get::<_, Option<String>>(4)?,
-                        "at": r.get::<_, String>(5)?,
+                        "stage": e.text(0)?,
+                        "state": e.text(1)?,
+                        "duration_ms": e.opt_int(2)?,
+                        "metrics": json(e.opt_text(3)?),
+                        "error": e.opt_text(4)?,
+                        "at": e.text(5)?,
                     }))
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            Ok(Some(row))
+                })
+                .collect::<Result<_, StoreError>>()?;
+            Ok(Some(RunRow {
+                id: r.text(0)?,
+                pipeline: r.text(1)?,
+                params: json(r.opt_text(2)?),
+                stages: json(r.opt_text(3)?),
+                status: r.named(4, &RunStatus::ALL, RunStatus::as_str)?,
+                error: r.opt_text(5)?,
+                created_at: r.text(6)?,
+                finished_at: r.opt_text(7)?,
+                events,
+            }))
         })
     }
 
     pub fn logs(&self, id: &str) -> Result<Vec<Value>, StoreError> {
-        self.with(|c| {
-            let mut st = c.prepare("SELECT seq, stage, line, at FROM run_logs WHERE run_id = ?1 ORDER BY seq")?;
-            let rows = st
-                .query_map([id], |r| {
-                    Ok(
-                        serde_json::json!({"seq": r.get::<_, i64>(0)?, "stage": r.get::<_, String>(1)?,
-                                          "line": r.get::<_, String>(2)?, "at": r.get::<_, String>(3)?}),
-                    )
-                })?
-                .collect();
-            rows
+        self.write(|tx| {
+            tx.query(
+                "SELECT seq, stage, line, at FROM run_logs WHERE run_id = ?1 ORDER BY seq",
+                params![id],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(serde_json::json!({"seq": r.int(0)?, "stage": r.text(1)?, "line": r.text(2)?, "at": r.text(3)?}))
+            })
+            .collect()
         })
     }
 }
@@ -783,9 +1068,15 @@ mod tests {
 
     fn text(store: &Store, sql: &str) -> Vec<String> {
         store
-            .with(|c| c.prepare(sql)?.query_map([], |r| r.get(0))?.collect())
+            .write(|tx| tx.query(sql, &[])?.iter().map(|r| r.text(0)).collect())
             .unwrap()
     }
+
+    fn sqlite(dir: &tempfile::TempDir) -> Store {
+        Store::open(&Location::Sqlite(dir.path().join("db.sqlite")), 1).unwrap()
+    }
+
+    const LEASE: Duration = Duration::from_secs(60);
 
     fn model(version: &str) -> ModelRow {
         ModelRow {
@@ -818,9 +1109,11 @@ mod tests {
     #[test]
     fn states_are_stored_as_their_names() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        let store = sqlite(&dir);
 
-        store.create_run("r1", "demo", &Value::Null, &Value::Null).unwrap();
+        store
+            .create_run("r1", "demo", &Value::Null, &Value::Null, "a", LEASE)
+            .unwrap();
         assert_eq!(store.run("r1").unwrap().unwrap().status, RunStatus::Running);
         store
             .add_event("r1", "load", EventState::Running, 0, &Value::Null, None)
@@ -831,15 +1124,28 @@ mod tests {
         store.finish_run("r1", RunStatus::Succeeded, None).unwrap();
         assert_eq!(text(&store, "SELECT status FROM runs"), ["succeeded"]);
         assert_eq!(
-            text(&store, "SELECT state FROM run_events ORDER BY rowid"),
+            text(&store, "SELECT state FROM run_events ORDER BY seq"),
             ["running", "ran"]
         );
         let run = store.run("r1").unwrap().unwrap();
         assert_eq!(run.status, RunStatus::Succeeded);
         assert_eq!(run.events[1]["state"], "ran");
 
-        store.create_run("r2", "demo", &Value::Null, &Value::Null).unwrap();
-        assert_eq!(store.interrupt_unfinished().unwrap(), 1);
+        assert_eq!(
+            store
+                .create_run("r2", "demo", &Value::Null, &Value::Null, "b", LEASE)
+                .unwrap(),
+            NewRun::Created
+        );
+        assert_eq!(
+            store
+                .create_run("r3", "demo", &Value::Null, &Value::Null, "a", LEASE)
+                .unwrap(),
+            NewRun::Busy("r2".into()),
+            "one run per pipeline, whichever server asks"
+        );
+        assert_eq!(store.interrupt_unfinished("a").unwrap(), 0, "only a server's own runs");
+        assert_eq!(store.interrupt_unfinished("b").unwrap(), 1);
         assert_eq!(store.run("r2").unwrap().unwrap().status, RunStatus::Interrupted);
 
         store.register_model(&model("v1")).unwrap();
@@ -860,11 +1166,43 @@ mod tests {
     #[test]
     fn an_unknown_stored_status_is_an_error_not_a_guess() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
-        store.create_run("r1", "demo", &Value::Null, &Value::Null).unwrap();
+        let store = sqlite(&dir);
         store
-            .with(|c| c.execute("UPDATE runs SET status = 'paused'", []))
+            .create_run("r1", "demo", &Value::Null, &Value::Null, "a", LEASE)
+            .unwrap();
+        store
+            .write(|tx| tx.execute("UPDATE runs SET status = 'paused'", &[]))
             .unwrap();
         assert!(store.run("r1").is_err());
+    }
+}
+
+#[cfg(test)]
+mod lease_tests {
+    use super::*;
+
+    #[test]
+    fn a_run_whose_lease_ran_out_is_interrupted_and_frees_its_pipeline() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&Location::Sqlite(dir.path().join("db.sqlite")), 1).unwrap();
+        let short = Duration::from_millis(50);
+        let create = |id: &str| {
+            store
+                .create_run(id, "demo", &Value::Null, &Value::Null, "a", short)
+                .unwrap()
+        };
+        assert_eq!(create("r1"), NewRun::Created);
+        assert_eq!(store.renew_leases("a", Duration::from_secs(60)).unwrap(), 1);
+        assert_eq!(store.expire_leases().unwrap(), 0, "a renewed lease holds");
+        store.renew_leases("a", short).unwrap();
+        std::thread::sleep(Duration::from_millis(120));
+        assert_eq!(
+            create("r2"),
+            NewRun::Created,
+            "the expired run no longer holds the pipeline"
+        );
+        let r1 = store.run("r1").unwrap().unwrap();
+        assert_eq!(r1.status, RunStatus::Interrupted);
+        assert!(r1.error.unwrap().contains("lease"));
     }
 }

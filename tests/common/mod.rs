@@ -1,6 +1,8 @@
 //! Helpers for tests that run the real `sentiflow` binary in a scratch project.
 #![allow(dead_code)]
 
+pub mod postgres;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -8,6 +10,9 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_sentiflow");
 
 pub struct Project {
     pub dir: tempfile::TempDir,
+    /// The database every command of the project uses: a database of its own on the tests'
+    /// PostgreSQL cluster with `SENTIFLOW_TEST_DB=postgres`, else the default SQLite file.
+    pub db: Option<String>,
 }
 
 pub struct Run {
@@ -34,7 +39,8 @@ impl Project {
     pub fn new() -> Project {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
-        Project { dir }
+        let db = postgres::selected().then(postgres::database);
+        Project { dir, db }
     }
 
     pub fn root(&self) -> &Path {
@@ -68,6 +74,10 @@ impl Project {
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(BIN);
         c.args(args).current_dir(self.root()).env_remove("SENTIFLOW_CACHE_DIR");
+        match &self.db {
+            Some(url) => c.env("SENTIFLOW_DB", url),
+            None => c.env_remove("SENTIFLOW_DB"),
+        };
         c
     }
 

@@ -1,0 +1,123 @@
+//! Several `sentiflow serve` processes on one PostgreSQL database (a real server, started by the
+//! tests): a promotion through one is served by the others within 2 s, one run per pipeline
+//! holds across them, and the run of a server that died ends `interrupted` when its lease runs out.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{http, key, quickstart, Project, Response, Server};
+use serde_json::{json, Value};
+
+const REVIEW: &str = "A wonderful, moving film with a brilliant cast.";
+
+fn call(s: &Server, method: &str, path: &str, key: &str, body: Option<&Value>) -> Response {
+    let auth = format!("Bearer {key}");
+    let mut headers = vec![("authorization", auth.as_str())];
+    let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+    if body.is_some() {
+        headers.push(("content-type", "application/json"));
+    }
+    http(&s.addr, method, path, &headers, bytes.as_bytes())
+}
+
+fn wait_for<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> (T, Duration) {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return (v, start.elapsed());
+        }
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn train(s: &Server, admin: &str, body: Value) -> Value {
+    let r = call(s, "POST", "/training", admin, Some(&body));
+    assert_eq!(r.status, 202, "{}", r.body);
+    let location = r.header("location").unwrap().to_string();
+    wait_for("the training", Duration::from_secs(120), || {
+        let run = call(s, "GET", &location, admin, None).json();
+        (run["status"] != "running").then_some(run)
+    })
+    .0
+}
+
+/// The version that answered a prediction, if one did (none is served before a promotion).
+fn served_version(s: &Server, admin: &str) -> Option<String> {
+    let r = call(s, "POST", "/prediction", admin, Some(&json!({"text": REVIEW})));
+    (r.status == 200).then(|| r.json()["version"].as_str().unwrap().to_string())
+}
+
+fn on_postgres() -> Project {
+    let mut p = quickstart();
+    p.db = Some(common::postgres::database());
+    p
+}
+
+#[test]
+fn replicas_serve_one_registry_and_share_runs() {
+    let p = on_postgres();
+    p.write(
+        "pipelines/slow.yaml",
+        "name: slow\nstages:\n  wait: {uses: command, with: {run: 'sleep 60; echo done > out/w', outs: [out/w]}}\n",
+    );
+    let admin = key(&p, "admin");
+    let lease = ["--no-auto-promote", "--run-lease-s", "3", "--admin-rps", "10000"];
+    let mut a = Server::start(&p, &[&["--replica", "a"][..], &lease].concat());
+    let b = Server::start(&p, &[&["--replica", "b"][..], &lease].concat());
+
+    // Two versions trained through A; neither is served until promoted.
+    for seed in [1, 2] {
+        let run = train(&a, &admin, json!({"pipeline": "quickstart", "params": {"seed": seed}}));
+        assert_eq!(run["status"], "succeeded", "{run}");
+    }
+    let models = call(&b, "GET", "/models", &admin, None).json();
+    let versions: Vec<String> = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["version"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(versions.len(), 2, "B sees the versions A registered: {models}");
+
+    // A promotion through either replica is served by the other within 2 s.
+    for (via, other, version) in [(&a, &b, &versions[0]), (&b, &a, &versions[1]), (&a, &b, &versions[0])] {
+        let r = call(via, "POST", &format!("/models/{version}/promote"), &admin, None);
+        assert_eq!(r.status, 200, "{}", r.body);
+        let (_, took) = wait_for(
+            "the other replica serving the promoted version",
+            Duration::from_secs(2),
+            || (served_version(other, &admin) == *version).then_some(()),
+        );
+        eprintln!("promoted {version}: served by the other replica after {took:?}");
+    }
+
+    // One run per pipeline, whichever replica is asked.
+    let r = call(&a, "POST", "/training", &admin, Some(&json!({"pipeline": "slow"})));
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let r = call(&b, "POST", "/training", &admin, Some(&json!({"pipeline": "slow"})));
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "already_running");
+    assert!(
+        r.json()["error"]["message"].as_str().unwrap().contains(&id),
+        "{}",
+        r.body
+    );
+    assert_eq!(r.header("location"), Some(format!("/training/{id}").as_str()));
+
+    // A dies mid-training (SIGKILL: nothing of it runs); its run's lease runs out and B records
+    // the run as interrupted, after which the pipeline can be trained again.
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let (run, took) = wait_for("the dead replica's run interrupted", Duration::from_secs(15), || {
+        let run = call(&b, "GET", &format!("/training/{id}"), &admin, None).json();
+        (run["status"] != "running").then_some(run)
+    });
+    assert_eq!(run["status"], "interrupted", "{run}");
+    assert!(run["error"].as_str().unwrap().contains("lease"), "{run}");
+    eprintln!("the dead replica's run was interrupted after {took:?}");
+    let r = call(&b, "POST", "/training", &admin, Some(&json!({"pipeline": "slow"})));
+    assert_eq!(r.status, 202, "{}", r.body);
+}
