@@ -11,8 +11,12 @@
 //!
 //! Every file is written to a temporary name, synced and renamed, so an interrupted write never
 //! leaves a partial entry under a final name. Anything read back is verified against its hash.
+//!
+//! A cache may have a [`Remote`] copy with the same layout: [`Cache::fetch`] copies an entry from
+//! it, [`Cache::push`] copies one to it.
 
 mod hash;
+pub mod remote;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -27,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 pub use hash::{hash_reader, sha256_hex, special_kind, Artifact, FileEntry, Hasher};
+pub use remote::{Remote, RemoteError, Transfer};
 
 /// Numbers a stage run reports (accuracy, row counts, …), kept in its run entry and the lock file.
 pub type Metrics = Map<String, Value>;
@@ -46,6 +51,8 @@ pub enum CacheError {
          hashed or cached; point the pipeline at a regular file or a directory of them"
     )]
     NotRegular { path: PathBuf, kind: &'static str },
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
 }
 
 impl CacheError {
@@ -67,6 +74,34 @@ pub struct RunEntry {
     pub duration_ms: u64,
 }
 
+impl RunEntry {
+    /// The hash and size of every object its outputs are made of.
+    pub fn objects(&self) -> impl Iterator<Item = (&str, u64)> {
+        self.outs.iter().flat_map(|out| match &out.files {
+            Some(files) => files.values().map(|f| (f.hash.as_str(), f.size)).collect::<Vec<_>>(),
+            None => vec![(out.hash.as_str(), out.size)],
+        })
+    }
+
+    /// Why an entry from elsewhere (a remote) must not be restored: object names that are not
+    /// hashes, or output paths that could lead out of the project.
+    fn check_foreign(&self) -> Result<(), String> {
+        if let Some((bad, _)) = self.objects().find(|(h, _)| !is_hash(h)) {
+            return Err(format!("object name `{bad}` is not a SHA-256"));
+        }
+        let escapes = |p: &str| p.is_empty() || p.starts_with('/') || p.split('/').any(|c| c == "..");
+        let names = self.outs.iter().flat_map(|out| {
+            std::iter::once(out.path.as_str()).chain(out.files.iter().flat_map(|f| f.keys().map(String::as_str)))
+        });
+        for name in names {
+            if escapes(name) {
+                return Err(format!("output path `{name}` is not inside the project"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Space a garbage collection freed.
 #[derive(Debug, Default, Serialize)]
 pub struct GcReport {
@@ -80,11 +115,24 @@ pub struct GcReport {
 pub struct Cache {
     dir: PathBuf,
     pub hasher: Hasher,
+    remote: Option<Remote>,
 }
 
 impl Cache {
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// This cache with a remote copy that runs fetch missing entries from and push new ones to.
+    pub fn with_remote(self, remote: Remote) -> Cache {
+        Cache {
+            remote: Some(remote),
+            ..self
+        }
+    }
+
+    pub fn remote(&self) -> Option<&Remote> {
+        self.remote.as_ref()
     }
 
     pub fn open(dir: &Path) -> Result<Cache, CacheError> {
@@ -95,15 +143,109 @@ impl Cache {
         Ok(Cache {
             dir: dir.to_path_buf(),
             hasher: Hasher::load(dir.join("hashes.json")),
+            remote: None,
         })
     }
 
     fn run_path(&self, key: &str) -> PathBuf {
-        self.dir.join("runs").join(&key[..2]).join(format!("{key}.json"))
+        self.dir.join(run_name(key))
     }
 
     fn object_path(&self, hash: &str) -> PathBuf {
-        self.dir.join("objects").join(&hash[..2]).join(hash)
+        self.dir.join(object_name(hash))
+    }
+
+    /// The keys of every run entry here.
+    pub fn keys(&self) -> Result<Vec<String>, CacheError> {
+        Ok(list_files(&self.dir.join("runs"))?
+            .iter()
+            .filter_map(|f| Some(f.file_name()?.to_str()?.strip_suffix(".json")?.to_string()))
+            .filter(|k| is_hash(k))
+            .collect())
+    }
+
+    /// Whether the remote cache holds the entry `key` (`false` without a remote).
+    pub fn remote_has(&self, key: &str) -> Result<bool, CacheError> {
+        match &self.remote {
+            Some(remote) => Ok(remote.has(&run_name(key))?),
+            None => Ok(false),
+        }
+    }
+
+    /// Copies the entry `key` from the remote into this cache, its objects first and the entry
+    /// last, as a local write would: `None` when the remote has no such entry (or there is no
+    /// remote). Each object is checked against its name on the way; a mismatch is reported as
+    /// [`RemoteError::Corrupt`], and no entry is written (the objects already checked stay).
+    pub fn fetch(&self, key: &str) -> Result<Option<(RunEntry, Transfer)>, CacheError> {
+        let Some(remote) = &self.remote else { return Ok(None) };
+        let name = run_name(key);
+        let Some(bytes) = remote.get(&name)? else {
+            return Ok(None);
+        };
+        let entry: RunEntry = serde_json::from_slice(&bytes).map_err(|e| remote.corrupt(&name, e.to_string()))?;
+        entry.check_foreign().map_err(|reason| remote.corrupt(&name, reason))?;
+        let mut transfer = Transfer {
+            runs: 1,
+            ..Transfer::default()
+        };
+        let tmp_dir = self.dir.join("tmp");
+        for (hash, size) in entry.objects() {
+            let dest = self.object_path(hash);
+            if dest.exists() {
+                continue;
+            }
+            let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(|e| CacheError::io(&tmp_dir, e))?;
+            let found = remote.download(&object_name(hash), hash, &mut tmp).inspect_err(|e| {
+                // The entry names a damaged object: the next push of this key replaces it.
+                if matches!(e, RemoteError::Corrupt { .. }) {
+                    remote.distrust(&name);
+                }
+            })?;
+            if !found {
+                return Err(remote.corrupt(&name, format!("its object {hash} is missing")).into());
+            }
+            persist(tmp, &dest)?;
+            transfer.objects += 1;
+            transfer.bytes += size;
+        }
+        write_atomic(&self.run_path(key), &bytes)?;
+        Ok(Some((entry, transfer)))
+    }
+
+    /// Copies the entry `key` to the remote (if there is one), objects first and the entry last,
+    /// so no reader finds an entry whose objects are not all there. Anything the remote has
+    /// already is not sent again.
+    pub fn push(&self, key: &str, entry: &RunEntry) -> Result<Transfer, CacheError> {
+        let mut transfer = Transfer::default();
+        let Some(remote) = &self.remote else {
+            return Ok(transfer);
+        };
+        let name = run_name(key);
+        if remote.has(&name)? {
+            return Ok(transfer);
+        }
+        let mut sent = BTreeSet::new();
+        for (hash, size) in entry.objects() {
+            let object = object_name(hash);
+            if !sent.insert(hash) || remote.has(&object)? {
+                continue;
+            }
+            let path = self.object_path(hash);
+            let bytes = fs::read(&path).map_err(|e| CacheError::io(&path, e))?;
+            // Never spread a local object that rotted since it was stored.
+            if sha256_hex(&bytes) != hash {
+                return Err(CacheError::Corrupt {
+                    what: path.display().to_string(),
+                    reason: "its content no longer matches its name".into(),
+                });
+            }
+            remote.put(&object, bytes)?;
+            transfer.objects += 1;
+            transfer.bytes += size;
+        }
+        remote.put(&name, serde_json::to_vec_pretty(entry).expect("run entries serialize"))?;
+        transfer.runs += 1;
+        Ok(transfer)
     }
 
     /// The entry stored under `key`, if any. An unreadable entry is removed and reported.
@@ -314,14 +456,7 @@ impl Cache {
             match entry {
                 Some(entry) => {
                     report.runs_kept += 1;
-                    for out in entry.outs {
-                        match out.files {
-                            Some(files) => objects.extend(files.into_values().map(|f| f.hash)),
-                            None => {
-                                objects.insert(out.hash);
-                            }
-                        }
-                    }
+                    objects.extend(entry.objects().map(|(hash, _)| hash.to_string()));
                 }
                 None => {
                     report.bytes_freed += remove(&file);
@@ -343,6 +478,21 @@ impl Cache {
         }
         Ok(report)
     }
+}
+
+/// Whether `name` is a SHA-256 in hex, as object names and cache keys are.
+fn is_hash(name: &str) -> bool {
+    name.len() == 64 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Where the entry of run `key` lives, relative to a cache's root (local or remote).
+fn run_name(key: &str) -> String {
+    format!("runs/{}/{key}.json", &key[..2])
+}
+
+/// Where the object named `hash` lives, relative to a cache's root (local or remote).
+fn object_name(hash: &str) -> String {
+    format!("objects/{}/{hash}", &hash[..2])
 }
 
 /// Outputs locked by [`Cache::lock_outputs`]; dropping it unlocks them.
