@@ -1,5 +1,7 @@
 //! Running a pipeline: each stage starts as soon as the stages it needs are done, on a rayon
-//! pool of `jobs` threads; unchanged stages are restored from the cache instead of run.
+//! pool of `jobs` threads; unchanged stages are restored from the cache instead of run. With a
+//! remote cache, a stage missing locally is fetched from it, and what a stage produces is pushed
+//! to it.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::{Path, PathBuf};
@@ -10,7 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use super::key::{cache_key, stage_inputs};
 use super::report::{Report, StageReport, State};
 use super::{lock, real_path, Pipeline};
-use crate::cache::{clear_outputs, Artifact, Cache, CacheError, Metrics, RunEntry};
+use crate::cache::{clear_outputs, Artifact, Cache, CacheError, Metrics, RemoteError, RunEntry};
 use crate::stages::{Context, StageError, Upstream};
 
 #[derive(Debug, Clone)]
@@ -89,6 +91,7 @@ pub fn run(
         force: opts.force,
         cancel,
         obs,
+        remote_down: AtomicBool::new(false),
     };
     let shared = &shared;
 
@@ -161,7 +164,7 @@ pub fn run(
     let stages: Vec<StageReport> = reports.into_iter().flatten().collect();
     let report = Report {
         pipeline: p.name.clone(),
-        ok: stages.iter().all(|s| matches!(s.state, State::Ran | State::Cached)),
+        ok: stages.iter().all(|s| s.state.succeeded()),
         interrupted,
         stages,
     };
@@ -201,6 +204,66 @@ struct Shared<'a> {
     force: bool,
     cancel: &'a AtomicBool,
     obs: &'a dyn Observer,
+    /// Set when the remote cache failed once: the run carries on with the local cache alone.
+    remote_down: AtomicBool,
+}
+
+impl Shared<'_> {
+    /// The entry `key` of stage `stage` from the remote cache, copied into the local one; `None`
+    /// when there is no remote, it lacks the entry or the entry is damaged (the stage then runs).
+    fn fetch(&self, stage: &str, key: &str) -> Option<RunEntry> {
+        if self.cache.remote().is_none() || self.remote_down.load(Ordering::SeqCst) {
+            return None;
+        }
+        match self.cache.fetch(key) {
+            Ok(Some((entry, t))) => {
+                tracing::debug!(
+                    "{stage}: fetched {} objects ({} bytes) from the remote cache",
+                    t.objects,
+                    t.bytes
+                );
+                Some(entry)
+            }
+            Ok(None) => {
+                tracing::debug!("{stage}: not in the remote cache");
+                None
+            }
+            Err(CacheError::Remote(e @ RemoteError::Corrupt { .. })) => {
+                self.obs.warn(&format!(
+                    "{stage}: discarding what the remote cache holds for key {key}: {e}; running the stage"
+                ));
+                None
+            }
+            Err(e) => {
+                self.remote_failed(&e);
+                None
+            }
+        }
+    }
+
+    /// Sends the entry `key` that stage `stage` just produced to the remote cache.
+    fn push(&self, stage: &str, key: &str, entry: &RunEntry) {
+        if self.cache.remote().is_none() || self.remote_down.load(Ordering::SeqCst) {
+            return;
+        }
+        match self.cache.push(key, entry) {
+            Ok(t) => tracing::debug!(
+                "{stage}: pushed {} objects ({} bytes) to the remote cache",
+                t.objects,
+                t.bytes
+            ),
+            Err(e) => self.remote_failed(&e),
+        }
+    }
+
+    /// A run never fails for want of its remote: say so once, then leave the remote alone.
+    fn remote_failed(&self, e: &CacheError) {
+        if !self.remote_down.swap(true, Ordering::SeqCst) {
+            self.obs.warn(&format!(
+                "the remote cache is not usable, carrying on with the local cache alone: {e}"
+            ));
+        }
+    }
 }
 
 fn run_stage(shared: &Shared, i: usize, upstream: &BTreeMap<String, Vec<Artifact>>) -> StageReport {
@@ -211,6 +274,7 @@ fn run_stage(shared: &Shared, i: usize, upstream: &BTreeMap<String, Vec<Artifact
         force,
         cancel,
         obs,
+        ..
     } = shared;
     let stage = &p.stages[i];
     let mut report = report_of(p, i, State::Ran, None);
@@ -257,11 +321,26 @@ fn run_stage(shared: &Shared, i: usize, upstream: &BTreeMap<String, Vec<Artifact
     };
 
     if !force {
-        match cache.lookup(&key) {
-            Ok(Some(entry)) => match cache.restore(&p.root, &entry.outs) {
+        let local = match cache.lookup(&key) {
+            Ok(Some(entry)) => Some(entry),
+            Ok(None) => {
+                tracing::debug!("{}: not in the cache", stage.name);
+                None
+            }
+            Err(e) => {
+                obs.warn(&format!("{}: {e}; running the stage again", stage.name));
+                None
+            }
+        };
+        let found = match local {
+            Some(entry) => Some((entry, State::Cached)),
+            None => shared.fetch(&stage.name, &key).map(|entry| (entry, State::Fetched)),
+        };
+        if let Some((entry, state)) = found {
+            match cache.restore(&p.root, &entry.outs) {
                 Ok(()) => {
                     tracing::debug!("{}: restored {} outputs from the cache", stage.name, entry.outs.len());
-                    report.state = State::Cached;
+                    report.state = state;
                     report.outs = entry.outs;
                     report.metrics = entry.metrics;
                     report.duration_ms = entry.duration_ms;
@@ -276,9 +355,7 @@ fn run_stage(shared: &Shared, i: usize, upstream: &BTreeMap<String, Vec<Artifact
                     cache.discard(&key);
                 }
                 Err(e) => return fail(report, State::Failed, format!("restoring outputs: {e}")),
-            },
-            Ok(None) => tracing::debug!("{}: not in the cache", stage.name),
-            Err(e) => obs.warn(&format!("{}: {e}; running the stage again", stage.name)),
+            }
         }
     }
 
@@ -335,6 +412,7 @@ fn run_stage(shared: &Shared, i: usize, upstream: &BTreeMap<String, Vec<Artifact
     if let Err(e) = cache.record(&key, &entry) {
         return fail(report, State::Failed, format!("recording the cache entry: {e}"));
     }
+    shared.push(&stage.name, &key, &entry);
     report.outs = entry.outs;
     report.metrics = entry.metrics;
     report.finished_at = now();

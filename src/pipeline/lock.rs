@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::key::{canonical, stage_inputs};
-use super::report::{StageReport, State};
+use super::report::StageReport;
 use super::{lock_path, yaml, Pipeline};
 use crate::cache::{write_atomic, Artifact, CacheError, Hasher, Metrics};
 
@@ -75,7 +75,7 @@ impl Writer {
     /// Records a stage that ran or was restored (others keep their last entry), and writes the
     /// file if the last write is a second old.
     pub fn record(&mut self, p: &Pipeline, r: &StageReport) -> Result<(), CacheError> {
-        if matches!(r.state, State::Ran | State::Cached) {
+        if r.state.succeeded() {
             let kind = &p.stage(&r.name).expect("reports name stages").kind;
             self.lock.stages.insert(
                 r.name.clone(),

@@ -15,6 +15,8 @@ pub enum State {
     Ran,
     /// Its outputs came from the cache.
     Cached,
+    /// Its outputs came from the remote cache (`--remote-cache`), the local one lacking them.
+    Fetched,
     Failed,
     /// Not run because a stage it needs failed or the run was interrupted.
     Skipped,
@@ -23,11 +25,17 @@ pub enum State {
 }
 
 impl State {
+    /// Whether the stage's outputs are in place: it ran, or they came from a cache.
+    pub fn succeeded(self) -> bool {
+        matches!(self, State::Ran | State::Cached | State::Fetched)
+    }
+
     /// The name it serializes as.
     pub fn as_str(self) -> &'static str {
         match self {
             State::Ran => "ran",
             State::Cached => "cached",
+            State::Fetched => "fetched",
             State::Failed => "failed",
             State::Skipped => "skipped",
             State::Interrupted => "interrupted",
@@ -81,6 +89,7 @@ mod tests {
         for state in [
             State::Ran,
             State::Cached,
+            State::Fetched,
             State::Failed,
             State::Skipped,
             State::Interrupted,

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{flatten, key, now_ms, TrackingError};
-use crate::pipeline::report::{Report, State};
+use crate::pipeline::report::Report;
 use crate::pipeline::Pipeline;
 use crate::plot;
 use crate::stages::StageKind;
@@ -130,11 +130,7 @@ pub fn events(p: &Pipeline, report: &Report, plots: &Path) -> Result<Vec<Event>,
         dest,
         file,
     };
-    for r in report
-        .stages
-        .iter()
-        .filter(|r| matches!(r.state, State::Ran | State::Cached))
-    {
+    for r in report.stages.iter().filter(|r| r.state.succeeded()) {
         let stage = p.stage(&r.name).expect("reports name stages");
         let name = &r.name;
         match &stage.kind {
