@@ -11,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use anyhow::Context as _;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Remote, Transfer};
 use crate::models::bert::{BertError, Device, Runtime};
 use crate::models::bundle::{Bundle, BundleError, Prediction, LABELS};
 use crate::pipeline::exec::{self, Observer, Options};
@@ -134,6 +134,8 @@ enum Command {
         /// Print the run report as JSON on stdout.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        remote: RemoteCache,
     },
     /// Show which stages are up to date and why the others are stale.
     Status {
@@ -148,6 +150,8 @@ enum Command {
         /// Exit with 1 when some stage is not up to date (for scripts; with -q, print nothing).
         #[arg(long)]
         check: bool,
+        #[command(flatten)]
+        remote: RemoteCache,
     },
     /// Print the stage graph.
     Dag {
@@ -272,6 +276,31 @@ impl KeyDatabase {
     }
 }
 
+/// A remote copy of the cache, shared by machines.
+#[derive(clap::Args)]
+struct RemoteCache {
+    /// Remote stage cache: s3://BUCKET/PREFIX (endpoint and keys from AWS_ENDPOINT_URL,
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP) or file:///DIR. A
+    /// stage missing from the local cache is fetched from it; a stage that runs is pushed to it.
+    #[arg(long = "remote-cache", env = "SENTIFLOW_REMOTE_CACHE", value_name = "URL")]
+    url: Option<String>,
+}
+
+impl RemoteCache {
+    /// `cache` with this remote, if one is given; a URL that cannot be used is the caller's
+    /// mistake.
+    fn attach(&self, cache: Cache) -> Result<Cache, i32> {
+        let Some(url) = &self.url else { return Ok(cache) };
+        match Remote::open(url) {
+            Ok(remote) => Ok(cache.with_remote(remote)),
+            Err(e) => {
+                eprintln!("error: {e}");
+                Err(exit::INVALID)
+            }
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum CacheCommand {
     /// Delete everything the latest run of each pipeline does not use.
@@ -279,6 +308,22 @@ enum CacheCommand {
         /// Only say what would be deleted.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Copy cache entries to the remote cache: those of a pipeline's stages, or all of them.
+    Push {
+        /// Send the entries of this pipeline's stages as its lock file records them [default:
+        /// every entry of the local cache].
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        remote: RemoteCache,
+    },
+    /// Copy cache entries from the remote cache: those of a pipeline's stages, or all of them.
+    Pull {
+        /// Fetch the entries of this pipeline's stages as its lock file records them [default:
+        /// every entry of the remote cache].
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        remote: RemoteCache,
     },
 }
 
@@ -435,12 +480,16 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             jobs,
             set,
             json,
+            remote,
         } => {
             let p = match load(&file, &set) {
                 Ok(p) => p,
                 Err(code) => return Ok(code),
             };
-            let cache = open_cache(&cli.cache_dir, &p.root)?;
+            let cache = match remote.attach(open_cache(&cli.cache_dir, &p.root)?) {
+                Ok(cache) => cache,
+                Err(code) => return Ok(code),
+            };
             ctrlc::set_handler(|| {
                 if CANCEL.swap(true, Ordering::SeqCst) {
                     std::process::exit(exit::INTERRUPTED);
@@ -496,8 +545,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&value)?);
             }
             if !cli.quiet {
+                let fetched = match cache.remote() {
+                    Some(_) => format!(", {} fetched", report.count(State::Fetched)),
+                    None => String::new(),
+                };
                 eprintln!(
-                    "{}: {} ran, {} cached, {} failed, {} skipped in {:.2}s",
+                    "{}: {} ran, {} cached{fetched}, {} failed, {} skipped in {:.2}s",
                     p.name,
                     report.count(State::Ran),
                     report.count(State::Cached),
@@ -514,20 +567,33 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 exit::FAILED
             })
         }
-        Command::Status { file, set, json, check } => {
+        Command::Status {
+            file,
+            set,
+            json,
+            check,
+            remote,
+        } => {
             let p = match load(&file, &set) {
                 Ok(p) => p,
                 Err(code) => return Ok(code),
             };
-            let cache = open_cache(&cli.cache_dir, &p.root)?;
+            let cache = match remote.attach(open_cache(&cli.cache_dir, &p.root)?) {
+                Ok(cache) => cache,
+                Err(code) => return Ok(code),
+            };
             let status = lock::status(&p, &cache.hasher);
             cache.hasher.save()?;
+            let fetchable = fetchable(&p, &cache, &status);
             if json {
                 let list: Vec<_> = status
                     .iter()
                     .map(|(name, s)| {
                         let mut v = serde_json::to_value(s).expect("status serializes");
                         v["stage"] = name.clone().into();
+                        if let Some(remote) = &fetchable {
+                            v["remote"] = remote.contains(name).into();
+                        }
                         v
                     })
                     .collect();
@@ -535,7 +601,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             } else if !cli.quiet {
                 let width = status.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
                 for (name, s) in &status {
-                    println!("{name:width$}  {s}");
+                    let note = match &fetchable {
+                        Some(remote) if remote.contains(name) => "; the remote cache has it (`run` fetches it)",
+                        _ => "",
+                    };
+                    println!("{name:width$}  {s}{note}");
                 }
             }
             let stale = status.iter().any(|(_, s)| *s != lock::Staleness::UpToDate);
@@ -731,7 +801,139 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             );
             Ok(exit::OK)
         }
+        Command::Cache {
+            command: CacheCommand::Push { file, remote },
+        } => sync_remote(&cli.cache_dir, cli.quiet, file.as_deref(), &remote, Direction::Push),
+        Command::Cache {
+            command: CacheCommand::Pull { file, remote },
+        } => sync_remote(&cli.cache_dir, cli.quiet, file.as_deref(), &remote, Direction::Pull),
     }
+}
+
+/// The stale stages whose entry, as the lock file records it, the remote cache holds: a run
+/// fetches them instead of running them. `None` without a remote; a remote that does not answer
+/// is reported once and leaves the set as far as it got.
+fn fetchable(
+    p: &Pipeline,
+    cache: &Cache,
+    status: &[(String, lock::Staleness)],
+) -> Option<std::collections::BTreeSet<String>> {
+    use lock::Staleness::*;
+    cache.remote()?;
+    let locked = lock::read(p);
+    let mut found = std::collections::BTreeSet::new();
+    for (name, s) in status {
+        // Only these leave the recorded key current: the inputs and the definition are unchanged.
+        if !matches!(s, OutputMissing { .. } | OutputModified { .. } | UpstreamStale { .. }) {
+            continue;
+        }
+        let Some(key) = locked.stages.get(name).map(|l| &l.key) else {
+            continue;
+        };
+        match cache.remote_has(key) {
+            Ok(true) => {
+                found.insert(name.clone());
+            }
+            Ok(false) => {}
+            Err(e) => {
+                eprintln!("warning: {e}");
+                break;
+            }
+        }
+    }
+    Some(found)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Direction {
+    Push,
+    Pull,
+}
+
+/// `cache push` and `cache pull`: the entries of `file`'s stages (the keys its lock file records)
+/// or all of them, copied to or from the remote cache. Unlike a run, they fail when the remote
+/// does.
+fn sync_remote(
+    cache_dir: &Option<PathBuf>,
+    quiet: bool,
+    file: Option<&Path>,
+    remote: &RemoteCache,
+    direction: Direction,
+) -> anyhow::Result<i32> {
+    let Some(url) = &remote.url else {
+        eprintln!("error: no remote cache: give --remote-cache s3://BUCKET/PREFIX or set SENTIFLOW_REMOTE_CACHE");
+        return Ok(exit::INVALID);
+    };
+    let (root, keys) = match file {
+        Some(file) => {
+            let p = match load(file, &[]) {
+                Ok(p) => p,
+                Err(code) => return Ok(code),
+            };
+            let keys: Vec<String> = lock::read(&p).stages.into_values().map(|s| s.key).collect();
+            if keys.is_empty() {
+                eprintln!(
+                    "error: {} has no lock file recording its stages' keys yet: run it first",
+                    file.display()
+                );
+                return Ok(exit::INVALID);
+            }
+            (p.root, Some(keys))
+        }
+        None => (std::env::current_dir()?, None),
+    };
+    let cache = match remote.attach(open_cache(cache_dir, &root)?) {
+        Ok(cache) => cache,
+        Err(code) => return Ok(code),
+    };
+    let verb = match direction {
+        Direction::Push => "pushing to",
+        Direction::Pull => "pulling from",
+    };
+    let keys = match (keys, direction) {
+        (Some(keys), _) => keys,
+        (None, Direction::Push) => cache.keys()?,
+        (None, Direction::Pull) => cache.remote().expect("attached").run_keys()?,
+    };
+    let mut total = Transfer::default();
+    let mut absent = 0;
+    for key in &keys {
+        // A local entry that cannot be read is as good as absent (and `lookup` removed it).
+        let local = cache.lookup(key).ok().flatten();
+        let done = match (direction, local) {
+            (Direction::Push, Some(entry)) => Some(cache.push(key, &entry)),
+            (Direction::Push, None) => None,
+            (Direction::Pull, Some(_)) => Some(Ok(Transfer::default())),
+            (Direction::Pull, None) => cache.fetch(key).transpose().map(|r| r.map(|(_, t)| t)),
+        };
+        match done {
+            Some(t) => {
+                let t = t.with_context(|| format!("{verb} {url}"))?;
+                total.runs += t.runs;
+                total.objects += t.objects;
+                total.bytes += t.bytes;
+            }
+            None => absent += 1,
+        }
+    }
+    if !quiet {
+        let (done, place, lacking) = match direction {
+            Direction::Push => ("pushed", "to", "not in the local cache"),
+            Direction::Pull => ("pulled", "from", "not in the remote cache"),
+        };
+        let note = match absent {
+            0 => String::new(),
+            n => format!("; {n} {lacking}"),
+        };
+        println!(
+            "{done} {} run entries and {} objects ({:.1} MiB) {place} {url}; {} were there already{note}",
+            total.runs,
+            total.objects,
+            total.bytes as f64 / (1 << 20) as f64,
+            keys.len() - total.runs - absent,
+        );
+    }
+    Ok(exit::OK)
 }
 
 /// Loads the bundle at `model`, or prints why not and gives the exit code: a missing ONNX Runtime
@@ -964,6 +1166,7 @@ impl Observer for Console {
         let text = match r.state {
             State::Ran => format!("ran      {} ({:.2}s)", r.name, r.duration_ms as f64 / 1000.0),
             State::Cached => format!("cached   {}", r.name),
+            State::Fetched => format!("fetched  {}", r.name),
             State::Failed => format!("FAILED   {}: {}", r.name, r.error.as_deref().unwrap_or("")),
             State::Skipped => format!("skipped  {}: {}", r.name, r.error.as_deref().unwrap_or("")),
             State::Interrupted => format!("stopped  {}", r.name),
