@@ -88,7 +88,7 @@ fn replicas_serve_one_registry_and_share_runs() {
         let (_, took) = wait_for(
             "the other replica serving the promoted version",
             Duration::from_secs(2),
-            || (served_version(other, &admin) == *version).then_some(()),
+            || (served_version(other, &admin).as_ref() == Some(version)).then_some(()),
         );
         eprintln!("promoted {version}: served by the other replica after {took:?}");
     }

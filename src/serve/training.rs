@@ -390,7 +390,7 @@ fn run(app: &App, id: &str, pipeline: &Pipeline, stages: Vec<String>, cancel: &A
             let Some(stage) = pipeline.stage(&s.name) else {
                 continue;
             };
-            if let (Some((_, out)), State::Ran | State::Cached) = (stage.kind.bundle(), s.state) {
+            if let Some((_, out)) = stage.kind.bundle().filter(|_| s.state.succeeded()) {
                 match app.registry.register(&app.store, &pipeline.root.join(out), Some(id)) {
                     Ok(row) => match app.maybe_promote(&row) {
                         Ok(true) => recorder.log("", &format!("model {} version {} promoted", row.name, row.version)),
