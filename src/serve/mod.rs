@@ -96,6 +96,9 @@ pub struct App {
     journal: drift::Journal,
     pub training: training::Trainer,
     request_seq: AtomicU64,
+    /// Tells this process's request ids from those of every other server, including one that
+    /// started in the same second on another host.
+    id_tag: String,
     started: u64,
     /// This server's name in the database ([`Config::replica`]).
     pub replica: String,
@@ -124,6 +127,7 @@ impl App {
             journal: drift::Journal::default(),
             training: training::Trainer::default(),
             request_seq: AtomicU64::new(0),
+            id_tag: id_tag(&config.replica()),
             replica: config.replica(),
             unloadable: Mutex::default(),
             openapi: openapi::document(&config).to_string(),
@@ -399,13 +403,10 @@ impl App {
 }
 
 impl App {
-    /// A new request id: the start time and a sequence number, in hex.
+    /// A new request id: this process's tag and a sequence number, in hex. Prediction ids are
+    /// made from it, and replicas share one database of predictions.
     fn request_id(&self) -> String {
-        format!(
-            "{:x}-{:x}",
-            self.started,
-            self.request_seq.fetch_add(1, Ordering::Relaxed)
-        )
+        format!("{}-{:x}", self.id_tag, self.request_seq.fetch_add(1, Ordering::Relaxed))
     }
 
     /// The answer to a connection over `--max-connections`.
@@ -493,6 +494,15 @@ async fn follow(app: Arc<App>) {
             }
         }
     }
+}
+
+/// Eight hex digits from the start time (to the nanosecond), the process id and the replica name.
+fn id_tag(replica: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    crate::cache::sha256_hex(format!("{now}/{}/{replica}", std::process::id()).as_bytes())[..8].to_string()
 }
 
 /// Files the server keeps open besides connections: the database, models, logs.
