@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::quickstart;
+use common::{free_port, quickstart};
 
 fn tool(env: &str, name: &str) -> PathBuf {
     let path = std::env::var_os(env)
@@ -20,14 +20,6 @@ fn tool(env: &str, name: &str) -> PathBuf {
         path.display()
     );
     path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct MlflowServer {

@@ -299,6 +299,15 @@ impl Drop for Server {
     }
 }
 
+/// A port free now on the loopback address.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 pub fn key(p: &Project, role: &str) -> String {
     let r = p.sentiflow(&["keys", "create", "--role", role]);
     assert_eq!(r.code, 0, "{}", r.stderr);

@@ -72,14 +72,6 @@ fn as_server_user(program: &Path, tied: bool) -> Command {
     cmd
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start() -> Cluster {
     let bin = bin_dir();
     let dir = tempfile::Builder::new()
@@ -106,7 +98,7 @@ fn start() -> Cluster {
         .output()
         .unwrap();
     assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
-    let port = free_port();
+    let port = super::free_port();
     // The postmaster is spawned by a thread that lives as long as the process, since the
     // parent-death signal follows the spawning thread, not the process.
     let (tx, rx) = std::sync::mpsc::channel();
