@@ -50,7 +50,7 @@ def start_postgres(tmp):
     port = free_port()
     server = subprocess.Popen(as_postgres([f"{bindir}/postgres", "-D", data, "-p", str(port), "-k", run,
                                            "-c", "listen_addresses=127.0.0.1"]),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     for _ in range(100):
         if subprocess.run([f"{bindir}/pg_isready", "-h", "127.0.0.1", "-p", str(port)],
                           capture_output=True).returncode == 0:
@@ -107,8 +107,12 @@ def main():
                         sf.send_signal(signal.SIGTERM)
                         sf.wait()
         finally:
-            pg.send_signal(signal.SIGINT)
-            pg.wait()
+            # The whole group: runuser does not pass the signal on to the server it started.
+            os.killpg(pg.pid, signal.SIGINT)
+            try:
+                pg.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(pg.pid, signal.SIGKILL)
 
     def median(xs):
         xs = sorted(xs)
