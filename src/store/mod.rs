@@ -30,7 +30,7 @@ pub enum StoreError {
     #[error("database: {0}")]
     Sql(#[from] rusqlite::Error),
     #[error(
-        "PostgreSQL {url}: {source}; check that the server runs and the URL's host, port, user, password and database"
+        "PostgreSQL {url}: cannot connect; check that the server runs and the URL's host, port, user, password and database"
     )]
     Connect {
         url: String,
@@ -452,6 +452,8 @@ impl Store {
         let pool = r2d2::Pool::builder()
             .max_size(size.max(1))
             .connection_timeout(Duration::from_secs(10))
+            // Each failed attempt would be logged; the error returned says it once.
+            .error_handler(Box::new(r2d2::NopErrorHandler))
             .build(manager)
             .map_err(|source| StoreError::Connect {
                 url: sql::redact(url),
