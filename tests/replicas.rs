@@ -121,3 +121,134 @@ fn replicas_serve_one_registry_and_share_runs() {
     let r = call(&b, "POST", "/training", &admin, Some(&json!({"pipeline": "slow"})));
     assert_eq!(r.status, 202, "{}", r.body);
 }
+
+/// The version a finished training registered.
+fn version_of(s: &Server, admin: &str, run: &Value) -> String {
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let models = call(s, "GET", "/models", admin, None).json();
+    let model = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["run_id"] == run["id"]);
+    model.unwrap_or_else(|| panic!("no version of run {}: {models}", run["id"]))["version"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// What the clients of a load saw.
+#[derive(Default)]
+struct Tally {
+    ok: usize,
+    failed: Vec<String>,
+}
+
+/// `clients` threads predicting through `addr` until `stop` is set.
+fn load(
+    addr: &str,
+    key: &str,
+    clients: usize,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<Tally>> {
+    (0..clients)
+        .map(|_| {
+            let (addr, key, stop) = (addr.to_string(), key.to_string(), stop.clone());
+            std::thread::spawn(move || {
+                let auth = format!("Bearer {key}");
+                let body = json!({"text": REVIEW}).to_string();
+                let headers = [("authorization", auth.as_str()), ("content-type", "application/json")];
+                let mut tally = Tally::default();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = http(&addr, "POST", "/prediction", &headers, body.as_bytes());
+                    if r.status == 200 {
+                        tally.ok += 1;
+                    } else {
+                        tally.failed.push(format!("{} {}", r.status, r.body));
+                    }
+                }
+                tally
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn two_replicas_behind_nginx_lose_no_request_to_a_promotion_or_a_dead_replica() {
+    let p = on_postgres();
+    p.write(
+        "pipelines/slow.yaml",
+        "name: slow\nstages:\n  wait: {uses: command, with: {run: 'sleep 60; echo done > out/w', outs: [out/w]}}\n",
+    );
+    let admin = key(&p, "admin");
+    let flags = ["--no-auto-promote", "--run-lease-s", "3", "--admin-rps", "100000"];
+    let a = Server::start(&p, &[&["--replica", "a"][..], &flags].concat());
+    let mut b = Server::start(&p, &[&["--replica", "b"][..], &flags].concat());
+    let lb = common::nginx::Nginx::start(&[&a.addr, &b.addr]);
+
+    let run = train(&a, &admin, json!({"pipeline": "quickstart", "params": {"seed": 1}}));
+    let first = version_of(&a, &admin, &run);
+    assert_eq!(
+        call(&a, "POST", &format!("/models/{first}/promote"), &admin, None).status,
+        200
+    );
+    wait_for("B serving the first version", Duration::from_secs(2), || {
+        (served_version(&b, &admin).as_deref() == Some(&first)).then_some(())
+    });
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = Instant::now();
+    let clients = load(&lb.addr, &admin, 8, &stop);
+
+    // Under load: a training through A finishes and is promoted through A; B follows.
+    let run = train(&a, &admin, json!({"pipeline": "quickstart", "params": {"seed": 2}}));
+    let second = version_of(&a, &admin, &run);
+    assert_ne!(first, second, "another seed, another model");
+    assert_eq!(
+        call(&a, "POST", &format!("/models/{second}/promote"), &admin, None).status,
+        200
+    );
+    let (_, took) = wait_for("B serving the promoted version", Duration::from_secs(2), || {
+        (served_version(&b, &admin).as_deref() == Some(&second)).then_some(())
+    });
+    eprintln!("under load, B served the version promoted through A after {took:?}");
+
+    // A training on B, then B is killed under the same load: nginx sends its share to A.
+    let r = call(&b, "POST", "/training", &admin, Some(&json!({"pipeline": "slow"})));
+    assert_eq!(r.status, 202, "{}", r.body);
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_secs(2));
+    b.child.kill().unwrap();
+    b.child.wait().unwrap();
+    let killed = Instant::now();
+
+    let (run, took) = wait_for("the dead replica's run interrupted", Duration::from_secs(15), || {
+        let run = call(&a, "GET", &format!("/training/{id}"), &admin, None).json();
+        (run["status"] != "running").then_some(run)
+    });
+    assert_eq!(run["status"], "interrupted", "{run}");
+    eprintln!("B's run was interrupted {took:?} after B was killed");
+    while started.elapsed() < Duration::from_secs(20) || killed.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let tallies: Vec<Tally> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let ok: usize = tallies.iter().map(|t| t.ok).sum();
+    let failed: Vec<&String> = tallies.iter().flat_map(|t| &t.failed).collect();
+    eprintln!(
+        "8 clients for {:.1} s through nginx: {ok} predictions, {} failed",
+        started.elapsed().as_secs_f64(),
+        failed.len()
+    );
+    assert!(ok > 100, "the clients were served: {ok}");
+    assert!(
+        failed.is_empty(),
+        "{} failed, first: {:?}\nnginx: {}",
+        failed.len(),
+        failed.first(),
+        lb.log()
+    );
+
+    // Both versions answered the clients, and A alone answers now, with the promoted one.
+    assert_eq!(served_version(&a, &admin).as_deref(), Some(second.as_str()));
+}

@@ -1,6 +1,7 @@
 //! Helpers for tests that run the real `sentiflow` binary in a scratch project.
 #![allow(dead_code)]
 
+pub mod nginx;
 pub mod postgres;
 pub mod s3;
 
