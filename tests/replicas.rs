@@ -184,7 +184,7 @@ fn two_replicas_behind_nginx_lose_no_request_to_a_promotion_or_a_dead_replica() 
     let flags = ["--no-auto-promote", "--run-lease-s", "3", "--admin-rps", "100000"];
     let a = Server::start(&p, &[&["--replica", "a"][..], &flags].concat());
     let mut b = Server::start(&p, &[&["--replica", "b"][..], &flags].concat());
-    let lb = common::nginx::Nginx::start(&[&a.addr, &b.addr]);
+    let lb = common::nginx::Nginx::start([&a.addr, &b.addr]);
 
     let run = train(&a, &admin, json!({"pipeline": "quickstart", "params": {"seed": 1}}));
     let first = version_of(&a, &admin, &run);

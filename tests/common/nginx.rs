@@ -19,33 +19,33 @@ fn nginx() -> PathBuf {
 }
 
 impl Nginx {
-    /// Balances over `upstreams` (host:port). A request that fails on one replica (connection
-    /// refused or reset, a 502/503/504) goes to the next, POSTs included: a prediction has no
-    /// side effect a retry could repeat harmfully, and a training is refused (409) by the
-    /// database if it already started.
-    pub fn start(upstreams: &[&str]) -> Nginx {
+    /// `container/nginx.conf`, the configuration users get, with the two replicas of its
+    /// upstream replaced by `replicas` and its files kept in a temporary directory.
+    pub fn start(replicas: [&str; 2]) -> Nginx {
         let dir = tempfile::tempdir().unwrap();
         // nginx's workers run as `nobody` when the tests run as root: let them reach their
         // temp directories.
         std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let port = super::free_port();
-        let servers: String = upstreams
-            .iter()
-            .map(|u| format!("    server {u} max_fails=1 fail_timeout=2s;\n"))
-            .collect();
+        let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/container/nginx.conf");
+        let mut conf = std::fs::read_to_string(shipped).unwrap();
         let d = dir.path().display();
-        let conf = format!(
-            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-             events {{ worker_connections 256; }}\n\
-             http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n\
-               fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n\
-               upstream sentiflow {{\n{servers}    keepalive 16;\n  }}\n\
-               server {{\n    listen 127.0.0.1:{port};\n    location / {{\n\
-                   proxy_pass http://sentiflow;\n      proxy_http_version 1.1;\n\
-                   proxy_set_header Connection \"\";\n      proxy_connect_timeout 1s;\n\
-                   proxy_next_upstream error timeout http_502 http_503 http_504 non_idempotent;\n\
-                   proxy_next_upstream_tries 3;\n    }}\n  }}\n}}\n"
-        );
+        for (from, to) in [
+            ("server sentiflow-a:8080", format!("server {}", replicas[0])),
+            ("server sentiflow-b:8080", format!("server {}", replicas[1])),
+            ("listen 80;", format!("listen 127.0.0.1:{port};")),
+            (
+                "http {",
+                format!(
+                    "http {{\n  access_log off;\n  client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  \
+                     fastcgi_temp_path {d}/fastcgi;\n  uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;"
+                ),
+            ),
+        ] {
+            assert!(conf.contains(from), "{shipped} has no `{from}`");
+            conf = conf.replacen(from, &to, 1);
+        }
+        let conf = format!("daemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n{conf}");
         let path = dir.path().join("nginx.conf");
         std::fs::write(&path, conf).unwrap();
         let child = Command::new(nginx())
@@ -77,7 +77,10 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        // SIGTERM, not SIGKILL: the master stops its workers, which would otherwise outlive it
+        // (holding whatever the test's parent left open, such as a build lock).
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
     }
 }
