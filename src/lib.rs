@@ -1,10 +1,12 @@
 //! sentiflow: train, tune, track and serve sentiment models from YAML pipelines.
 
+pub mod blocking;
 pub mod cache;
 pub mod cli;
 pub mod data;
 pub mod drift;
 pub mod models;
+pub mod objects;
 pub mod pipeline;
 pub mod plot;
 pub mod registry;

@@ -15,6 +15,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::blocking::off_runtime;
 use crate::drift::{Status, WindowReport};
 use crate::pipeline::report::State;
 use sql::{params, Dialect, Location, PgTx, Pool, Row, SqliteTx, Tx};
@@ -401,7 +402,7 @@ impl Drop for Store {
         if let Engine::Postgres { stop, pool, .. } = &mut self.engine {
             stop.store(true, Ordering::Relaxed);
             let pool = pool.take();
-            sql::off_runtime(|| drop(pool));
+            off_runtime(|| drop(pool));
         }
     }
 }
@@ -416,7 +417,7 @@ impl Store {
     pub fn open(location: &Location, pool: u32) -> Result<Store, StoreError> {
         match location {
             Location::Sqlite(path) => Store::open_sqlite(path),
-            Location::Postgres(url) => sql::off_runtime(|| Store::open_postgres(url, pool)),
+            Location::Postgres(url) => off_runtime(|| Store::open_postgres(url, pool)),
         }
     }
 
@@ -501,7 +502,7 @@ impl Store {
                 tx.commit()?;
                 Ok(out)
             }
-            Engine::Postgres { pool, .. } => sql::off_runtime(|| {
+            Engine::Postgres { pool, .. } => off_runtime(|| {
                 let mut client = live(pool).get()?;
                 let mut tx = client.transaction()?;
                 let out = f(&mut PgTx(&mut tx))?;
@@ -737,7 +738,7 @@ impl Store {
                 SqliteTx(&conn).execute(sql, params![id, &now])?;
             }
             Engine::Postgres { pool, .. } => {
-                return sql::off_runtime(|| {
+                return off_runtime(|| {
                     let Some(mut client) = live(pool).try_get() else {
                         return Ok(false);
                     };

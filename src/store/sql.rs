@@ -329,18 +329,6 @@ impl Tx for PgTx<'_, '_> {
     }
 }
 
-/// Runs `f`, which blocks on PostgreSQL, where blocking is allowed. The `postgres` client drives
-/// its connection with a runtime of its own, which cannot start on a thread of the server's
-/// runtime: there `f` runs in `block_in_place`, which hands the thread's other tasks to the other
-/// threads first. Off any runtime, and on tokio's blocking threads, `f` just runs.
-pub fn off_runtime<T>(f: impl FnOnce() -> T) -> T {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
 /// The channel on which every committed change of the registry or the keys is announced, so
 /// that the other replicas see it at once.
 pub const CHANGES_CHANNEL: &str = "sentiflow_changes";
