@@ -53,6 +53,13 @@ pub enum ObjectsError {
     },
 }
 
+/// Whether `location` is a URL (`s3://…`, `file://…`) rather than a path.
+pub fn is_url(location: &str) -> bool {
+    location
+        .split_once("://")
+        .is_some_and(|(scheme, _)| !scheme.is_empty() && scheme.chars().all(|c| c.is_ascii_alphanumeric()))
+}
+
 /// A prefix of a bucket or directory; `role` (what it is for) names it in errors.
 pub struct Objects {
     role: &'static str,
@@ -108,6 +115,16 @@ impl Objects {
 
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The URL of `rel`, which `rel` gets back from [`Objects::relative`].
+    pub fn url_of(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.url)
+    }
+
+    /// The name under this prefix of `url`, if `url` is in it.
+    pub fn relative<'a>(&self, url: &'a str) -> Option<&'a str> {
+        url.strip_prefix(self.url.as_str())?.strip_prefix('/')
     }
 
     fn path(&self, rel: &str) -> ObjectPath {

@@ -324,7 +324,12 @@ pub fn file_hashes(dir: &Path) -> Result<(BTreeMap<String, String>, String), Bun
         let f = std::fs::File::open(&path).map_err(io(&path))?;
         files.insert(name, hash_reader(f, None).map_err(io(&path))?);
     }
-    let listing: String = files.iter().map(|(n, h)| format!("{n} {h}\n")).collect();
-    let version = sha256_hex(listing.as_bytes())[..12].to_string();
+    let version = version_of(&files);
     Ok((files, version))
+}
+
+/// The version of a bundle whose files (other than the manifest) have these hashes.
+pub fn version_of(files: &BTreeMap<String, String>) -> String {
+    let listing: String = files.iter().map(|(n, h)| format!("{n} {h}\n")).collect();
+    sha256_hex(listing.as_bytes())[..12].to_string()
 }

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use crate::models::bert::{Device, Runtime};
+use crate::objects::{is_url, Objects, ObjectsError};
+use crate::registry::Registry;
 use crate::store::sql::Location;
 
 /// Server settings; every flag is also an environment variable.
@@ -20,10 +22,16 @@ pub struct Config {
     #[arg(long, env = "SENTIFLOW_DB_POOL", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub db_pool: u32,
-    /// Where the registry keeps its copy of each registered bundle [default: `registry/` beside
-    /// a SQLite database, `<project root>/registry` with PostgreSQL].
-    #[arg(long, env = "SENTIFLOW_ARTIFACTS")]
-    pub artifacts: Option<PathBuf>,
+    /// Where the registry keeps its copy of each registered bundle: a directory, or object
+    /// storage, `s3://BUCKET/PREFIX` (endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP) or `file:///DIR` [default: `registry/`
+    /// beside a SQLite database, `<project root>/registry` with PostgreSQL].
+    #[arg(long, env = "SENTIFLOW_ARTIFACTS", value_name = "DIR|URL")]
+    pub artifacts: Option<String>,
+    /// With `--artifacts` in object storage: where this server keeps the versions it downloads
+    /// from there, each once [default: <project root>/registry-cache].
+    #[arg(long, env = "SENTIFLOW_ARTIFACTS_CACHE")]
+    pub artifacts_cache: Option<PathBuf>,
     /// This server's name in the database: its training runs and drift evaluations carry it
     /// [default: <host name>:<port>].
     #[arg(long, env = "SENTIFLOW_REPLICA")]
@@ -136,12 +144,20 @@ impl Config {
         db_location(self.db.as_deref(), &self.pipelines)
     }
 
-    pub fn artifacts(&self) -> PathBuf {
-        match (&self.artifacts, self.db()) {
-            (Some(dir), _) => dir.clone(),
-            (None, Location::Sqlite(path)) => path.parent().unwrap_or(Path::new(".")).join("registry"),
-            (None, Location::Postgres(_)) => self.root().join("registry"),
-        }
+    /// The registry of `--artifacts`, over object storage when it is a URL.
+    pub fn registry(&self) -> Result<Registry, ObjectsError> {
+        let (dir, objects) = match (&self.artifacts, self.db()) {
+            (Some(url), _) if is_url(url) => (
+                self.artifacts_cache
+                    .clone()
+                    .unwrap_or_else(|| self.root().join("registry-cache")),
+                Some(Objects::open(url, "artifact store")?),
+            ),
+            (Some(dir), _) => (PathBuf::from(dir), None),
+            (None, Location::Sqlite(path)) => (path.parent().unwrap_or(Path::new(".")).join("registry"), None),
+            (None, Location::Postgres(_)) => (self.root().join("registry"), None),
+        };
+        Ok(Registry::new(dir, objects, self.runtime()))
     }
 
     /// The name this server's runs and drift evaluations carry: unique among live servers (one

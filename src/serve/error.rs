@@ -98,8 +98,18 @@ impl From<RegistryError> for ApiError {
             RegistryError::NotFound(version) => {
                 ApiError::not_found("not_found", format!("no model version `{version}`"))
             }
-            e @ RegistryError::Unloadable { .. } => {
+            e @ (RegistryError::Unloadable { .. } | RegistryError::Refused { .. }) => {
                 ApiError::new(StatusCode::CONFLICT, "bundle_unavailable", e.to_string())
+            }
+            e @ RegistryError::Storage { .. } => {
+                tracing::error!("{e}");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_unavailable",
+                    "the artifact store (--artifacts) cannot be reached; nothing was changed, retry later; the \
+                     error is logged",
+                )
+                .with_header("retry-after", "30")
             }
             e @ (RegistryError::Bundle { .. } | RegistryError::Copy { .. }) => {
                 tracing::error!("{e}");

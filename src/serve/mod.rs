@@ -115,10 +115,11 @@ impl App {
         if interrupted > 0 {
             tracing::warn!("{interrupted} training run(s) were cut short by a stop; recorded as interrupted");
         }
+        let registry = config.registry()?;
         let app = Arc::new(App {
             cache_dir,
             store,
-            registry: Registry::new(config.artifacts(), config.runtime()),
+            registry,
             models: RwLock::new(HashMap::new()),
             keys: auth::Keys::default(),
             limiter: auth::Limiter::new(),
