@@ -1,11 +1,15 @@
 //! Several `sentiflow serve` processes on one PostgreSQL database (a real server, started by the
 //! tests): a promotion through one is served by the others within 2 s, one run per pipeline
 //! holds across them, and the run of a server that died ends `interrupted` when its lease runs out.
+//! With their artifacts in S3 (a real SeaweedFS), each replica downloads a version once, checked
+//! against its manifest, and refuses one whose files were changed there. Behind nginx, clients
+//! lose no request to a promotion or to a replica killed under load.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
+use common::s3::S3;
 use common::{http, key, quickstart, Project, Response, Server};
 use serde_json::{json, Value};
 
@@ -251,4 +255,132 @@ fn two_replicas_behind_nginx_lose_no_request_to_a_promotion_or_a_dead_replica() 
 
     // Both versions answered the clients, and A alone answers now, with the promoted one.
     assert_eq!(served_version(&a, &admin).as_deref(), Some(second.as_str()));
+}
+
+/// SHA-256 of `bytes`, in hex.
+fn sha256(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(bytes))
+}
+
+#[test]
+fn replicas_share_artifacts_in_object_storage() {
+    let s3 = S3::start();
+    let p = on_postgres();
+    let admin = key(&p, "admin");
+    let url = s3.url("artifacts");
+    let mut env: Vec<(&str, String)> = s3.env();
+    env.push((
+        "SENTIFLOW_LOG",
+        "warn,sentiflow::serve=info,sentiflow::registry=info".into(),
+    ));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (cache_a, cache_b) = (p.path("cache-a"), p.path("cache-b"));
+    let start = |name: &str, cache: &std::path::Path| {
+        let cache = cache.to_str().unwrap();
+        let args = ["--replica", name, "--no-auto-promote", "--admin-rps", "10000"];
+        Server::start_env(
+            &p,
+            &[&args[..], &["--artifacts", url.as_str(), "--artifacts-cache", cache]].concat(),
+            &env,
+        )
+    };
+    let a = start("a", &cache_a);
+    let b = start("b", &cache_b);
+
+    // Two versions trained through A: each is in the bucket, manifest last, and recorded by URL.
+    for seed in [1, 2] {
+        let run = train(&a, &admin, json!({"pipeline": "quickstart", "params": {"seed": seed}}));
+        assert_eq!(run["status"], "succeeded", "{run}");
+    }
+    let models = call(&b, "GET", "/models", &admin, None).json();
+    let models = models["models"].as_array().unwrap().clone();
+    assert_eq!(models.len(), 2, "{models:?}");
+    let name = models[0]["name"].as_str().unwrap().to_string();
+    let versions: Vec<String> = models.iter().map(|m| m["version"].as_str().unwrap().into()).collect();
+    let mut manifests = Vec::new();
+    for (m, version) in models.iter().zip(&versions) {
+        let prefix = format!("artifacts/{name}/{version}");
+        assert_eq!(m["path"], format!("{url}/{name}/{version}"), "{m}");
+        let manifest: Value = serde_json::from_slice(&s3.get(&format!("{prefix}/manifest.json")).unwrap()).unwrap();
+        let files = manifest["files"].as_object().unwrap().clone();
+        let mut expected: Vec<String> = files.keys().map(|f| format!("{prefix}/{f}")).collect();
+        expected.push(format!("{prefix}/manifest.json"));
+        expected.sort();
+        assert_eq!(s3.list(&prefix), expected);
+        for (file, hash) in &files {
+            assert_eq!(&sha256(&s3.get(&format!("{prefix}/{file}")).unwrap()), hash, "{file}");
+        }
+        manifests.push(files);
+    }
+    assert!(!cache_b.exists(), "B downloaded nothing before a promotion");
+
+    // Promoted through A, the first version is downloaded by B, checked, and served within 2 s.
+    let (v1, v2) = (&versions[0], &versions[1]);
+    let r = call(&a, "POST", &format!("/models/{v1}/promote"), &admin, None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (_, took) = wait_for("B serving the promoted version", Duration::from_secs(2), || {
+        (served_version(&b, &admin).as_ref() == Some(v1)).then_some(())
+    });
+    eprintln!("promoted {v1} through A: served by B, downloaded from S3, after {took:?}");
+    let copy = cache_b.join(&name).join(v1);
+    for (file, hash) in &manifests[0] {
+        assert_eq!(&sha256(&std::fs::read(copy.join(file)).unwrap()), hash, "{file}");
+    }
+    assert!(copy.join("manifest.json").is_file());
+
+    // A file of the second version is changed in the bucket. A promotes it from its own copy;
+    // B, which has none, refuses the download and keeps serving the first version.
+    let (file, expected) = manifests[1]
+        .iter()
+        .find(|(f, _)| f.as_str() == "weights.bin")
+        .or_else(|| manifests[1].iter().next())
+        .map(|(f, h)| (f.clone(), h.as_str().unwrap().to_string()))
+        .unwrap();
+    let damaged = b"not the weights".to_vec();
+    s3.put(&format!("artifacts/{name}/{v2}/{file}"), &damaged);
+    let found = sha256(&damaged);
+    let r = call(&a, "POST", &format!("/models/{v2}/promote"), &admin, None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (line, took) = wait_for("B refusing the damaged version", Duration::from_secs(10), || {
+        let log = b.log.lock().unwrap();
+        log.iter().find(|l| l.contains("cannot be served here")).cloned()
+    });
+    eprintln!("B refused {v2} after {took:?}: {line}");
+    for part in [v2.as_str(), file.as_str(), expected.as_str(), found.as_str()] {
+        assert!(line.contains(part), "`{part}` in: {line}");
+    }
+    assert_eq!(
+        served_version(&b, &admin).as_ref(),
+        Some(v1),
+        "B keeps the version it served"
+    );
+    assert_eq!(served_version(&a, &admin).as_ref(), Some(v2));
+    assert!(
+        !cache_b.join(&name).join(v2).exists(),
+        "nothing of the refused version is cached"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(cache_b.join(&name))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(leftovers, [std::ffi::OsString::from(v1)], "no download left behind");
+
+    // Promoting it through B is refused with the same reason, and changes nothing there.
+    let r = call(&b, "POST", &format!("/models/{v2}/promote"), &admin, None);
+    assert_eq!(r.status, 409, "{}", r.body);
+    let error = &r.json()["error"];
+    assert_eq!(error["code"], "bundle_unavailable", "{error}");
+    let message = error["message"].as_str().unwrap();
+    for part in [
+        v2.as_str(),
+        file.as_str(),
+        expected.as_str(),
+        found.as_str(),
+        "register the bundle again",
+    ] {
+        assert!(message.contains(part), "`{part}` in: {message}");
+    }
+    assert_eq!(served_version(&b, &admin).as_ref(), Some(v1));
 }
