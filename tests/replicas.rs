@@ -383,4 +383,19 @@ fn replicas_share_artifacts_in_object_storage() {
         assert!(message.contains(part), "`{part}` in: {message}");
     }
     assert_eq!(served_version(&b, &admin).as_ref(), Some(v1));
+
+    // The first version promoted again, through B: its cached copy serves, downloaded only once.
+    let r = call(&b, "POST", &format!("/models/{v1}/promote"), &admin, None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_for("A serving the first version again", Duration::from_secs(2), || {
+        (served_version(&a, &admin).as_ref() == Some(v1)).then_some(())
+    });
+    let downloads = b
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains(&format!("version {v1} downloaded")))
+        .count();
+    assert_eq!(downloads, 1, "{:?}", b.log.lock().unwrap());
 }
