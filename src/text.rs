@@ -76,6 +76,12 @@ pub enum Tokenizer {
 
 pub const DEFAULT_TOKEN_PATTERN: &str = r"(?u)\b\w\w+\b";
 
+/// Whether `c` belongs in a token of the default pattern: a letter, a digit (Unicode's
+/// Alphabetic and Numeric) or `_`.
+pub fn is_word_char(c: char) -> bool {
+    c.is_alphanumeric() || c == '_'
+}
+
 impl Tokenizer {
     pub fn new(pattern: &str) -> Result<Tokenizer, regex::Error> {
         if pattern == DEFAULT_TOKEN_PATTERN {
@@ -92,7 +98,7 @@ impl Tokenizer {
                 let mut start = None;
                 let mut chars = 0;
                 for (i, c) in text.char_indices() {
-                    if c.is_alphanumeric() || c == '_' {
+                    if is_word_char(c) {
                         if start.is_none() {
                             start = Some(i);
                             chars = 0;

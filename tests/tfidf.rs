@@ -245,7 +245,7 @@ fn bundles_are_byte_identical_whatever_the_parallelism() {
         files(&a.path("models/quickstart/tfidf")),
         files(&b.path("models/quickstart/tfidf")),
     );
-    assert_eq!(fa.len(), 10);
+    assert_eq!(fa.len(), 15, "model files, manifest and MLflow flavor");
     for ((na, ca), (nb, cb)) in fa.iter().zip(&fb) {
         assert_eq!(na, nb);
         assert!(ca == cb, "{na} differs between --jobs 1 and --jobs 2");

@@ -15,6 +15,9 @@
 //! A BERT bundle holds `model.onnx`, `tokenizer.json` and `export.json` (the ONNX export's parity
 //! check and reference probabilities); its manifest adds max_length, truncation and the fine-tuning
 //! report.
+//!
+//! Bundles of both kinds also carry the MLflow `python_function` flavor (`MLmodel`, a Python
+//! loader and its requirements; see `models::pyfunc`).
 
 use std::collections::BTreeMap;
 use std::io::{BufReader, BufWriter, Write};

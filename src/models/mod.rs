@@ -5,6 +5,7 @@ pub mod bert;
 pub mod bundle;
 pub mod linear;
 pub mod metrics;
+pub mod pyfunc;
 pub mod rng;
 pub mod sparse;
 pub mod tfidf;

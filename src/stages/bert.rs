@@ -20,6 +20,7 @@ use crate::drift::{Reference, Sample};
 use crate::models::bert::{BertModel, Runtime, Truncation};
 use crate::models::bundle::Family;
 use crate::models::metrics::{roc_curve, score};
+use crate::models::pyfunc;
 
 /// Largest |Δp| allowed between Rust and Python ONNX Runtime on the export's reference reviews.
 const RUNTIME_TOLERANCE: f64 = 1e-4;
@@ -257,8 +258,9 @@ pub struct BertExport {
 
 impl Stage for BertExport {
     fn version(&self) -> u32 {
-        // 2: the manifest records `truncation`, which Python and Rust apply.
-        2
+        // 2: the manifest records `truncation`, which Python and Rust apply; 3: bundles carry
+        // the MLflow python_function flavor.
+        3
     }
 
     fn deps(&self) -> Vec<String> {
@@ -308,6 +310,7 @@ impl Stage for BertExport {
                 command.arg("--quantize");
             }
             run_process(ctx, command, &self.script)?;
+            pyfunc::write(staging, "bert").map_err(|e| StageError::io(staging, e))?;
             let mut onnx: Value = read_json(&staging.join("export.json"))?;
             let model = BertModel::load(staging, max_length, truncation, Runtime::default())
                 .map_err(|e| StageError::Invalid(e.to_string()))?;

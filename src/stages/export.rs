@@ -10,6 +10,7 @@ use std::path::Path;
 
 use super::{read_json, Context, Metrics, Stage, StageError};
 use crate::models::bundle::{file_hashes, Family, Manifest, TfidfModel, FORMAT, LABELS};
+use crate::models::pyfunc;
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -39,7 +40,8 @@ const MODEL_FILES: [&str; 9] = [
 
 impl Stage for Export {
     fn version(&self) -> u32 {
-        4
+        // 5: bundles carry the MLflow python_function flavor.
+        5
     }
 
     fn outs(&self) -> Vec<String> {
@@ -53,6 +55,7 @@ impl Stage for Export {
                 std::fs::copy(trained.join(name), staging.join(name))
                     .map_err(|e| StageError::io(trained.join(name), e))?;
             }
+            pyfunc::write(staging, "tfidf").map_err(|e| StageError::io(staging, e))?;
             let report: Value = read_json(&trained.join("metrics.json"))?;
             let model = TfidfModel::load(staging)?;
             Ok((
