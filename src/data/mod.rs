@@ -21,6 +21,16 @@ pub struct Reviews {
     pub movie: Vec<Option<String>>,
 }
 
+/// The columns of a reviews table on disk: name, MLflow type, and whether every row has a value.
+pub const COLUMNS: [(&str, &str, bool); 6] = [
+    ("id", "string", true),
+    ("text", "string", true),
+    ("label", "integer", true),
+    ("rating", "integer", false),
+    ("source_split", "string", true),
+    ("movie", "string", false),
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
     #[error("{path}: {source}")]
@@ -104,6 +114,7 @@ impl Reviews {
         self.label.iter().filter(|&&l| l == 1).count()
     }
 
+    /// Writes the table with the columns [`COLUMNS`] names.
     pub fn write_parquet(&self, path: &Path) -> Result<(), DataError> {
         let err = |source| DataError::Parquet {
             path: path.display().to_string(),

@@ -1,16 +1,21 @@
 //! Experiment tracking in MLflow, through its REST API (no Python in the runner).
 //!
 //! With `MLFLOW_TRACKING_URI` set, each pipeline run becomes an MLflow run in an experiment named
-//! after the pipeline: stage parameters and metrics (flattened as `stage.name`), stage cache keys
-//! as tags, each tuning trial as a nested child run, artifacts (the exported bundles, the tuning
-//! table, metrics, and PNG plots: confusion matrix, ROC curve, score against C), and each bundle
-//! as a new version of a registered model `<pipeline>-<bundle name>`.
+//! after the pipeline (`<pipeline>-<first 8 characters of the run id>`): stage parameters and
+//! metrics (flattened as `stage.name`), stage cache keys as tags, MLflow's source, git and user
+//! tags, the data sets it read as inputs (each `load` stage's data for `training`, the split's
+//! validation part for `validation`), each tuning trial as a nested child run named after its
+//! parameters, artifacts (the tuning table, metrics, and PNG plots: confusion matrix, ROC curve,
+//! score against C), and each exported bundle as an MLflow 3 logged model (its files, with the
+//! `python_function` flavor, and its validation metrics) registered as a new version of the
+//! model `<pipeline>-<bundle name>`.
 //!
 //! A server that is down or slow never fails a pipeline: the events are sent in order, each
 //! retried with backoff for a bounded time; what could not be sent stays in an outbox under
 //! `<cache>/tracking/` (with its own copy of the files to upload) and `sentiflow tracking sync`
 //! sends it later, resuming where it stopped.
 
+mod api;
 mod plan;
 
 use std::collections::BTreeMap;
@@ -94,7 +99,7 @@ impl Tracker {
         }
     }
 
-    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<(u16, Value), TrackingError> {
+    fn call(&self, method: &str, path: &str, body: Option<String>) -> Result<(u16, Value), TrackingError> {
         let url = format!("{}{path}", self.base);
         let err = |message: String| TrackingError::Http {
             url: url.clone(),
@@ -102,11 +107,12 @@ impl Tracker {
         };
         let result = match (method, body) {
             ("GET", _) => self.agent.get(&url).call(),
-            (_, Some(b)) => self
+            ("PATCH", Some(b)) => self
                 .agent
-                .post(&url)
+                .patch(&url)
                 .header("Content-Type", "application/json")
-                .send(b.to_string()),
+                .send(b),
+            (_, Some(b)) => self.agent.post(&url).header("Content-Type", "application/json").send(b),
             (_, None) => self.agent.post(&url).send_empty(),
         };
         let mut response = result.map_err(|e| err(e.to_string()))?;
@@ -116,8 +122,9 @@ impl Tracker {
         Ok((status, value))
     }
 
-    fn api(&self, method: &str, path: &str, body: Value) -> Result<Value, TrackingError> {
-        let (status, value) = self.call(method, &format!("/api/2.0/mlflow/{path}"), Some(&body))?;
+    fn api(&self, method: &str, path: &str, body: &impl Serialize) -> Result<Value, TrackingError> {
+        let body = serde_json::to_string(body).expect("requests serialize");
+        let (status, value) = self.call(method, &format!("/api/2.0/mlflow/{path}"), Some(body))?;
         if status >= 300 {
             return Err(TrackingError::Http {
                 url: format!("{}/api/2.0/mlflow/{path}", self.base),
@@ -139,7 +146,7 @@ impl Tracker {
                 .unwrap_or_default()
                 .to_string());
         }
-        let created = self.api("POST", "experiments/create", json!({"name": name}))?;
+        let created = self.api("POST", "experiments/create", &json!({"name": name}))?;
         Ok(created["experiment_id"].as_str().unwrap_or_default().to_string())
     }
 
@@ -153,7 +160,7 @@ impl Tracker {
         let run = self.api(
             "POST",
             "runs/create",
-            json!({"experiment_id": experiment, "run_name": name, "start_time": start_ms, "tags": tags}),
+            &json!({"experiment_id": experiment, "run_name": name, "start_time": start_ms, "tags": tags}),
         )?;
         let info = &run["run"]["info"];
         Ok((
@@ -173,18 +180,33 @@ impl Tracker {
         // MLflow takes at most 100 parameters and 1000 metrics a request.
         for chunk in params.chunks(100) {
             let params: Vec<Value> = chunk.iter().map(|(k, v)| json!({"key": k, "value": v})).collect();
-            self.api("POST", "runs/log-batch", json!({"run_id": run, "params": params}))?;
+            self.api("POST", "runs/log-batch", &json!({"run_id": run, "params": params}))?;
         }
         for chunk in metrics.chunks(1000) {
-            let metrics: Vec<Value> = chunk
+            let metrics: Vec<api::Metric> = chunk
                 .iter()
-                .map(|(k, v, step)| json!({"key": k, "value": v, "timestamp": ts, "step": step}))
+                .map(|(key, value, step)| api::Metric {
+                    key,
+                    value: *value,
+                    timestamp: ts,
+                    step: *step,
+                    model_id: None,
+                    dataset_name: None,
+                    dataset_digest: None,
+                })
                 .collect();
-            self.api("POST", "runs/log-batch", json!({"run_id": run, "metrics": metrics}))?;
+            self.api(
+                "POST",
+                "runs/log-batch",
+                &api::LogMetrics {
+                    run_id: run,
+                    metrics: &metrics,
+                },
+            )?;
         }
         if !tags.is_empty() {
             let tags: Vec<Value> = tags.iter().map(|(k, v)| json!({"key": k, "value": v})).collect();
-            self.api("POST", "runs/log-batch", json!({"run_id": run, "tags": tags}))?;
+            self.api("POST", "runs/log-batch", &json!({"run_id": run, "tags": tags}))?;
         }
         Ok(())
     }
@@ -255,12 +277,17 @@ impl Tracker {
                 timestamp_ms,
             } => self.log_batch(&run(outbox, handle)?.0, params, metrics, tags, *timestamp_ms)?,
             Event::Upload { handle, dest, file } => self.upload(&run(outbox, handle)?.1, dest, file)?,
-            Event::RegisterModel { handle, model, dest } => {
+            Event::RegisterModel {
+                handle,
+                model,
+                dest,
+                logged_model,
+            } => {
                 let (run_id, artifacts) = run(outbox, handle)?;
                 let (status, value) = self.call(
                     "POST",
                     "/api/2.0/mlflow/registered-models/create",
-                    Some(&json!({"name": model})),
+                    Some(json!({"name": model}).to_string()),
                 )?;
                 // 400 RESOURCE_ALREADY_EXISTS: a version is added to the existing model.
                 if status >= 300 && value["error_code"] != "RESOURCE_ALREADY_EXISTS" {
@@ -269,18 +296,133 @@ impl Tracker {
                         message: format!("creating registered model {model}: HTTP {status}: {value}"),
                     });
                 }
+                // A logged model is the version; outboxes from before logged models name the
+                // bundle's folder among the run's artifacts.
+                let logged = logged_model.as_ref().map(|m| run(outbox, m)).transpose()?;
+                let request = match &logged {
+                    Some((model_id, _)) => api::CreateModelVersion {
+                        name: model,
+                        source: format!("models:/{model_id}"),
+                        run_id: &run_id,
+                        model_id: Some(model_id),
+                    },
+                    None => api::CreateModelVersion {
+                        name: model,
+                        source: format!("{artifacts}/{dest}"),
+                        run_id: &run_id,
+                        model_id: None,
+                    },
+                };
+                self.api("POST", "model-versions/create", &request)?;
+            }
+            Event::LogInputs { handle, datasets } => {
+                let run_id = run(outbox, handle)?.0;
                 self.api(
                     "POST",
-                    "model-versions/create",
-                    json!({"name": model, "source": format!("{artifacts}/{dest}"), "run_id": run_id}),
+                    "runs/log-inputs",
+                    &api::LogInputs {
+                        run_id: &run_id,
+                        datasets,
+                    },
                 )?;
             }
-            Event::Finish { handle, status, end_ms } => {
+            Event::CreateLoggedModel {
+                handle,
+                run: source_run,
+                name,
+                model_type,
+                params,
+                tags,
+            } => {
+                let run_id = run(outbox, source_run)?.0;
+                let experiment_id = outbox.experiment_id.clone().unwrap_or_default();
+                let created = self.api(
+                    "POST",
+                    "logged-models",
+                    &api::CreateLoggedModel {
+                        experiment_id: &experiment_id,
+                        name,
+                        model_type,
+                        source_run_id: &run_id,
+                        params,
+                        tags,
+                    },
+                )?;
+                let info = &created["model"]["info"];
+                let ids = (
+                    info["model_id"].as_str().unwrap_or_default().to_string(),
+                    info["artifact_uri"].as_str().unwrap_or_default().to_string(),
+                );
+                outbox.runs.insert(handle.clone(), ids);
+            }
+            Event::LogModelMetrics {
+                handle,
+                model,
+                metrics,
+                dataset,
+                timestamp_ms,
+            } => {
+                let run_id = run(outbox, handle)?.0;
+                let model_id = run(outbox, model)?.0;
+                let metrics: Vec<api::Metric> = metrics
+                    .iter()
+                    .map(|(key, value)| api::Metric {
+                        key,
+                        value: *value,
+                        timestamp: *timestamp_ms,
+                        step: 0,
+                        model_id: Some(&model_id),
+                        dataset_name: dataset.as_ref().map(|d| d.0.as_str()),
+                        dataset_digest: dataset.as_ref().map(|d| d.1.as_str()),
+                    })
+                    .collect();
                 self.api(
                     "POST",
-                    "runs/update",
-                    json!({"run_id": run(outbox, handle)?.0, "status": status, "end_time": end_ms}),
+                    "runs/log-batch",
+                    &api::LogMetrics {
+                        run_id: &run_id,
+                        metrics: &metrics,
+                    },
                 )?;
+            }
+            Event::FinalizeLoggedModel { handle } => {
+                let model_id = run(outbox, handle)?.0;
+                self.api(
+                    "PATCH",
+                    &format!("logged-models/{model_id}"),
+                    &api::FinalizeLoggedModel {
+                        model_id: &model_id,
+                        status: "LOGGED_MODEL_READY",
+                    },
+                )?;
+            }
+            Event::LogOutputs { handle, model } => {
+                let run_id = run(outbox, handle)?.0;
+                let model_id = run(outbox, model)?.0;
+                self.api(
+                    "POST",
+                    "runs/outputs",
+                    &api::LogOutputs {
+                        run_id: &run_id,
+                        models: [api::ModelOutput {
+                            model_id: &model_id,
+                            step: 0,
+                        }],
+                    },
+                )?;
+            }
+            Event::Finish {
+                handle,
+                status,
+                end_ms,
+                rename,
+            } => {
+                let run_id = run(outbox, handle)?.0;
+                let mut update = json!({"run_id": run_id, "status": status, "end_time": end_ms});
+                if let Some(name) = rename {
+                    update["run_name"] = format!("{name}-{}", &run_id[..run_id.len().min(8)]).into();
+                }
+                self.api("POST", "runs/update", &update)?;
             }
         }
         Ok(())
@@ -444,7 +586,7 @@ struct Outbox {
     events: Vec<Event>,
     /// Events already delivered.
     sent: usize,
-    /// Run handle → (run id, artifact URI), as the server created them.
+    /// Run or logged model handle → (its id, its artifact URI), as the server created them.
     runs: BTreeMap<String, (String, String)>,
     /// Why the last delivery stopped.
     error: Option<String>,

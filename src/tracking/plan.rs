@@ -3,10 +3,12 @@
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 
+use super::api::{Dataset, DatasetInput, Tag};
 use super::{flatten, key, now_ms, TrackingError};
-use crate::pipeline::report::Report;
+use crate::models::bundle::Manifest;
+use crate::pipeline::report::{Report, StageReport};
 use crate::pipeline::Pipeline;
 use crate::plot;
 use crate::stages::StageKind;
@@ -35,15 +37,51 @@ pub enum Event {
         dest: String,
         file: PathBuf,
     },
+    /// Registers a new version of `model`: the logged model `logged_model` (by handle), else the
+    /// artifacts under `dest` of the run.
     RegisterModel {
         handle: String,
         model: String,
         dest: String,
+        #[serde(default)]
+        logged_model: Option<String>,
     },
+    LogInputs {
+        handle: String,
+        datasets: Vec<DatasetInput>,
+    },
+    /// An MLflow 3 logged model produced by the run `run`; its handle names it like a run's.
+    CreateLoggedModel {
+        handle: String,
+        run: String,
+        name: String,
+        model_type: String,
+        params: Vec<Tag>,
+        tags: Vec<Tag>,
+    },
+    /// Metrics of the run `handle` that are also the logged model `model`'s, measured on the
+    /// data set `dataset` (name, digest).
+    LogModelMetrics {
+        handle: String,
+        model: String,
+        metrics: Vec<(String, f64)>,
+        dataset: Option<(String, String)>,
+        timestamp_ms: u64,
+    },
+    FinalizeLoggedModel {
+        handle: String,
+    },
+    LogOutputs {
+        handle: String,
+        model: String,
+    },
+    /// Ends a run; with `rename`, names it `<rename>-<first 8 characters of its id>`.
     Finish {
         handle: String,
         status: String,
         end_ms: u64,
+        #[serde(default)]
+        rename: Option<String>,
     },
 }
 
@@ -72,10 +110,18 @@ fn param_text(v: &Value) -> String {
 
 /// The events recording `report`; plots are drawn into `plots`.
 pub fn events(p: &Pipeline, report: &Report, plots: &Path) -> Result<Vec<Event>, TrackingError> {
-    let mut tags = vec![("sentiflow.pipeline".to_string(), p.file.display().to_string())];
-    if let Some(commit) = git_commit(&p.root) {
-        tags.push(("mlflow.source.git.commit".into(), commit));
-    }
+    // The pipeline file as the repository names it, so that MLflow's source and commit find it.
+    let source = std::path::absolute(&p.file)
+        .ok()
+        .and_then(|f| f.strip_prefix(&p.root).ok().map(Path::to_path_buf))
+        .unwrap_or_else(|| p.file.clone());
+    let mut tags = vec![
+        ("sentiflow.pipeline".to_string(), p.file.display().to_string()),
+        ("mlflow.source.name".into(), source.display().to_string()),
+        ("mlflow.source.type".into(), "LOCAL".into()),
+        ("mlflow.user".into(), user()),
+    ];
+    tags.extend(git_tags(&p.root));
     // The run starts when its first stage did.
     let started = report.stages.iter().map(|r| r.started_at).fold(f64::INFINITY, f64::min);
     let start_ms = if started.is_finite() {
@@ -124,6 +170,18 @@ pub fn events(p: &Pipeline, report: &Report, plots: &Path) -> Result<Vec<Event>,
         tags,
         timestamp_ms: now_ms(),
     });
+    let datasets = datasets(p, report);
+    // The validation part the exported models were scored on.
+    let validation = datasets
+        .iter()
+        .find(|d| d.tags.iter().any(|t| t.value == "validation"))
+        .map(|d| (d.dataset.name.clone(), d.dataset.digest.clone()));
+    if !datasets.is_empty() {
+        out.push(Event::LogInputs {
+            handle: RUN.into(),
+            datasets,
+        });
+    }
 
     let upload = |dest: String, file: PathBuf| Event::Upload {
         handle: RUN.into(),
@@ -192,21 +250,12 @@ pub fn events(p: &Pipeline, report: &Report, plots: &Path) -> Result<Vec<Event>,
                     &upload,
                 )?);
             }
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-                .map_err(io(&dir))?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|f| f.is_file())
-                .collect();
-            files.sort();
-            for f in files {
-                let file_name = f.file_name().expect("files have names").to_string_lossy().into_owned();
-                out.push(upload(format!("{name}/{file_name}"), f));
-            }
+            out.extend(logged_model(name, bundle_name, &dir, validation.clone())?);
             out.push(Event::RegisterModel {
                 handle: RUN.into(),
                 model: format!("{}-{bundle_name}", p.name),
                 dest: name.clone(),
+                logged_model: Some(model_handle(name)),
             });
         }
     }
@@ -214,8 +263,158 @@ pub fn events(p: &Pipeline, report: &Report, plots: &Path) -> Result<Vec<Event>,
         handle: RUN.into(),
         status: if report.ok { "FINISHED" } else { "FAILED" }.into(),
         end_ms: now_ms(),
+        rename: Some(p.name.clone()),
     });
     Ok(out)
+}
+
+fn model_handle(stage: &str) -> String {
+    format!("{stage}-model")
+}
+
+/// The bundle in `dir`, exported by `stage`, as a logged model of the run: its hyper-parameters,
+/// its files (the MLflow model, with its `MLmodel`), and its validation metrics, on the data set
+/// `validation` when the run has one.
+fn logged_model(
+    stage: &str,
+    bundle_name: &str,
+    dir: &Path,
+    validation: Option<(String, String)>,
+) -> Result<Vec<Event>, TrackingError> {
+    let path = dir.join("manifest.json");
+    let manifest: Manifest = serde_json::from_value(read_json(&path)?).map_err(|e| TrackingError::Io {
+        path: path.display().to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })?;
+    let handle = model_handle(stage);
+    let mut flat = Vec::new();
+    for (k, v) in manifest.parameters().as_object().into_iter().flatten() {
+        flatten(k, v, &mut flat);
+    }
+    let params = flat
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| Tag::new(k, param_text(v)))
+        .collect();
+    let tags = vec![
+        Tag::new("sentiflow.stage", stage),
+        Tag::new("sentiflow.version", &manifest.version),
+        Tag::new("sentiflow.pipeline", &manifest.pipeline),
+    ];
+    let mut out = vec![Event::CreateLoggedModel {
+        handle: handle.clone(),
+        run: RUN.into(),
+        name: bundle_name.into(),
+        model_type: format!("sentiflow-{}", manifest.kind()),
+        params,
+        tags,
+    }];
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|f| f.is_file())
+        .collect();
+    files.sort();
+    for file in files {
+        let dest = file
+            .file_name()
+            .expect("files have names")
+            .to_string_lossy()
+            .into_owned();
+        out.push(Event::Upload {
+            handle: handle.clone(),
+            dest,
+            file,
+        });
+    }
+    let mut flat = Vec::new();
+    flatten(stage, &manifest.metrics, &mut flat);
+    let metrics: Vec<(String, f64)> = flat.into_iter().filter_map(|(k, v)| Some((k, v.as_f64()?))).collect();
+    if !metrics.is_empty() {
+        out.push(Event::LogModelMetrics {
+            handle: RUN.into(),
+            model: handle.clone(),
+            metrics,
+            dataset: validation,
+            timestamp_ms: now_ms(),
+        });
+    }
+    out.push(Event::FinalizeLoggedModel { handle: handle.clone() });
+    out.push(Event::LogOutputs {
+        handle: RUN.into(),
+        model: handle,
+    });
+    Ok(out)
+}
+
+/// The columns of the reviews tables (`Reviews::write_parquet`), as an MLflow schema.
+fn reviews_schema() -> String {
+    let columns: Vec<Value> = crate::data::COLUMNS
+        .iter()
+        .map(|(name, kind, required)| json!({"name": name, "type": kind, "required": required}))
+        .collect();
+    json!({ "mlflow_colspec": columns }).to_string()
+}
+
+/// One data set input of the run. MLflow keeps digests of at most 36 characters: the first 16
+/// hex digits of sentiflow's SHA-256 identify the content well enough.
+fn dataset_input(context: &str, name: String, hash: &str, source: (&str, Value), rows: &Value) -> DatasetInput {
+    DatasetInput {
+        tags: vec![Tag::new("mlflow.data.context", context)],
+        dataset: Dataset {
+            name,
+            digest: hash.chars().take(16).collect(),
+            source_type: source.0.into(),
+            source: source.1.to_string(),
+            schema: reviews_schema(),
+            profile: json!({ "num_rows": rows }).to_string(),
+        },
+    }
+}
+
+/// The data each `load` stage read (context `training`) and the validation part of each split
+/// (context `validation`), with the digests sentiflow computed of them.
+fn datasets(p: &Pipeline, report: &Report) -> Vec<DatasetInput> {
+    let mut out = Vec::new();
+    for r in report.stages.iter().filter(|r| r.state.succeeded()) {
+        let stage = p.stage(&r.name).expect("reports name stages");
+        match &stage.kind {
+            StageKind::Load(load) => {
+                let Some(hash) = r.inputs.get(&load.path) else {
+                    continue;
+                };
+                let source = match &load.url {
+                    Some(url) => ("http", json!({ "url": url })),
+                    None => ("local", json!({ "uri": p.root.join(&load.path).display().to_string() })),
+                };
+                let name = Path::new(&load.path)
+                    .file_name()
+                    .map_or_else(|| load.path.clone(), |n| n.to_string_lossy().into_owned());
+                let rows = r.metrics.get("rows").unwrap_or(&Value::Null);
+                out.push(dataset_input("training", name, hash, source, rows));
+            }
+            StageKind::Split(split) => {
+                // `split` writes `train.parquet` and `valid.parquet` into its folder.
+                let Some(hash) = out_file_hash(r, &split.out, "valid.parquet") else {
+                    continue;
+                };
+                let path = format!("{}/valid.parquet", split.out.trim_end_matches('/'));
+                let source = ("local", json!({ "uri": p.root.join(&path).display().to_string() }));
+                let rows = r.metrics.get("valid_rows").unwrap_or(&Value::Null);
+                out.push(dataset_input("validation", path, &hash, source, rows));
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The hash of `file` in the stage's output folder `dir`.
+fn out_file_hash(r: &StageReport, dir: &str, file: &str) -> Option<String> {
+    let dir = dir.trim_end_matches('/');
+    let out = r.outs.iter().find(|a| a.path.trim_end_matches('/') == dir)?;
+    Some(out.files.as_ref()?.get(file)?.hash.clone())
 }
 
 /// One nested child run per tuning trial: its parameters, the mean and std of each metric, and
@@ -226,7 +425,7 @@ fn trial_runs(stage: &str, trials: &Value) -> Vec<Event> {
         let handle = format!("{stage}-trial-{}", t["trial"]);
         out.push(Event::CreateRun {
             handle: handle.clone(),
-            name: handle.clone(),
+            name: trial_name(t),
             parent: Some(RUN.into()),
             tags: Vec::new(),
             start_ms: now_ms(),
@@ -257,9 +456,27 @@ fn trial_runs(stage: &str, trials: &Value) -> Vec<Event> {
             handle,
             status: "FINISHED".into(),
             end_ms: now_ms(),
+            rename: None,
         });
     }
     out
+}
+
+/// A trial's run name: its model and parameters, then its vectorizer (`nbsvm C=0.1 (vectorize)`).
+fn trial_name(t: &Value) -> String {
+    let mut name = t["params"]["model"].as_str().unwrap_or("model").to_string();
+    for (k, v) in t["params"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| *k != "model")
+    {
+        name.push_str(&format!(" {k}={}", param_text(v)));
+    }
+    match t["vectorizer"].as_str() {
+        Some(v) => format!("{name} ({v})"),
+        None => name,
+    }
 }
 
 /// Mean cross-validated accuracy against C, one line per model family and vectorizer.
@@ -322,13 +539,53 @@ fn classifier_plots(
     Ok(out)
 }
 
-fn git_commit(root: &Path) -> Option<String> {
+fn git(root: &Path, args: &[&str]) -> Option<String> {
     let out = std::process::Command::new("git")
-        .args(["rev-parse", "HEAD"])
+        .args(args)
         .current_dir(root)
+        .stderr(std::process::Stdio::null())
         .output()
         .ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// MLflow's git tags (commit, branch, remote), and whether tracked files had changes.
+fn git_tags(root: &Path) -> Vec<(String, String)> {
+    let Some(commit) = git(root, &["rev-parse", "HEAD"]) else {
+        return Vec::new();
+    };
+    let mut tags = vec![("mlflow.source.git.commit".to_string(), commit)];
+    if let Some(branch) = git(root, &["symbolic-ref", "--short", "HEAD"]) {
+        tags.push(("mlflow.source.git.branch".into(), branch));
+    }
+    if let Some(url) = git(root, &["remote", "get-url", "origin"]) {
+        tags.push(("mlflow.source.git.repoURL".into(), url));
+    }
+    if let Some(status) = git(root, &["status", "--porcelain", "--untracked-files=no"]) {
+        tags.push(("sentiflow.git.dirty".into(), (!status.is_empty()).to_string()));
+    }
+    tags
+}
+
+/// Who ran the pipeline: `$USER`, `$LOGNAME`, else the account of the process's user id.
+fn user() -> String {
+    for var in ["USER", "LOGNAME"] {
+        if let Some(name) = std::env::var(var).ok().filter(|n| !n.is_empty()) {
+            return name;
+        }
+    }
+    // SAFETY: getpwuid returns null or a record in static storage, read at once; sentiflow calls
+    // no other passwd function meanwhile.
+    unsafe {
+        let uid = libc::getuid();
+        let record = libc::getpwuid(uid);
+        if record.is_null() || (*record).pw_name.is_null() {
+            return format!("uid {uid}");
+        }
+        std::ffi::CStr::from_ptr((*record).pw_name)
+            .to_string_lossy()
+            .into_owned()
+    }
 }
