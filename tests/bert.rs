@@ -66,6 +66,31 @@ for line in sys.stdin:
         .collect()
 }
 
+/// P(positive) from the bundle's MLflow flavor: `mlflow.pyfunc.load_model` on its directory.
+fn pyfunc_probabilities(bundle: &Path, texts: &[&str]) -> Vec<f64> {
+    let script = r#"
+import json, sys
+import mlflow.pyfunc
+model = mlflow.pyfunc.load_model(sys.argv[1])
+print(json.dumps(model.predict(json.load(sys.stdin))["score"].tolist()))
+"#;
+    let mut child = std::process::Command::new(python())
+        .args(["-c", script])
+        .arg(bundle)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(json!(texts).to_string().as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 const REVIEWS: [&str; 5] = [
     "One of the best films I have seen in years: moving, funny and beautifully acted.",
     "A boring, badly written mess. I want my two hours back.",
@@ -150,6 +175,12 @@ fn bert_branch_end_to_end() {
     for (r, q) in rust.iter().zip(&py) {
         assert!((r - q).abs() <= 1e-4, "Rust {r} vs Python {q}");
     }
+    // The bundle's MLflow python_function flavor scores as sentiflow does.
+    let pyfunc = pyfunc_probabilities(&bundle, &REVIEWS);
+    assert_eq!(pyfunc.len(), REVIEWS.len());
+    let worst = rust.iter().zip(&pyfunc).map(|(r, q)| (r - q).abs()).fold(0.0, f64::max);
+    assert!(worst <= 1e-4, "Rust vs mlflow.pyfunc: max |dp| {worst}");
+    eprintln!("mlflow.pyfunc vs sentiflow predict: max |dp| {worst:.3e}");
 
     // Served beside the TF-IDF model; concurrent requests are batched and answer the same scores.
     let s = Server::start(&p, &["--batch-window-ms", "20"]);

@@ -89,8 +89,11 @@ impl Drop for MlflowServer {
     }
 }
 
+/// Reads the quickstart's run back with MLflow's client. Given held-out reviews and `sentiflow
+/// predict`'s output for them, also checks the git tags, loads the registered version with
+/// `mlflow.pyfunc` and compares its predictions.
 const CHECK: &str = r#"
-import sys
+import json, sys
 from mlflow.tracking import MlflowClient
 c = MlflowClient(sys.argv[1])
 exp = c.get_experiment_by_name("quickstart")
@@ -101,16 +104,34 @@ p = parents[0]
 children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id]
 assert len(children) == 4, f"one child run per tuning trial, got {len(children)}"
 assert p.info.status == "FINISHED", p.info.status
+assert p.info.run_name == f"quickstart-{p.info.run_id[:8]}", p.info.run_name
 assert p.data.params["train.seed"] == "42", p.data.params
 assert p.data.params["params.data"] == "tests/fixtures/imdb_sample.tar.gz", p.data.params
 assert 0.5 < p.data.metrics["train.accuracy"] <= 1.0, p.data.metrics
 assert p.data.metrics["load.rows"] == 400, p.data.metrics
-assert len(p.data.tags["sentiflow.key.train"]) == 64, p.data.tags
-assert "sentiflow.data.tests/fixtures/imdb_sample.tar.gz" in p.data.tags, p.data.tags
+tags = p.data.tags
+assert len(tags["sentiflow.key.train"]) == 64, tags
+data_hash = tags["sentiflow.data.tests/fixtures/imdb_sample.tar.gz"]
+assert tags["mlflow.source.name"] == "pipelines/quickstart.yaml", tags
+assert tags["mlflow.source.type"] == "LOCAL", tags
+assert tags["mlflow.user"], tags
+if len(sys.argv) > 2:
+    assert len(tags["mlflow.source.git.commit"]) == 40, tags
+    assert tags["sentiflow.git.dirty"] == "false", tags
+
+# Datasets: the loaded archive for training, the split's validation part.
+inputs = {i.tags[0].value: i.dataset for i in p.inputs.dataset_inputs}
+assert sorted(inputs) == ["training", "validation"], p.inputs
+train, valid = inputs["training"], inputs["validation"]
+assert train.name == "imdb_sample.tar.gz" and train.digest == data_hash[:16], train
+assert json.loads(train.source)["uri"].endswith("tests/fixtures/imdb_sample.tar.gz"), train.source
+assert json.loads(train.profile)["num_rows"] == 400, train.profile
+assert "text" in [col["name"] for col in json.loads(train.schema)["mlflow_colspec"]], train.schema
+assert valid.name == "data/quickstart/split/valid.parquet" and len(valid.digest) == 16, valid
+assert json.loads(valid.profile)["num_rows"] == p.data.metrics["split.valid_rows"], valid.profile
+
 top = sorted(a.path for a in c.list_artifacts(p.info.run_id))
-assert top == ["export_tfidf", "train", "tune"], top
-bundle = sorted(a.path for a in c.list_artifacts(p.info.run_id, "export_tfidf"))
-assert "export_tfidf/manifest.json" in bundle and "export_tfidf/weights.bin" in bundle, bundle
+assert top == ["train", "tune"], top
 assert "tune/trials.csv" in [a.path for a in c.list_artifacts(p.info.run_id, "tune")]
 import os, tempfile
 plots = ["train/confusion_matrix.png", "train/roc_curve.png", "tune/score_vs_C.png"]
@@ -121,17 +142,70 @@ with tempfile.TemporaryDirectory() as d:
         assert head == b"\x89PNG\r\n\x1a\n" and os.path.getsize(local) > 2000, (path, head)
 child = children[0]
 assert {"model.model", "model.C", "vectorizer"} <= set(child.data.params), child.data.params
+assert child.info.run_name.startswith(child.data.params["model.model"] + " C="), child.info.run_name
 assert "accuracy_mean" in child.data.metrics and "roc_auc_std" in child.data.metrics, child.data.metrics
 assert len(c.get_metric_history(child.info.run_id, "fold_score")) == 3
+
+# The bundle is a logged model of the run, with its validation metrics on the validation data.
+models = c.search_logged_models(experiment_ids=[exp.experiment_id])
+assert len(models) == 1, models
+m = models[0]
+assert m.name == "tfidf" and m.source_run_id == p.info.run_id and m.status == "READY", m
+assert m.model_type == "sentiflow-tfidf" and "model.C" in m.params, m
+assert [o.model_id for o in p.outputs.model_outputs] == [m.model_id], p.outputs
+accuracy = [x for x in m.metrics if x.key == "export_tfidf.accuracy"]
+assert len(accuracy) == 1 and 0.5 < accuracy[0].value <= 1.0, m.metrics
+assert accuracy[0].dataset_digest == valid.digest, accuracy
+files = {a.path for a in c.list_logged_model_artifacts(m.model_id)}
+assert {"MLmodel", "manifest.json", "weights.bin", "sentiflow_pyfunc.py", "requirements.txt"} <= files, files
 versions = c.search_model_versions("name='quickstart-tfidf'")
-assert [v.run_id for v in versions] == [p.info.run_id], versions
+assert [(v.run_id, v.source) for v in versions] == [(p.info.run_id, f"models:/{m.model_id}")], versions
+assert "quickstart-tfidf" in m.tags["mlflow.modelVersions"], m.tags
+
+if len(sys.argv) > 2:
+    import mlflow, numpy as np
+    mlflow.set_tracking_uri(sys.argv[1])
+    reviews = [json.loads(line) for line in open(sys.argv[2])]
+    rust = [json.loads(line) for line in open(sys.argv[3])]
+    model = mlflow.pyfunc.load_model(f"models:/quickstart-tfidf/{versions[0].version}")
+    out = model.predict([r["text"] for r in reviews])
+    assert list(out.columns) == ["label", "score"], out.columns
+    assert list(out["label"]) == [r["label"] for r in rust]
+    diff = np.abs(out["score"].to_numpy() - np.array([r["score"] for r in rust]))
+    assert diff.max() <= 1e-6, diff.max()
+    # A pandas column, as `mlflow models serve` passes it.
+    import pandas as pd
+    column = model.predict(pd.DataFrame({"text": [r["text"] for r in reviews[:5]]}))
+    assert list(column["score"]) == list(out["score"][:5])
+    print(f"pyfunc: {len(reviews)} reviews, same labels, max |dp| {diff.max():.3e}")
 print("ok", p.info.run_id)
 "#;
+
+/// Makes the project a git repository with everything committed, as a checkout is.
+fn commit_all(p: &common::Project) {
+    for args in [
+        &["init", "-q"][..],
+        &["add", "-A"],
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.com",
+            "commit",
+            "-qm",
+            "init",
+        ],
+    ] {
+        let status = Command::new("git").args(args).current_dir(p.root()).status().unwrap();
+        assert!(status.success(), "git {args:?}");
+    }
+}
 
 #[test]
 fn pipeline_runs_trials_artifacts_and_models_reach_mlflow() {
     let server = MlflowServer::start();
     let p = quickstart();
+    commit_all(&p);
     let out = p
         .cmd(&["run", "pipelines/quickstart.yaml"])
         .env("MLFLOW_TRACKING_URI", &server.uri)
@@ -140,18 +214,38 @@ fn pipeline_runs_trials_artifacts_and_models_reach_mlflow() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("tracked as MLflow run"), "{stderr}");
-    check(&server.uri);
+
+    // The registered version, loaded by MLflow's pyfunc, scores held-out reviews as sentiflow does.
+    let heldout = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/imdb_heldout.jsonl");
+    let predicted = p.sentiflow(&[
+        "predict",
+        "--model",
+        "models/quickstart/tfidf",
+        "--input",
+        heldout.to_str().unwrap(),
+    ]);
+    assert_eq!(predicted.code, 0, "{}", predicted.stderr);
+    p.write("predictions.jsonl", &predicted.stdout);
+    let report = check(&server.uri, &[heldout, p.path("predictions.jsonl")]);
+    eprintln!("{report}");
 }
 
-fn check(uri: &str) {
+fn check(uri: &str, args: &[PathBuf]) -> String {
     let python = tool("SENTIFLOW_MLFLOW", "mlflow").with_file_name("python");
-    let check = Command::new(python).arg("-c").arg(CHECK).arg(uri).output().unwrap();
+    let check = Command::new(python)
+        .arg("-c")
+        .arg(CHECK)
+        .arg(uri)
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&check.stdout).into_owned();
     assert!(
         check.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&check.stdout),
+        "{stdout}{}",
         String::from_utf8_lossy(&check.stderr)
     );
+    stdout
 }
 
 #[test]
@@ -214,7 +308,7 @@ fn a_run_queued_while_the_server_was_down_is_sent_by_sync() {
     let sent = p.sentiflow(&["tracking", "sync"]);
     assert_eq!(sent.code, 0, "{}{}", sent.stdout, sent.stderr);
     assert!(sent.stdout.contains("sent quickstart"), "{}", sent.stdout);
-    check(&server.uri);
+    check(&server.uri, &[]);
     let again = p.sentiflow(&["tracking", "sync"]);
     assert!(again.stdout.contains("nothing to send"), "{}", again.stdout);
 }
