@@ -2,7 +2,8 @@
 # Screenshots of the MLflow UI showing a sentiflow run: starts an MLflow server (from the
 # project's Python environment) on a scratch store, runs pipelines/quickstart.yaml with tracking,
 # and photographs, with headless Chromium (Debian package `chromium`), the pipeline run's page
-# (its tuning trials as child runs, tags, registered model) and two of its plots.
+# (source, datasets, logged model, tuning trials as child runs, tags, registered model), its
+# logged model's page and two of its plots.
 #
 #   scripts/mlflow-screenshot.sh [OUT_DIR]     (default: docs/screenshots)
 set -euo pipefail
@@ -31,10 +32,11 @@ from mlflow.tracking import MlflowClient
 c = MlflowClient(f"http://127.0.0.1:{sys.argv[1]}")
 exp = c.get_experiment_by_name("quickstart")
 run = [r for r in c.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags][0]
-print(exp.experiment_id, run.info.run_id)
+model = c.search_logged_models(experiment_ids=[exp.experiment_id])[0]
+print(exp.experiment_id, run.info.run_id, model.model_id)
 PY
 )
-read -r exp run <<<"$ids"
+read -r exp run model <<<"$ids"
 shot() {  # file url
   chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --hide-scrollbars \
     --disable-background-networking --disable-component-update --disable-sync \
@@ -44,5 +46,6 @@ shot() {  # file url
 }
 base="http://127.0.0.1:$port/#/experiments/$exp"
 shot mlflow-run-overview.png "$base/runs/$run"
+shot mlflow-logged-model.png "$base/models/$model"
 shot mlflow-plot-confusion.png "$base/runs/$run/artifacts/train/confusion_matrix.png"
 shot mlflow-plot-tuning.png "$base/runs/$run/artifacts/tune/score_vs_C.png"
