@@ -270,7 +270,7 @@ fn evaluate_once(app: &App, mut mlflow_runs: HashMap<String, String>, step: i64)
         rows: app.config.keep_predictions,
         days: app.config.keep_days,
     };
-    match app.store.prune(keep).and_then(|_| app.store.prediction_count()) {
+    match app.store.prune(keep) {
         Ok(n) => app.metrics.stored_predictions(n),
         Err(e) => {
             tracing::error!("pruning stored predictions: {e}");

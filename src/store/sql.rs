@@ -172,8 +172,6 @@ impl Row {
 pub trait Tx {
     fn execute(&mut self, sql: &str, params: &[Param]) -> Result<u64, StoreError>;
     fn query(&mut self, sql: &str, params: &[Param]) -> Result<Vec<Row>, StoreError>;
-    /// `sql` once per row of `rows`, prepared once.
-    fn execute_many(&mut self, sql: &str, rows: &mut dyn Iterator<Item = Vec<Param>>) -> Result<(), StoreError>;
 
     fn query_opt(&mut self, sql: &str, params: &[Param]) -> Result<Option<Row>, StoreError> {
         Ok(self.query(sql, params)?.into_iter().next())
@@ -224,14 +222,6 @@ impl Tx for SqliteTx<'_> {
         let n = st.column_count();
         let rows = st.query_map(rusqlite::params_from_iter(params), |r| sqlite_row(r, n))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
-    }
-
-    fn execute_many(&mut self, sql: &str, rows: &mut dyn Iterator<Item = Vec<Param>>) -> Result<(), StoreError> {
-        let mut st = self.0.prepare_cached(sql)?;
-        for params in rows {
-            st.execute(rusqlite::params_from_iter(&params))?;
-        }
-        Ok(())
     }
 }
 
@@ -316,16 +306,6 @@ impl Tx for PgTx<'_, '_> {
         let refs: Vec<&(dyn PgToSql + Sync)> = boxed.iter().map(|b| b.as_ref()).collect();
         let rows = self.0.query(dollars(sql).as_str(), &refs)?;
         Ok(rows.iter().map(pg_row).collect::<Result<_, _>>()?)
-    }
-
-    fn execute_many(&mut self, sql: &str, rows: &mut dyn Iterator<Item = Vec<Param>>) -> Result<(), StoreError> {
-        let st = self.0.prepare(&dollars(sql))?;
-        for params in rows {
-            let boxed = pg_params(&params);
-            let refs: Vec<&(dyn PgToSql + Sync)> = boxed.iter().map(|b| b.as_ref()).collect();
-            self.0.execute(&st, &refs)?;
-        }
-        Ok(())
     }
 }
 
