@@ -273,16 +273,7 @@ fn download(objects: &Objects, rel: &str, row: &ModelRow, dest: &Path) -> Result
         }
         bytes += out.metadata().map_err(local(&path))?.len();
     }
-    let staged = staging.keep();
-    std::fs::rename(&staged, dest).or_else(|e| {
-        // Another download of the same version won the race: keep its copy.
-        let _ = std::fs::remove_dir_all(&staged);
-        if dest.join("manifest.json").is_file() {
-            Ok(())
-        } else {
-            Err(local(dest)(e))
-        }
-    })?;
+    publish(staging, dest).map_err(local(dest))?;
     Ok((m.files.len() + 1, bytes))
 }
 
@@ -302,9 +293,14 @@ fn copy_dir_atomic(src: &Path, dest: &Path) -> std::io::Result<()> {
             std::fs::copy(entry.path(), staging.path().join(entry.file_name()))?;
         }
     }
+    publish(staging, dest)
+}
+
+/// Renames the assembled copy of a version in `staging` to `dest`. When another registration or
+/// download of the same version got there first, its copy (the same files) is kept.
+fn publish(staging: tempfile::TempDir, dest: &Path) -> std::io::Result<()> {
     let staged = staging.keep();
     std::fs::rename(&staged, dest).or_else(|e| {
-        // Another registration of the same version won the race: keep its copy.
         let _ = std::fs::remove_dir_all(&staged);
         if dest.join("manifest.json").is_file() {
             Ok(())
