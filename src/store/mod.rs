@@ -203,6 +203,14 @@ ALTER TABLE drift_evaluations ADD COLUMN replica TEXT;
 DROP INDEX predictions_created_at;
 CREATE INDEX predictions_created_at_id ON predictions (created_at, id);
 "#,
+    // Retraining: what started each run, its MLflow run, and a cancel asked of a run that
+    // another replica owns (picked up when that replica renews its leases).
+    r#"
+ALTER TABLE runs ADD COLUMN trigger TEXT NOT NULL DEFAULT 'api';
+ALTER TABLE runs ADD COLUMN mlflow_run_id TEXT;
+ALTER TABLE runs ADD COLUMN cancel_requested {int} NOT NULL DEFAULT 0;
+CREATE INDEX runs_created_at ON runs (created_at);
+"#,
 ];
 
 /// How many predictions one INSERT statement writes.
@@ -224,7 +232,7 @@ fn insert_predictions(rows: usize) -> String {
 
 /// The current time as the database's timestamps spell it (UTC, RFC 3339, milliseconds).
 fn now_text() -> String {
-    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+    time_text(chrono::Utc::now())
 }
 
 fn now_ms() -> i64 {
@@ -244,16 +252,19 @@ pub enum RunStatus {
     Running,
     Succeeded,
     Failed,
-    /// Stopped on request, or left running by a server that stopped.
+    /// Stopped by a server that stopped, or left running by one that died.
     Interrupted,
+    /// Stopped on request (`POST /training/{id}/cancel`).
+    Cancelled,
 }
 
 impl RunStatus {
-    pub const ALL: [RunStatus; 4] = [
+    pub const ALL: [RunStatus; 5] = [
         RunStatus::Running,
         RunStatus::Succeeded,
         RunStatus::Failed,
         RunStatus::Interrupted,
+        RunStatus::Cancelled,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -262,6 +273,31 @@ impl RunStatus {
             RunStatus::Succeeded => "succeeded",
             RunStatus::Failed => "failed",
             RunStatus::Interrupted => "interrupted",
+            RunStatus::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// What started a training run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    /// `POST /training`.
+    Api,
+    /// A drift alert of a served model (the retraining policy).
+    Drift,
+    /// The retraining policy's `every`.
+    Schedule,
+}
+
+impl Trigger {
+    pub const ALL: [Trigger; 3] = [Trigger::Api, Trigger::Drift, Trigger::Schedule];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Api => "api",
+            Trigger::Drift => "drift",
+            Trigger::Schedule => "schedule",
         }
     }
 }
@@ -376,10 +412,50 @@ pub struct RunRow {
     pub params: Value,
     pub stages: Value,
     pub status: RunStatus,
+    pub trigger: Trigger,
     pub error: Option<String>,
     pub created_at: String,
     pub finished_at: Option<String>,
+    pub mlflow_run_id: Option<String>,
     pub events: Vec<Value>,
+}
+
+/// A training run as `GET /training` lists it.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct RunSummary {
+    pub id: String,
+    pub pipeline: String,
+    pub status: RunStatus,
+    pub trigger: Trigger,
+    /// When it started (UTC, RFC 3339).
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    /// Seconds from start to end, or so far while it runs.
+    pub duration_s: Option<f64>,
+    pub error: Option<String>,
+    /// The MLflow run it was tracked as, when tracking is on.
+    pub mlflow_run_id: Option<String>,
+}
+
+/// Which runs `Store::runs` lists: every filter that is set must match.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub pipeline: Option<String>,
+    pub status: Option<RunStatus>,
+    pub trigger: Option<Trigger>,
+    pub limit: u32,
+    pub offset: u64,
+}
+
+/// A timestamp as the database spells it, read back.
+fn parse_time(text: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
+fn time_text(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
 }
 
 /// The pool of a store that is not being dropped.
@@ -393,6 +469,8 @@ pub enum NewRun {
     Created,
     /// The pipeline is being trained by this run (on this or another replica).
     Busy(String),
+    /// An automatic run of the pipeline started within the cooldown; none before this time.
+    Cooling(String),
 }
 
 // One per process: the size of the variants does not matter.
@@ -894,16 +972,21 @@ impl Store {
 
     // --- training runs ---
 
-    /// Records run `id` of `pipeline` as running on `owner`, leased for `lease`, unless a run of
-    /// the pipeline is running (on any replica): runs whose lease ran out are interrupted first.
+    /// Records run `id` of `pipeline`, started by `trigger`, as running on `owner`, leased for
+    /// `lease`, unless a run of the pipeline is running (on any replica) or, with a `cooldown`,
+    /// an automatic run of it started less than that long ago: runs whose lease ran out are
+    /// interrupted first. One transaction, so replicas that ask at once agree.
+    #[allow(clippy::too_many_arguments)]
     pub fn create_run(
         &self,
         id: &str,
         pipeline: &str,
+        trigger: Trigger,
         params: &Value,
         stages: &Value,
         owner: &str,
         lease: Duration,
+        cooldown: Option<Duration>,
     ) -> Result<NewRun, StoreError> {
         let busy = |tx: &mut dyn Tx| -> Result<Option<String>, StoreError> {
             tx.query_opt(
@@ -918,12 +1001,28 @@ impl Store {
             if let Some(running) = busy(tx)? {
                 return Ok(NewRun::Busy(running));
             }
+            if let Some(cooldown) = cooldown {
+                let last = tx
+                    .query_one(
+                        "SELECT MAX(created_at) FROM runs WHERE pipeline = ?1 AND trigger <> ?2",
+                        params![pipeline, Trigger::Api.as_str()],
+                    )?
+                    .opt_text(0)?;
+                let until = last
+                    .as_deref()
+                    .and_then(parse_time)
+                    .and_then(|t| chrono::Duration::from_std(cooldown).ok().map(|c| t + c));
+                if let Some(until) = until.filter(|u| *u > chrono::Utc::now()) {
+                    return Ok(NewRun::Cooling(time_text(until)));
+                }
+            }
             tx.execute(
-                "INSERT INTO runs (id, pipeline, params, stages, status, owner, lease_until_ms, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO runs (id, pipeline, trigger, params, stages, status, owner, lease_until_ms, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     id,
                     pipeline,
+                    trigger.as_str(),
                     &params.to_string(),
                     &stages.to_string(),
                     RunStatus::Running.as_str(),
@@ -939,6 +1038,119 @@ impl Store {
             Err(e) if e.is_unique_violation() => Ok(NewRun::Busy(self.write(busy)?.unwrap_or_default())),
             other => other,
         }
+    }
+
+    /// When the last run of `pipeline` started by `trigger` started.
+    pub fn last_run_at(&self, pipeline: &str, trigger: Trigger) -> Result<Option<String>, StoreError> {
+        self.write(|tx| {
+            tx.query_one(
+                "SELECT MAX(created_at) FROM runs WHERE pipeline = ?1 AND trigger = ?2",
+                params![pipeline, trigger.as_str()],
+            )?
+            .opt_text(0)
+        })
+    }
+
+    /// Records the MLflow run that tracked run `id`.
+    pub fn set_mlflow_run(&self, id: &str, mlflow_run_id: &str) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE runs SET mlflow_run_id = ?2 WHERE id = ?1",
+                params![id, mlflow_run_id],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Asks the replica that owns running run `id` to cancel it; false when it is not running.
+    pub fn request_cancel(&self, id: &str) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE runs SET cancel_requested = 1 WHERE id = ?1 AND status = ?2",
+                params![id, RunStatus::Running.as_str()],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
+    /// The running runs of `owner` whose cancel was asked through another replica.
+    pub fn cancel_requests(&self, owner: &str) -> Result<Vec<String>, StoreError> {
+        self.write(|tx| {
+            tx.query(
+                "SELECT id FROM runs WHERE owner = ?1 AND status = ?2 AND cancel_requested = 1",
+                params![owner, RunStatus::Running.as_str()],
+            )?
+            .iter()
+            .map(|r| r.text(0))
+            .collect()
+        })
+    }
+
+    /// The runs `filter` selects, newest first, and how many it selects without its paging.
+    pub fn runs(&self, filter: &RunFilter) -> Result<(Vec<RunSummary>, u64), StoreError> {
+        let mut clauses: Vec<String> = Vec::new();
+        let mut args: Vec<Param> = Vec::new();
+        let mut add = |column: &str, value| {
+            args.push(value);
+            clauses.push(format!("{column} = ?{}", args.len()));
+        };
+        if let Some(p) = &filter.pipeline {
+            add("pipeline", Param::Text(p));
+        }
+        if let Some(s) = filter.status {
+            add("status", Param::Text(s.as_str()));
+        }
+        if let Some(t) = filter.trigger {
+            add("trigger", Param::Text(t.as_str()));
+        }
+        let filter_sql = if clauses.is_empty() {
+            String::new()
+        } else {
+            format!("WHERE {}", clauses.join(" AND "))
+        };
+        let n = args.len();
+        self.write(|tx| {
+            let total = tx
+                .query_one(&format!("SELECT count(*) FROM runs {filter_sql}"), &args)?
+                .int(0)? as u64;
+            let mut paged = args.clone();
+            paged.push(Param::Int(filter.limit.into()));
+            paged.push(Param::Int(filter.offset as i64));
+            let sql = format!(
+                "SELECT id, pipeline, status, trigger, created_at, finished_at, error, mlflow_run_id FROM runs {filter_sql}
+                 ORDER BY created_at DESC, id DESC LIMIT ?{} OFFSET ?{}",
+                n + 1,
+                n + 2
+            );
+            let now = chrono::Utc::now();
+            let runs = tx
+                .query(&sql, &paged)?
+                .iter()
+                .map(|r| {
+                    let created_at = r.text(4)?;
+                    let finished_at = r.opt_text(5)?;
+                    let end = match &finished_at {
+                        Some(f) => parse_time(f),
+                        None => Some(now),
+                    };
+                    let duration_s = parse_time(&created_at)
+                        .zip(end)
+                        .map(|(start, end)| (end - start).num_milliseconds().max(0) as f64 / 1000.0);
+                    Ok(RunSummary {
+                        id: r.text(0)?,
+                        pipeline: r.text(1)?,
+                        status: r.named(2, &RunStatus::ALL, RunStatus::as_str)?,
+                        trigger: r.named(3, &Trigger::ALL, Trigger::as_str)?,
+                        created_at,
+                        finished_at,
+                        duration_s,
+                        error: r.opt_text(6)?,
+                        mlflow_run_id: r.opt_text(7)?,
+                    })
+                })
+                .collect::<Result<_, StoreError>>()?;
+            Ok((runs, total))
+        })
     }
 
     /// Extends the leases of the runs `owner` is running; returns how many it holds.
@@ -1040,7 +1252,8 @@ impl Store {
     pub fn run(&self, id: &str) -> Result<Option<RunRow>, StoreError> {
         self.write(|tx| {
             let Some(r) = tx.query_opt(
-                "SELECT id, pipeline, params, stages, status, error, created_at, finished_at FROM runs WHERE id = ?1",
+                "SELECT id, pipeline, params, stages, status, error, created_at, finished_at, trigger, mlflow_run_id
+                 FROM runs WHERE id = ?1",
                 params![id],
             )?
             else {
@@ -1069,9 +1282,11 @@ impl Store {
                 params: json(r.opt_text(2)?),
                 stages: json(r.opt_text(3)?),
                 status: r.named(4, &RunStatus::ALL, RunStatus::as_str)?,
+                trigger: r.named(8, &Trigger::ALL, Trigger::as_str)?,
                 error: r.opt_text(5)?,
                 created_at: r.text(6)?,
                 finished_at: r.opt_text(7)?,
+                mlflow_run_id: r.opt_text(9)?,
                 events,
             }))
         })
@@ -1134,6 +1349,9 @@ mod tests {
         for s in ModelStatus::ALL {
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
         }
+        for t in Trigger::ALL {
+            assert_eq!(serde_json::to_value(t).unwrap(), t.as_str());
+        }
     }
 
     #[test]
@@ -1142,7 +1360,7 @@ mod tests {
         let store = sqlite(&dir);
 
         store
-            .create_run("r1", "demo", &Value::Null, &Value::Null, "a", LEASE)
+            .create_run("r1", "demo", Trigger::Api, &Value::Null, &Value::Null, "a", LEASE, None)
             .unwrap();
         assert_eq!(store.run("r1").unwrap().unwrap().status, RunStatus::Running);
         store
@@ -1163,13 +1381,13 @@ mod tests {
 
         assert_eq!(
             store
-                .create_run("r2", "demo", &Value::Null, &Value::Null, "b", LEASE)
+                .create_run("r2", "demo", Trigger::Api, &Value::Null, &Value::Null, "b", LEASE, None)
                 .unwrap(),
             NewRun::Created
         );
         assert_eq!(
             store
-                .create_run("r3", "demo", &Value::Null, &Value::Null, "a", LEASE)
+                .create_run("r3", "demo", Trigger::Api, &Value::Null, &Value::Null, "a", LEASE, None)
                 .unwrap(),
             NewRun::Busy("r2".into()),
             "one run per pipeline, whichever server asks"
@@ -1198,12 +1416,72 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = sqlite(&dir);
         store
-            .create_run("r1", "demo", &Value::Null, &Value::Null, "a", LEASE)
+            .create_run("r1", "demo", Trigger::Api, &Value::Null, &Value::Null, "a", LEASE, None)
             .unwrap();
         store
             .write(|tx| tx.execute("UPDATE runs SET status = 'paused'", &[]))
             .unwrap();
         assert!(store.run("r1").is_err());
+    }
+}
+
+#[cfg(test)]
+mod retrain_tests {
+    use super::*;
+
+    #[test]
+    fn automatic_runs_wait_out_the_cooldown_and_runs_are_listed_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&Location::Sqlite(dir.path().join("db.sqlite")), 1).unwrap();
+        let lease = Duration::from_secs(60);
+        let hour = Some(Duration::from_secs(3600));
+        let create = |id: &str, trigger: Trigger, cooldown: Option<Duration>| {
+            store
+                .create_run(id, "demo", trigger, &Value::Null, &Value::Null, "a", lease, cooldown)
+                .unwrap()
+        };
+        assert_eq!(create("r1", Trigger::Api, None), NewRun::Created);
+        store.finish_run("r1", RunStatus::Succeeded, None).unwrap();
+        assert_eq!(
+            create("r2", Trigger::Drift, hour),
+            NewRun::Created,
+            "API runs do not count"
+        );
+        assert_eq!(create("r3", Trigger::Drift, hour), NewRun::Busy("r2".into()));
+        store.finish_run("r2", RunStatus::Cancelled, Some("cancelled")).unwrap();
+        assert!(matches!(create("r4", Trigger::Schedule, hour), NewRun::Cooling(_)));
+        assert_eq!(create("r5", Trigger::Api, None), NewRun::Created, "API runs ignore it");
+        store.set_mlflow_run("r5", "abc").unwrap();
+
+        let all = RunFilter {
+            limit: 10,
+            ..RunFilter::default()
+        };
+        let (runs, total) = store.runs(&all).unwrap();
+        assert_eq!(total, 3);
+        let ids: Vec<&str> = runs.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["r5", "r2", "r1"]);
+        assert_eq!(runs[0].mlflow_run_id.as_deref(), Some("abc"));
+        assert!(runs[0].duration_s.is_some());
+        let drift = RunFilter {
+            trigger: Some(Trigger::Drift),
+            status: Some(RunStatus::Cancelled),
+            ..all.clone()
+        };
+        let (runs, total) = store.runs(&drift).unwrap();
+        assert_eq!((runs.len(), total), (1, 1));
+        assert_eq!(store.run("r2").unwrap().unwrap().trigger, Trigger::Drift);
+        let paged = RunFilter {
+            limit: 1,
+            offset: 1,
+            ..all
+        };
+        let (runs, total) = store.runs(&paged).unwrap();
+        assert_eq!((runs[0].id.as_str(), total), ("r2", 3));
+
+        assert!(store.request_cancel("r5").unwrap());
+        assert_eq!(store.cancel_requests("a").unwrap(), ["r5"]);
+        assert!(!store.request_cancel("r1").unwrap(), "only a running run");
     }
 }
 
@@ -1218,7 +1496,7 @@ mod lease_tests {
         let short = Duration::from_millis(50);
         let create = |id: &str| {
             store
-                .create_run(id, "demo", &Value::Null, &Value::Null, "a", short)
+                .create_run(id, "demo", Trigger::Api, &Value::Null, &Value::Null, "a", short, None)
                 .unwrap()
         };
         assert_eq!(create("r1"), NewRun::Created);
