@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::models::bundle::Explanation;
 use crate::pipeline::ParamValue;
-use crate::store::{ModelRow, RunStatus};
+use crate::store::{ModelRow, RunStatus, RunSummary, Trigger};
 
 /// A field that may be left out but, when sent, holds a value (`null` is refused, not read as
 /// absent, so a client's mistake is named).
@@ -276,12 +276,56 @@ pub struct TrainingRun {
     pub id: String,
     pub pipeline: String,
     pub status: RunStatus,
+    /// What started it.
+    pub trigger: Trigger,
     pub error: Option<String>,
     pub params: Value,
     /// Each stage's last state, by name.
     pub stages: BTreeMap<String, StageOutcome>,
     pub created_at: String,
     pub finished_at: Option<String>,
+    /// The MLflow run it was tracked as, when tracking is on.
+    pub mlflow_run_id: Option<String>,
+}
+
+/// The query of `GET /training`: every filter given must match.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingQuery {
+    /// Runs of this pipeline.
+    pub pipeline: Option<String>,
+    pub status: Option<RunStatus>,
+    /// What started the runs.
+    pub trigger: Option<Trigger>,
+    /// Runs per page, 1 to 100.
+    #[serde(default = "default_limit")]
+    #[schemars(range(min = 1, max = 100))]
+    pub limit: u32,
+    /// Runs to skip, newest first.
+    #[serde(default)]
+    pub offset: u64,
+}
+
+fn default_limit() -> u32 {
+    20
+}
+
+/// The answer to `GET /training`: a page of runs, newest first.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct TrainingRuns {
+    pub runs: Vec<RunSummary>,
+    /// Runs the filters select, over all pages.
+    pub total: u64,
+    pub limit: u32,
+    pub offset: u64,
+}
+
+/// The answer to `POST /training/{id}/cancel`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct TrainingCancelled {
+    pub id: String,
+    /// Always `cancelled`: the run stops at the engine's next stop check.
+    pub status: RunStatus,
 }
 
 #[derive(Debug, Serialize, Deserialize, JsonSchema)]

@@ -11,6 +11,7 @@ use super::error::ApiError;
 use super::routes::{Answer, Ctx, Reply};
 use super::{drift, training, App, Serving};
 use crate::models::bundle::{Explanation, Model, Prediction};
+use crate::store::Trigger;
 
 /// The web interface: one self-contained page (HTML, CSS and JavaScript, no build step) that
 /// talks to this API.
@@ -316,7 +317,9 @@ pub async fn promote(ctx: &Ctx) -> Answer {
 pub async fn training(ctx: &Ctx, body: Bytes) -> Answer {
     let request: TrainingRequest = ctx.json(&body)?;
     let app = ctx.app.clone();
-    let started = ctx.blocking(move |_| training::start(&app, request)).await??;
+    let started = ctx
+        .blocking(move |_| training::start(&app, request, Trigger::Api, None))
+        .await??;
     let location = format!("/training/{}", started.id);
     Ok(Reply::json(&started)
         .status(StatusCode::ACCEPTED)
@@ -333,4 +336,16 @@ pub async fn training_logs(ctx: &Ctx) -> Answer {
     let id = ctx.param(0).to_string();
     let logs = ctx.blocking(move |app| training::logs(app, &id)).await??;
     Ok(Reply::json(&logs))
+}
+
+pub async fn training_list(ctx: &Ctx, query: String) -> Answer {
+    let q: TrainingQuery = ctx.query(&query)?;
+    let runs = ctx.blocking(move |app| training::list_runs(app, q)).await??;
+    Ok(Reply::json(&runs))
+}
+
+pub async fn training_cancel(ctx: &Ctx) -> Answer {
+    let id = ctx.param(0).to_string();
+    let cancelled = ctx.blocking(move |app| training::cancel(app, &id)).await??;
+    Ok(Reply::json(&cancelled))
 }

@@ -15,6 +15,7 @@ mod handlers;
 mod listener;
 mod metrics;
 mod openapi;
+pub mod policy;
 mod routes;
 mod training;
 
@@ -116,6 +117,9 @@ impl App {
             tracing::warn!("{interrupted} training run(s) were cut short by a stop; recorded as interrupted");
         }
         let registry = config.registry()?;
+        if let Some(policy) = &config.retrain {
+            training::check_policy(&config, policy)?;
+        }
         let app = Arc::new(App {
             cache_dir,
             store,
@@ -236,10 +240,21 @@ impl App {
         }
     }
 
-    /// Renews the leases of this server's runs and interrupts the runs of servers that died.
+    /// Renews the leases of this server's runs, cancels those whose cancel was asked through
+    /// another server, and interrupts the runs of servers that died.
     fn keep_leases(&self) {
         if let Err(e) = self.store.renew_leases(&self.replica, self.config.run_lease()) {
             tracing::warn!("renewing the leases of this server's training runs: {e}");
+        }
+        match self.store.cancel_requests(&self.replica) {
+            Ok(ids) => {
+                for id in ids {
+                    if self.training.cancel(&id) {
+                        tracing::info!("training run {id} cancelled through another server");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("reading the cancel requests of this server's training runs: {e}"),
         }
         match self.store.expire_leases() {
             Ok(0) => {}
@@ -450,6 +465,7 @@ pub async fn serve(app: Arc<App>) -> anyhow::Result<()> {
         Duration::from_secs(app.config.drift_period_s.max(1)),
     ));
     tokio::spawn(follow(app.clone()));
+    tokio::spawn(policy::schedule(app.clone()));
     tracing::info!("sentiflow serving on http://{addr} (models: {:?})", app.model_names());
     listener::run(app.clone(), socket, warp::service(routes), signal).await;
     app.training.stop_all(&app);

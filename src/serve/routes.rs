@@ -225,6 +225,17 @@ pub static TRAINING: Spec = Spec {
     errors: &[400, 403, 404, 409, 411, 413, 415, 422, 503],
     ..route(Post, "/training", Key(Role::Admin), "Start a pipeline run")
 };
+pub static TRAINING_LIST: Spec = Spec {
+    query: Some(schema::<TrainingQuery>),
+    response: Some(schema::<TrainingRuns>),
+    errors: &[400],
+    ..route(
+        Get,
+        "/training",
+        Key(Role::Admin),
+        "Training runs, newest first, by pipeline, status and trigger",
+    )
+};
 pub static TRAINING_STATUS: Spec = Spec {
     response: Some(schema::<TrainingRun>),
     errors: &[404],
@@ -235,9 +246,19 @@ pub static TRAINING_LOGS: Spec = Spec {
     errors: &[404],
     ..route(Get, "/training/{id}/logs", Key(Role::Admin), "A run's log lines")
 };
+pub static TRAINING_CANCEL: Spec = Spec {
+    response: Some(schema::<TrainingCancelled>),
+    errors: &[404, 409, 503],
+    ..route(
+        Post,
+        "/training/{id}/cancel",
+        Key(Role::Admin),
+        "Cancel a running run (it stops at the engine's next stop check)",
+    )
+};
 
 /// Every route.
-pub static ROUTES: [&Spec; 17] = [
+pub static ROUTES: [&Spec; 19] = [
     &PAGE,
     &DOCS,
     &DOCS_FILE,
@@ -253,8 +274,10 @@ pub static ROUTES: [&Spec; 17] = [
     &MODELS,
     &PROMOTE,
     &TRAINING,
+    &TRAINING_LIST,
     &TRAINING_STATUS,
     &TRAINING_LOGS,
+    &TRAINING_CANCEL,
 ];
 
 /// A request admitted to its route: its id, its path parameters and who sent it.
@@ -547,7 +570,9 @@ macro_rules! answer {
 /// Every route of the API; each answer carries a request id, is counted and is logged.
 pub fn routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejection> + Clone {
     let e = |spec| endpoint(&app, spec);
-    let api = e(&PAGE)
+    // Boxed in groups: one unboxed chain of every route is a type the compiler takes many
+    // minutes over (its time grows with each `or` link).
+    let pages = e(&PAGE)
         .and_then(answer!(handlers::page))
         .or(e(&DOCS).and_then(answer!(handlers::docs)))
         .unify()
@@ -561,10 +586,10 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejec
         .unify()
         .or(e(&OPENAPI).and_then(answer!(handlers::openapi)))
         .unify()
-        .or(e(&BEST_MODEL_PARAMETER)
-            .and(query())
-            .and_then(answer!(handlers::best_model_parameter, String)))
-        .unify()
+        .boxed();
+    let models = e(&BEST_MODEL_PARAMETER)
+        .and(query())
+        .and_then(answer!(handlers::best_model_parameter, String))
         .or(e(&PREDICTION)
             .and(body())
             .and_then(answer!(handlers::prediction, Bytes)))
@@ -579,13 +604,22 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejec
         .unify()
         .or(e(&PROMOTE).and_then(answer!(handlers::promote)))
         .unify()
-        .or(e(&TRAINING).and(body()).and_then(answer!(handlers::training, Bytes)))
+        .boxed();
+    let training = e(&TRAINING)
+        .and(body())
+        .and_then(answer!(handlers::training, Bytes))
+        .or(e(&TRAINING_LIST)
+            .and(query())
+            .and_then(answer!(handlers::training_list, String)))
         .unify()
         .or(e(&TRAINING_STATUS).and_then(answer!(handlers::training_status)))
         .unify()
         .or(e(&TRAINING_LOGS).and_then(answer!(handlers::training_logs)))
         .unify()
+        .or(e(&TRAINING_CANCEL).and_then(answer!(handlers::training_cancel)))
+        .unify()
         .boxed();
+    let api = pages.or(models).unify().or(training).unify().boxed();
     // A rejection is answered below, where the request's method and path are known.
     let api = api
         .map(Ok)

@@ -10,21 +10,30 @@ use serde_json::{json, Value};
 use warp::http::StatusCode;
 
 use super::api::{
-    LogLine, PipelineInfo, Pipelines, StageInfo, StageOutcome, TrainingLogs, TrainingRequest, TrainingRun,
-    TrainingStarted,
+    LogLine, PipelineInfo, Pipelines, StageInfo, StageOutcome, TrainingCancelled, TrainingLogs, TrainingQuery,
+    TrainingRequest, TrainingRun, TrainingRuns, TrainingStarted,
 };
+use super::config::Config;
 use super::error::ApiError;
+use super::policy::RetrainPolicy;
 use super::App;
 use crate::cache::Cache;
 use crate::pipeline::exec::{self, Observer, Options};
 use crate::pipeline::report::{StageReport, State};
 use crate::pipeline::{real_path, Override, Pipeline};
 use crate::stages::StageKind;
-use crate::store::{EventState, NewRun, RunStatus};
+use crate::store::{EventState, NewRun, RunFilter, RunStatus, Trigger};
 use crate::tracking::{Delivery, Tracker};
 
-/// A run in progress: its id, its stop flag and its thread.
-type Running = (String, Arc<AtomicBool>, Option<std::thread::JoinHandle<()>>);
+/// A run in progress.
+struct Running {
+    id: String,
+    /// The engine's stop flag, checked between and within stages.
+    stop: Arc<AtomicBool>,
+    /// Set with `stop` when the run was cancelled, so it ends `cancelled`, not `interrupted`.
+    cancelled: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
 
 /// Training runs in progress, by pipeline name.
 #[derive(Default)]
@@ -36,6 +45,17 @@ pub struct Trainer {
 const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Trainer {
+    /// Cancels run `id` when this server runs it: it stops at the engine's next stop check.
+    pub fn cancel(&self, id: &str) -> bool {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(run) = running.values().find(|r| r.id == id) else {
+            return false;
+        };
+        run.cancelled.store(true, Ordering::SeqCst);
+        run.stop.store(true, Ordering::SeqCst);
+        true
+    }
+
     /// Asks every run to stop and waits, at most `STOP_GRACE`, for each to record how it ended.
     /// A run still going then (a stage computing without checking for a stop) is recorded as
     /// interrupted here, and ends with the process.
@@ -44,9 +64,9 @@ impl Trainer {
             let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
             running
                 .values_mut()
-                .map(|(id, cancel, handle)| {
-                    cancel.store(true, Ordering::SeqCst);
-                    (id.clone(), handle.take())
+                .map(|run| {
+                    run.stop.store(true, Ordering::SeqCst);
+                    (run.id.clone(), run.thread.take())
                 })
                 .collect()
         };
@@ -69,6 +89,31 @@ impl Trainer {
             }
         }
     }
+}
+
+/// Codes of the refusals the retraining policy tells apart.
+pub const ALREADY_RUNNING: &str = "already_running";
+pub const COOLING_DOWN: &str = "cooling_down";
+
+/// Refuses a retraining policy whose pipeline is not among the pipeline files.
+pub fn check_policy(config: &Config, policy: &RetrainPolicy) -> anyhow::Result<()> {
+    let dir = &config.pipelines;
+    if find_pipeline(dir, &policy.pipeline).is_none() {
+        anyhow::bail!(
+            "retraining policy: no pipeline `{}` in {}; available: {:?} (set `retrain.pipeline` or --retrain-pipeline)",
+            policy.pipeline,
+            dir.display(),
+            available(dir)
+        );
+    }
+    tracing::info!(
+        "retraining {} on {:?}, every {}, at most once per {}",
+        policy.pipeline,
+        policy.on,
+        policy.every.map_or("(never)".to_string(), |e| e.to_string()),
+        policy.cooldown
+    );
+    Ok(())
 }
 
 /// Finds `name` among the pipeline files: names are matched against the directory listing and
@@ -173,7 +218,14 @@ fn check_reads(app: &App, pipeline: &Pipeline) -> Result<(), ApiError> {
     Ok(())
 }
 
-pub fn start(app: &Arc<App>, request: TrainingRequest) -> Result<TrainingStarted, ApiError> {
+/// Starts a run of `request` for `trigger`: `POST /training`, and the retraining policy, which
+/// passes its `cooldown` (see [`crate::store::Store::create_run`]).
+pub fn start(
+    app: &Arc<App>,
+    request: TrainingRequest,
+    trigger: Trigger,
+    cooldown: Option<std::time::Duration>,
+) -> Result<TrainingStarted, ApiError> {
     let name = request.pipeline.as_str();
     let dir = &app.config.pipelines;
     let file = find_pipeline(dir, name).ok_or_else(|| {
@@ -183,9 +235,11 @@ pub fn start(app: &Arc<App>, request: TrainingRequest) -> Result<TrainingStarted
             format!("no pipeline `{name}`; available: {:?}", available(dir)),
         )
     })?;
+    let invalid = |d: crate::pipeline::diag::Diagnostics| {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_pipeline", d.to_string())
+    };
     // Unknown names are "not found", like an unknown pipeline; other problems make it invalid.
-    let declared = Pipeline::load(&file, &[])
-        .map_err(|d| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_pipeline", d.to_string()))?;
+    let declared = Pipeline::load(&file, &[]).map_err(invalid)?;
     if let Some(unknown) = request.params.keys().find(|k| !declared.params.contains_key(*k)) {
         let known: Vec<&String> = declared.params.keys().collect();
         return Err(ApiError::new(
@@ -209,24 +263,30 @@ pub fn start(app: &Arc<App>, request: TrainingRequest) -> Result<TrainingStarted
             value: v.clone(),
         })
         .collect();
-    let pipeline = Pipeline::load(&file, &overrides)
-        .map_err(|d| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_pipeline", d.to_string()))?;
+    let pipeline = Pipeline::load(&file, &overrides).map_err(invalid)?;
+    // A value is interpolated into a command as its text, verbatim: a command that the overrides
+    // changed and that holds an unsafe value's text is one that value reached. (A command that
+    // holds it by coincidence is refused too, which errs on the safe side.)
+    let changed: Vec<(&str, &str)> = commands(&pipeline)
+        .into_iter()
+        .zip(commands(&declared))
+        .filter(|(a, b)| a != b)
+        .map(|(a, _)| a)
+        .collect();
     for o in &overrides {
-        if shell_safe(&o.value.to_string()) {
+        let text = match pipeline.params.get(&o.name) {
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => o.value.to_string(),
+        };
+        if shell_safe(&text) {
             continue;
         }
-        let alone = Pipeline::load(&file, std::slice::from_ref(o))
-            .map_err(|d| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_pipeline", d.to_string()))?;
-        if let Some((stage, _)) = commands(&alone)
-            .into_iter()
-            .zip(commands(&declared))
-            .find(|(a, b)| a != b)
-        {
+        if let Some((stage, _)) = changed.iter().find(|(_, run)| run.contains(text.as_str())) {
             return Err(ApiError::field(
                 &format!("params.{}", o.name),
                 format!(
-                    "the value reaches the shell command of stage `{}`; values set through the API that do may hold only letters, digits and `._,:/=+-@%`",
-                    stage.0
+                    "the value reaches the shell command of stage `{stage}`; values set through the API that do may hold only letters, digits and `._,:/=+-@%`"
                 ),
             ));
         }
@@ -250,22 +310,34 @@ pub fn start(app: &Arc<App>, request: TrainingRequest) -> Result<TrainingStarted
     let created = app.store.create_run(
         &id,
         name,
+        trigger,
         &json!(request.params),
         &json!(stages),
         &app.replica,
         app.config.run_lease(),
+        cooldown,
     )?;
-    if let NewRun::Busy(other) = created {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "already_running",
-            format!("pipeline `{name}` is already being trained by run `{other}`"),
-        )
-        .with_header("location", format!("/training/{other}")));
+    match created {
+        NewRun::Created => {}
+        NewRun::Busy(other) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                ALREADY_RUNNING,
+                format!("pipeline `{name}` is already being trained by run `{other}`"),
+            )
+            .with_header("location", format!("/training/{other}")))
+        }
+        NewRun::Cooling(until) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                COOLING_DOWN,
+                format!("cooldown until {until} (an automatic run of `{name}` started less than the cooldown ago)"),
+            ))
+        }
     }
-    let cancel = Arc::new(AtomicBool::new(false));
+    let (stop, cancelled) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     let handle = {
-        let (app, id, cancel) = (app.clone(), id.clone(), cancel.clone());
+        let (app, id, stop, cancelled) = (app.clone(), id.clone(), stop.clone(), cancelled.clone());
         let name = name.to_string();
         std::thread::Builder::new()
             .name(format!("train-{name}"))
@@ -273,8 +345,8 @@ pub fn start(app: &Arc<App>, request: TrainingRequest) -> Result<TrainingStarted
                 // Everything the run logs names it.
                 let _span = tracing::info_span!("training", run_id = %id, pipeline = %name).entered();
                 yield_to_requests(app.config.training_nice);
-                tracing::info!("training started");
-                run(&app, &id, &pipeline, stages, &cancel);
+                tracing::info!(trigger = trigger.as_str(), "training started");
+                run(&app, &id, &pipeline, stages, &stop, &cancelled);
                 app.training
                     .running
                     .lock()
@@ -289,7 +361,15 @@ pub fn start(app: &Arc<App>, request: TrainingRequest) -> Result<TrainingStarted
                 )
             })?
     };
-    running.insert(name.to_string(), (id.clone(), cancel, Some(handle)));
+    running.insert(
+        name.to_string(),
+        Running {
+            id: id.clone(),
+            stop,
+            cancelled,
+            thread: Some(handle),
+        },
+    );
     Ok(TrainingStarted {
         id,
         pipeline: name.to_string(),
@@ -367,7 +447,7 @@ impl Observer for Recorder<'_> {
     }
 }
 
-fn run(app: &App, id: &str, pipeline: &Pipeline, stages: Vec<String>, cancel: &AtomicBool) {
+fn run(app: &App, id: &str, pipeline: &Pipeline, stages: Vec<String>, stop: &AtomicBool, cancelled: &AtomicBool) {
     let recorder = Recorder { app, id };
     let outcome = (|| -> Result<(RunStatus, Option<String>), String> {
         let cache = Cache::open(&app.cache_dir).map_err(|e| e.to_string())?;
@@ -376,10 +456,13 @@ fn run(app: &App, id: &str, pipeline: &Pipeline, stages: Vec<String>, cancel: &A
             force: false,
             targets: stages,
         };
-        let report = exec::run(pipeline, &cache, &opts, cancel, &recorder).map_err(|e| e.to_string())?;
+        let report = exec::run(pipeline, &cache, &opts, stop, &recorder).map_err(|e| e.to_string())?;
         if let Some(tracker) = Tracker::from_env() {
             match tracker.record(pipeline, &report, cache.dir()) {
-                Ok(Delivery::Sent { run_id }) => recorder.log("", &format!("tracked as MLflow run {run_id}")),
+                Ok(Delivery::Sent { run_id }) => {
+                    recorder.log("", &format!("tracked as MLflow run {run_id}"));
+                    recorder.keep("run_mlflow_id", app.store.set_mlflow_run(id, &run_id));
+                }
                 Ok(Delivery::Queued { pending, error, .. }) => recorder.warn(&format!(
                     "MLflow did not take the run ({error}); {pending} events queued: send them with `sentiflow tracking sync`"
                 )),
@@ -403,7 +486,9 @@ fn run(app: &App, id: &str, pipeline: &Pipeline, stages: Vec<String>, cancel: &A
                 }
             }
         }
-        Ok(if report.interrupted {
+        Ok(if report.interrupted && cancelled.load(Ordering::SeqCst) {
+            (RunStatus::Cancelled, Some("cancelled on request".into()))
+        } else if report.interrupted {
             (RunStatus::Interrupted, Some("the run was stopped".into()))
         } else if report.ok {
             (RunStatus::Succeeded, None)
@@ -448,11 +533,69 @@ pub fn status(app: &App, id: &str) -> Result<TrainingRun, ApiError> {
         id: run.id,
         pipeline: run.pipeline,
         status: run.status,
+        trigger: run.trigger,
         error: run.error,
         params: run.params,
         stages,
         created_at: run.created_at,
         finished_at: run.finished_at,
+        mlflow_run_id: run.mlflow_run_id,
+    })
+}
+
+/// Most runs one `GET /training` answer lists.
+pub const MAX_LIMIT: u32 = 100;
+
+/// `GET /training`: the runs the query selects, newest first.
+pub fn list_runs(app: &App, query: TrainingQuery) -> Result<TrainingRuns, ApiError> {
+    if !(1..=MAX_LIMIT).contains(&query.limit) {
+        return Err(ApiError::field(
+            "limit",
+            format!(
+                "{} is out of range: list 1 to {MAX_LIMIT} runs a page, with `offset` for the next",
+                query.limit
+            ),
+        ));
+    }
+    let filter = RunFilter {
+        pipeline: query.pipeline,
+        status: query.status,
+        trigger: query.trigger,
+        limit: query.limit,
+        offset: query.offset,
+    };
+    let (runs, total) = app.store.runs(&filter)?;
+    Ok(TrainingRuns {
+        runs,
+        total,
+        limit: filter.limit,
+        offset: filter.offset,
+    })
+}
+
+/// `POST /training/{id}/cancel`: a run of this server stops at the engine's next stop check;
+/// the run of another server is cancelled by it when it next renews its leases.
+pub fn cancel(app: &App, id: &str) -> Result<TrainingCancelled, ApiError> {
+    let run = app.store.run(id)?.ok_or_else(|| no_run(id))?;
+    let not_running = |status: RunStatus| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "not_running",
+            format!("run `{id}` is not running: it ended `{}`", status.as_str()),
+        )
+    };
+    if run.status != RunStatus::Running {
+        return Err(not_running(run.status));
+    }
+    if !app.training.cancel(id) && !app.store.request_cancel(id)? {
+        // It ended between the two reads.
+        let status = app.store.run(id)?.map_or(RunStatus::Interrupted, |r| r.status);
+        return Err(not_running(status));
+    }
+    tracing::info!(run_id = id, "training run cancelled on request");
+    Ok(TrainingCancelled {
+        id: id.to_string(),
+        status: RunStatus::Cancelled,
     })
 }
 
