@@ -431,7 +431,11 @@ fn apply_config_file(path: &Path) -> anyhow::Result<()> {
         );
     };
     let known = self::settings();
-    for name in settings.keys() {
+    // The server reads its sections (`retrain:`, `promotion:`) itself.
+    let settings = settings
+        .iter()
+        .filter(|(name, _)| !crate::serve::policy::SECTIONS.contains(&name.as_str()));
+    for (name, _) in settings.clone() {
         let normal = name.to_ascii_lowercase().replace('-', "_");
         if !known.contains(&normal) {
             let at = doc.key_pos(&crate::pipeline::yaml::child_path("", name));
@@ -654,7 +658,19 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             texts,
             device,
         } => predict(&model, input.as_deref(), &texts, device),
-        Command::Serve { config } => {
+        Command::Serve { mut config } => {
+            let sections = match cli.config.as_deref().map(crate::serve::policy::Sections::load) {
+                Some(Ok(sections)) => sections,
+                Some(Err(e)) => {
+                    eprintln!("error: {e}");
+                    return Ok(exit::INVALID);
+                }
+                None => Default::default(),
+            };
+            if let Err(e) = crate::serve::policy::settle(&mut config, sections) {
+                eprintln!("error: {e}");
+                return Ok(exit::INVALID);
+            }
             let cache_dir = cli.cache_dir.clone().unwrap_or_else(|| config.root().join("cache"));
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(async {

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use super::policy::{PromotionGate, RetrainOn, RetrainPolicy, Span};
 use crate::models::bert::{Device, Runtime};
 use crate::objects::{is_url, Objects, ObjectsError};
 use crate::registry::Registry;
@@ -126,6 +127,27 @@ pub struct Config {
     #[arg(long, env = "SENTIFLOW_KEEP_DAYS", default_value_t = 30,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub keep_days: u32,
+    /// Retraining policy: the pipeline the server trains by itself (overrides `retrain.pipeline`
+    /// of the `--config` file).
+    #[arg(long, env = "SENTIFLOW_RETRAIN_PIPELINE", value_name = "NAME")]
+    pub retrain_pipeline: Option<String>,
+    /// Retraining policy: events that start a run, `drift_alert` (overrides `retrain.on`).
+    #[arg(long, env = "SENTIFLOW_RETRAIN_ON", value_delimiter = ',', value_name = "EVENT")]
+    pub retrain_on: Vec<RetrainOn>,
+    /// Retraining policy: a run this long after the last scheduled one, e.g. `7d` (overrides
+    /// `retrain.every`).
+    #[arg(long, env = "SENTIFLOW_RETRAIN_EVERY", value_name = "DURATION")]
+    pub retrain_every: Option<Span>,
+    /// Retraining policy: automatic runs start at least this long apart, e.g. `6h` (overrides
+    /// `retrain.cooldown`; default 6h).
+    #[arg(long, env = "SENTIFLOW_RETRAIN_COOLDOWN", value_name = "DURATION")]
+    pub retrain_cooldown: Option<Span>,
+    /// The retraining policy, settled from the config file and the flags above.
+    #[arg(skip)]
+    pub retrain: Option<RetrainPolicy>,
+    /// The promotion gate of the config file's `promotion:` section.
+    #[arg(skip)]
+    pub promotion: Option<PromotionGate>,
 }
 
 impl Config {

@@ -257,7 +257,7 @@ pub async fn watch(app: Arc<App>, period: Duration) {
     }
 }
 
-fn evaluate_once(app: &App, mut mlflow_runs: HashMap<String, String>, step: i64) -> HashMap<String, String> {
+fn evaluate_once(app: &Arc<App>, mut mlflow_runs: HashMap<String, String>, step: i64) -> HashMap<String, String> {
     let (rows, skipped) = app.journal.take_unsaved();
     if skipped > 0 {
         tracing::warn!("{skipped} predictions of this period were not stored (at most {RECENT} a period)");
@@ -298,6 +298,15 @@ fn evaluate_once(app: &App, mut mlflow_runs: HashMap<String, String>, step: i64)
                 Err(e) => tracing::warn!("drift of {model} not sent to MLflow: {e}"),
             }
         }
+    }
+    let alerts: Vec<&str> = report
+        .models
+        .iter()
+        .filter(|(_, d)| matches!(d, ModelDrift::Window(w) if w.report.samples > 0 && w.report.status == Status::Alert))
+        .map(|(m, _)| m.as_str())
+        .collect();
+    if !alerts.is_empty() {
+        super::policy::drift_alert(app, &alerts);
     }
     mlflow_runs
 }

@@ -43,6 +43,12 @@ struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetrainLabels {
+    trigger: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct WhatLabels {
     what: &'static str,
 }
@@ -65,6 +71,8 @@ pub struct Metrics {
     latency: LatencyFamily,
     predictions: Family<PredictionLabels, Counter>,
     training: Family<OutcomeLabels, Counter>,
+    /// The retraining policy's decisions, by trigger and outcome.
+    retrain: Family<RetrainLabels, Counter>,
     /// Batches run by the ONNX batching workers, and texts in them, by model.
     batches: Family<ModelLabels, Counter>,
     batch_texts: Family<ModelLabels, Counter>,
@@ -89,6 +97,7 @@ impl Default for Metrics {
             latency,
             predictions: Family::default(),
             training: Family::default(),
+            retrain: Family::default(),
             batches: Family::default(),
             batch_texts: Family::default(),
             open_connections: Gauge::default(),
@@ -119,6 +128,11 @@ impl Default for Metrics {
             "sentiflow_training_runs",
             "Training runs by outcome",
             m.training.clone(),
+        );
+        r.register(
+            "sentiflow_retrain",
+            "Retraining policy decisions by trigger (drift, schedule) and outcome (started, cooldown, busy, failed)",
+            m.retrain.clone(),
         );
         r.register(
             "sentiflow_store_write_failures",
@@ -188,6 +202,10 @@ impl Metrics {
             outcome: outcome.to_string(),
         };
         self.training.get_or_create(&labels).inc();
+    }
+
+    pub fn retrain(&self, trigger: &'static str, outcome: &'static str) {
+        self.retrain.get_or_create(&RetrainLabels { trigger, outcome }).inc();
     }
 
     /// A database write that failed and was skipped (logged by the caller).

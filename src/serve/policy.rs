@@ -1,0 +1,382 @@
+//! The retraining policy: the pipeline the server trains by itself, on a drift alert of a served
+//! model or on a schedule, never more often than a cooldown; and the promotion gate's settings.
+//! Both come from the `retrain:` and `promotion:` sections of the `--config` file; the
+//! `--retrain-*` flags (and their environment variables) override the file's `retrain:`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+
+use super::api::TrainingRequest;
+use super::config::Config;
+use super::{training, App};
+use crate::pipeline::yaml::{self, child_path, Document};
+use crate::pipeline::ParamValue;
+use crate::store::Trigger;
+
+/// The keys of the config file that are sections the server reads itself; the file's other keys
+/// are flat settings, one per `SENTIFLOW_<NAME>` variable.
+pub const SECTIONS: [&str; 2] = ["retrain", "promotion"];
+
+/// A length of time written as a whole number and a unit: `30s`, `15m`, `6h` or `7d`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span(pub Duration);
+
+impl std::str::FromStr for Span {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Span, String> {
+        let bad = || {
+            format!(
+                "`{text}` is not a duration: write a whole number above 0 and a unit, e.g. `30s`, `15m`, `6h` or `7d`"
+            )
+        };
+        let s = text.trim();
+        let (number, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+        let unit_s: u64 = match unit {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            _ => return Err(bad()),
+        };
+        match number.parse::<u64>() {
+            Ok(n) if n > 0 => n
+                .checked_mul(unit_s)
+                .map(|secs| Span(Duration::from_secs(secs)))
+                .ok_or_else(bad),
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl std::fmt::Display for Span {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.0.as_secs();
+        match [(86_400, "d"), (3600, "h"), (60, "m")]
+            .into_iter()
+            .find(|(unit, _)| secs.is_multiple_of(*unit))
+        {
+            Some((unit, name)) => write!(f, "{}{name}", secs / unit),
+            None => write!(f, "{secs}s"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Span {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Span, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// An event that starts a retraining.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum RetrainOn {
+    /// A drift evaluation of a served model is `alert`.
+    #[value(name = "drift_alert")]
+    DriftAlert,
+}
+
+/// The `retrain:` section: which pipeline to train by itself, when, and how often at most.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrainPolicy {
+    /// A pipeline of the pipelines directory.
+    pub pipeline: String,
+    /// Parameter overrides, as `POST /training` takes them.
+    #[serde(default)]
+    pub params: BTreeMap<String, ParamValue>,
+    /// Events that start a run.
+    #[serde(default)]
+    pub on: Vec<RetrainOn>,
+    /// A run this long after the last scheduled one (or after the server started).
+    #[serde(default)]
+    pub every: Option<Span>,
+    /// Automatic runs of the pipeline start at least this long apart, whatever started them.
+    #[serde(default = "default_cooldown")]
+    pub cooldown: Span,
+}
+
+fn default_cooldown() -> Span {
+    Span(Duration::from_secs(6 * 3600))
+}
+
+/// When set, a trained bundle becomes a candidate and is promoted only when its shadow figures meet these.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PromotionGate {
+    #[serde(default = "default_min_shadow")]
+    pub min_shadow: u64,
+    #[serde(default = "default_max_disagreement")]
+    pub max_disagreement: f64,
+    #[serde(default)]
+    pub min_feedback: u64,
+    #[serde(default)]
+    pub min_accuracy_gain: f64,
+}
+
+fn default_min_shadow() -> u64 {
+    500
+}
+
+fn default_max_disagreement() -> f64 {
+    0.15
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("reading the config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}:{col}: {message}")]
+    At {
+        file: String,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+    #[error(
+        "--retrain-on, --retrain-every and --retrain-cooldown need a pipeline: set `retrain.pipeline` in the config \
+         file, or --retrain-pipeline"
+    )]
+    NoPipeline,
+}
+
+/// The sections of a config file.
+#[derive(Debug, Default)]
+pub struct Sections {
+    pub retrain: Option<RetrainPolicy>,
+    pub promotion: Option<PromotionGate>,
+}
+
+impl Sections {
+    /// Reads the sections of the config file at `path`; a wrong or unknown key is reported at
+    /// its `file:line:col`.
+    pub fn load(path: &Path) -> Result<Sections, PolicyError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+            path: file.clone(),
+            source,
+        })?;
+        let doc = yaml::parse(&text).map_err(|e| PolicyError::At {
+            file: file.clone(),
+            line: e.pos.line,
+            col: e.pos.col,
+            message: e.message,
+        })?;
+        Ok(Sections {
+            retrain: section(&file, &doc, "retrain")?,
+            promotion: section(&file, &doc, "promotion")?,
+        })
+    }
+}
+
+/// Section `name` of `doc` as `T`, errors at their position (as pipeline files report them).
+fn section<T: DeserializeOwned>(file: &str, doc: &Document, name: &str) -> Result<Option<T>, PolicyError> {
+    let Some(value) = doc.value.get(name) else {
+        return Ok(None);
+    };
+    serde_path_to_error::deserialize(value.clone())
+        .map(Some)
+        .map_err(|err| {
+            let mut path = name.to_string();
+            for seg in err.path().iter() {
+                match seg {
+                    serde_path_to_error::Segment::Seq { index } => path = yaml::index_path(&path, *index),
+                    serde_path_to_error::Segment::Map { key } => path = child_path(&path, key),
+                    serde_path_to_error::Segment::Enum { .. } | serde_path_to_error::Segment::Unknown => {}
+                }
+            }
+            let message = err.into_inner().to_string();
+            let pos = match message
+                .strip_prefix("unknown field `")
+                .and_then(|r| r.split('`').next())
+            {
+                // The error's path may already end at the unknown key.
+                Some(key) => {
+                    let parent = path
+                        .strip_suffix(key)
+                        .map_or(path.as_str(), |p| p.trim_end_matches('.'));
+                    doc.key_pos(&child_path(parent, key))
+                }
+                None => doc.value_pos(&path),
+            };
+            PolicyError::At {
+                file: file.to_string(),
+                line: pos.line,
+                col: pos.col,
+                message: format!("`{path}`: {message}"),
+            }
+        })
+}
+
+/// Settles the policy and the gate of `config` from the file's `sections` and the flags.
+pub fn settle(config: &mut Config, sections: Sections) -> Result<(), PolicyError> {
+    let mut retrain = sections.retrain;
+    if let Some(pipeline) = &config.retrain_pipeline {
+        retrain
+            .get_or_insert_with(|| RetrainPolicy {
+                pipeline: pipeline.clone(),
+                params: BTreeMap::new(),
+                on: Vec::new(),
+                every: None,
+                cooldown: default_cooldown(),
+            })
+            .pipeline = pipeline.clone();
+    }
+    match &mut retrain {
+        Some(r) => {
+            if !config.retrain_on.is_empty() {
+                r.on = config.retrain_on.clone();
+            }
+            if let Some(every) = config.retrain_every {
+                r.every = Some(every);
+            }
+            if let Some(cooldown) = config.retrain_cooldown {
+                r.cooldown = cooldown;
+            }
+        }
+        None if !config.retrain_on.is_empty()
+            || config.retrain_every.is_some()
+            || config.retrain_cooldown.is_some() =>
+        {
+            return Err(PolicyError::NoPipeline)
+        }
+        None => {}
+    }
+    config.retrain = retrain;
+    config.promotion = sections.promotion;
+    Ok(())
+}
+
+/// Starts a run of the policy's pipeline for `trigger` exactly as `POST /training` does, unless
+/// the pipeline is being trained or an automatic run of it started within the cooldown (the
+/// database decides both, so replicas agree and a restart forgets nothing); logs and counts
+/// the decision.
+fn retrain(app: &Arc<App>, policy: &RetrainPolicy, trigger: Trigger) {
+    let request = TrainingRequest {
+        pipeline: policy.pipeline.clone(),
+        params: policy.params.clone(),
+        stages: Vec::new(),
+    };
+    let (pipeline, on) = (&policy.pipeline, trigger.as_str());
+    let outcome = match training::start(app, request, trigger, Some(policy.cooldown.0)) {
+        Ok(started) => {
+            tracing::info!("retraining {pipeline} on {on}: started run {}", started.id);
+            "started"
+        }
+        Err(e) if e.code == training::COOLING_DOWN => {
+            tracing::info!("retraining {pipeline} on {on}: skipped: {}", e.message);
+            "cooldown"
+        }
+        Err(e) if e.code == training::ALREADY_RUNNING => {
+            tracing::info!("retraining {pipeline} on {on}: skipped: busy ({})", e.message);
+            "busy"
+        }
+        Err(e) => {
+            tracing::warn!("retraining {pipeline} on {on}: cannot start: {}", e.message);
+            "failed"
+        }
+    };
+    app.metrics.retrain(on, outcome);
+}
+
+/// A drift evaluation found `models` in alert: retrains when the policy says so.
+pub fn drift_alert(app: &Arc<App>, models: &[&str]) {
+    let Some(policy) = app
+        .config
+        .retrain
+        .as_ref()
+        .filter(|p| p.on.contains(&RetrainOn::DriftAlert))
+    else {
+        return;
+    };
+    tracing::info!("drift alert of {models:?}");
+    retrain(app, policy, Trigger::Drift);
+}
+
+/// With `every` in the policy: a scheduled run once `every` has passed since the last scheduled
+/// run of the pipeline in the database (or since this server started, when there is none).
+pub async fn schedule(app: Arc<App>) {
+    let Some(policy) = app.config.retrain.clone() else {
+        return;
+    };
+    let Some(every) = policy.every else {
+        return;
+    };
+    let since_start = chrono::Utc::now();
+    let every_chrono = chrono::Duration::from_std(every.0).unwrap_or(chrono::Duration::MAX);
+    let mut tick = tokio::time::interval((every.0 / 10).clamp(Duration::from_secs(1), Duration::from_secs(60)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let (app, policy) = (app.clone(), policy.clone());
+        let work = tokio::task::spawn_blocking(move || {
+            let last = match app.store.last_run_at(&policy.pipeline, Trigger::Schedule) {
+                Ok(last) => last
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+                    .map_or(since_start, |t| t.with_timezone(&chrono::Utc)),
+                Err(e) => return tracing::warn!("reading the last scheduled run of {}: {e}", policy.pipeline),
+            };
+            if last
+                .checked_add_signed(every_chrono)
+                .is_some_and(|due| chrono::Utc::now() >= due)
+            {
+                retrain(&app, &policy, Trigger::Schedule);
+            }
+        });
+        if let Err(e) = work.await {
+            tracing::error!("the retraining schedule: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_a_number_and_a_unit() {
+        assert_eq!("30s".parse(), Ok(Span(Duration::from_secs(30))));
+        assert_eq!("15m".parse(), Ok(Span(Duration::from_secs(900))));
+        assert_eq!("7d".parse::<Span>().unwrap().to_string(), "7d");
+        assert_eq!(Span(Duration::from_secs(90)).to_string(), "90s");
+        for bad in ["", "6", "h", "0s", "1.5h", "-1h", "6 hours", "99999999999999999999d"] {
+            assert!(bad.parse::<Span>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sections_are_typed_and_an_unknown_key_is_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("serve.yaml");
+        std::fs::write(
+            &file,
+            "admin_rps: 5\nretrain:\n  pipeline: imdb\n  params: {seed: 7}\n  on: [drift_alert]\n  every: 7d\npromotion: {}\n",
+        )
+        .unwrap();
+        let s = Sections::load(&file).unwrap();
+        let r = s.retrain.unwrap();
+        assert_eq!(r.on, [RetrainOn::DriftAlert]);
+        assert_eq!(r.every, Some(Span(Duration::from_secs(7 * 86_400))));
+        assert_eq!(r.cooldown, default_cooldown());
+        let gate = s.promotion.unwrap();
+        assert_eq!((gate.min_shadow, gate.max_disagreement), (500, 0.15));
+
+        std::fs::write(&file, "retrain:\n  pipeline: imdb\n  cooldwn: 1h\n").unwrap();
+        let e = Sections::load(&file).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}:3:3: ", file.display())), "{e}");
+        assert!(e.contains("unknown field `cooldwn`") && e.contains("`cooldown`"), "{e}");
+        std::fs::write(&file, "promotion:\n  min_shadow: 5\n  max_disagrement: 0.1\n").unwrap();
+        let e = Sections::load(&file).unwrap_err().to_string();
+        assert!(e.contains(":3:3: ") && e.contains("max_disagrement"), "{e}");
+    }
+}
