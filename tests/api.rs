@@ -575,6 +575,139 @@ fn one_run_per_pipeline_and_state_survives_restarts() {
 }
 
 #[test]
+fn runs_are_listed_newest_first_and_a_running_one_can_be_cancelled() {
+    let p = Project::new();
+    p.write(
+        "pipelines/slow.yaml",
+        "name: slow\nstages:\n  wait: {uses: command, with: {run: 'sleep 30; echo done > out/w', outs: [out/w]}}\n",
+    );
+    p.write(
+        "pipelines/echo.yaml",
+        "name: echo\nparams: {word: hi}\nstages:\n  say: {uses: command, with: {run: 'echo ${params.word} > said.txt', outs: [said.txt]}}\n",
+    );
+    let (admin, predictor) = (key(&p, "admin"), key(&p, "predict"));
+    let s = Server::start(&p, &[]);
+    let mut ids: Vec<String> = Vec::new();
+    for word in ["a", "b", "c"] {
+        let run = train(&s, &admin, json!({"pipeline": "echo", "params": {"word": word}}));
+        assert_eq!(run["status"], "succeeded", "{run}");
+        assert_eq!(run["trigger"], "api", "{run}");
+        ids.push(run["id"].as_str().unwrap().to_string());
+    }
+    let r = post(&s, "/training", &admin, &json!({"pipeline": "slow"}));
+    assert_eq!(r.status, 202, "{}", r.body);
+    let slow = r.json()["id"].as_str().unwrap().to_string();
+    ids.push(slow.clone());
+    ids.reverse();
+
+    let list = |query: &str| {
+        let r = get(&s, &format!("/training{query}"), &admin);
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    };
+    let listed = |page: &Value| -> Vec<String> {
+        page["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let all = list("");
+    assert_eq!(
+        (all["total"].clone(), all["limit"].clone(), all["offset"].clone()),
+        (json!(4), json!(20), json!(0))
+    );
+    assert_eq!(listed(&all), ids, "newest first");
+    let newest = &all["runs"][0];
+    let mut fields: Vec<&str> = newest.as_object().unwrap().keys().map(String::as_str).collect();
+    fields.sort_unstable();
+    assert_eq!(
+        fields,
+        [
+            "created_at",
+            "duration_s",
+            "error",
+            "finished_at",
+            "id",
+            "mlflow_run_id",
+            "pipeline",
+            "status",
+            "trigger"
+        ]
+    );
+    assert_eq!(
+        (newest["status"].as_str(), newest["trigger"].as_str()),
+        (Some("running"), Some("api"))
+    );
+    assert!(
+        newest["duration_s"].is_number() && newest["finished_at"].is_null(),
+        "{newest}"
+    );
+    assert!(all["runs"][1]["duration_s"].as_f64().unwrap() >= 0.0);
+
+    assert_eq!(list("?pipeline=echo")["total"], 3);
+    assert_eq!(listed(&list("?status=running")), [slow.clone()]);
+    assert_eq!(list("?trigger=drift")["total"], 0);
+    assert_eq!(
+        listed(&list("?pipeline=echo&status=succeeded&trigger=api&limit=2&offset=1")),
+        ids[2..4]
+    );
+    let page = list("?limit=2&offset=1");
+    assert_eq!(
+        (page["total"].clone(), page["limit"].clone(), page["offset"].clone()),
+        (json!(4), json!(2), json!(1))
+    );
+    assert_eq!(listed(&page), ids[1..3]);
+
+    let r = get(&s, "/training?colour=red", &admin);
+    assert_error(&r, 400, "invalid_field");
+    assert!(r.body.contains("unknown field `colour`"), "{}", r.body);
+    let r = get(&s, "/training?limit=101", &admin);
+    assert_error(&r, 400, "invalid_field");
+    assert!(r.body.contains("`limit`"), "{}", r.body);
+    assert_error(&get(&s, "/training?status=paused", &admin), 400, "invalid_field");
+    assert_error(&get(&s, "/training", &predictor), 403, "forbidden");
+
+    // Cancel: the command stops at once, and the run ends `cancelled`.
+    let clock = Instant::now();
+    let r = post(&s, &format!("/training/{slow}/cancel"), &admin, &json!({}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json(), json!({"id": slow, "status": "cancelled"}));
+    let run = loop {
+        let run = get(&s, &format!("/training/{slow}"), &admin).json();
+        if run["status"] != "running" {
+            break run;
+        }
+        assert!(clock.elapsed() < Duration::from_secs(20), "not cancelled: {run}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(run["status"], "cancelled", "{run}");
+    assert!(!p.path("out/w").exists());
+    assert_error(
+        &post(&s, &format!("/training/{slow}/cancel"), &admin, &json!({})),
+        409,
+        "not_running",
+    );
+    assert_error(
+        &post(&s, "/training/run-unknown/cancel", &admin, &json!({})),
+        404,
+        "not_found",
+    );
+    assert_error(
+        &post(&s, &format!("/training/{}/cancel", ids[1]), &admin, &json!({})),
+        409,
+        "not_running",
+    );
+    let cancelled = list("?status=cancelled");
+    assert_eq!(listed(&cancelled), [slow.clone()]);
+    assert!(cancelled["runs"][0]["finished_at"].is_string(), "{cancelled}");
+    // The pipeline is free again.
+    let r = post(&s, "/training", &admin, &json!({"pipeline": "slow"}));
+    assert_eq!(r.status, 202, "{}", r.body);
+}
+
+#[test]
 fn promotion_under_load_fails_no_request() {
     let p = quickstart();
     let admin = key(&p, "admin");
@@ -802,7 +935,7 @@ fn the_openapi_document_types_every_answer_and_swagger_ui_reads_it() {
             }
         }
     }
-    assert_eq!(typed, 13, "every documented operation has a typed success");
+    assert_eq!(typed, 15, "every documented operation has a typed success");
     for (path, method) in [
         ("/prediction", "post"),
         ("/best_model_parameter", "get"),

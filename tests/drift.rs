@@ -308,3 +308,138 @@ fn a_database_that_cannot_take_writes_fails_only_the_requests_that_write() {
         200
     );
 }
+
+/// Requests with a new `admin` key.
+fn admin_get(p: &Project, s: &Server) -> impl Fn(&str) -> Value {
+    let auth = format!("Bearer {}", key(p, "admin"));
+    let addr = s.addr.clone();
+    move |path: &str| {
+        let r = http(&addr, "GET", path, &[("Authorization", auth.as_str())], b"");
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()
+    }
+}
+
+#[test]
+fn a_drift_alert_retrains_the_configured_pipeline_once_per_cooldown() {
+    let p = project();
+    p.write(
+        "pipelines/retrain.yaml",
+        "name: retrain\nparams: {tag: x}\nstages:\n  note: {uses: command, with: {run: 'echo ${params.tag} >> retrained.txt', outs: [retrained.txt]}}\n",
+    );
+    p.write(
+        "serve.yaml",
+        "drift_window: 300\nretrain:\n  pipeline: retrain\n  params: {tag: drift}\n  on: [drift_alert]\n  cooldown: 1h\n",
+    );
+    let s = Server::start(&p, &["--config", "serve.yaml", "--drift-period-s", "1"]);
+    let client = Client::new(&p, &s);
+    let admin = admin_get(&p, &s);
+    let reviews = heldout();
+
+    // Reviews like the reference: no alert, no run.
+    let texts: Vec<&str> = reviews.iter().map(|r| r.text.as_str()).collect();
+    client.predict_all(&texts);
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!(admin("/training")["total"], 0);
+
+    // One-sentence snippets: the served model's drift alerts, and the policy starts one run.
+    let snippets: Vec<String> = reviews.iter().map(|r| snippet(&r.text)).collect();
+    client.predict_all(&snippets);
+    assert_eq!(admin("/drift")["models"]["tfidf"]["status"], "alert");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let run = loop {
+        let page = admin("/training?trigger=drift");
+        if page["total"] == 1 && page["runs"][0]["status"] != "running" {
+            break page["runs"][0].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "no drift run: {page}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(
+        (run["pipeline"].as_str(), run["status"].as_str()),
+        (Some("retrain"), Some("succeeded")),
+        "{run}"
+    );
+    assert_eq!(p.read("retrained.txt"), "drift\n", "with the policy's params");
+    assert_eq!(
+        admin(&format!("/training/{}", run["id"].as_str().unwrap()))["trigger"],
+        "drift"
+    );
+
+    // Further alert periods: the cooldown holds, and each decision is logged and counted.
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    let page = admin("/training?trigger=drift");
+    assert_eq!(page["total"], 1, "{page}");
+    assert_eq!(admin("/training")["total"], 1);
+    let log = s.log.lock().unwrap().join("\n");
+    assert!(log.contains("retraining retrain on drift: started run"), "{log}");
+    assert!(
+        log.contains("retraining retrain on drift: skipped: cooldown until"),
+        "{log}"
+    );
+    let metrics = http(&s.addr, "GET", "/metrics", &[], b"").body;
+    assert!(
+        metrics.contains("sentiflow_retrain_total{trigger=\"drift\",outcome=\"started\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sentiflow_retrain_total{trigger=\"drift\",outcome=\"cooldown\"}"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_wrong_retraining_policy_stops_serve_with_where_and_why() {
+    let p = Project::new();
+    p.write(
+        "pipelines/retrain.yaml",
+        "name: retrain\nstages:\n  note: {uses: command, with: {run: 'echo x > x.txt', outs: [x.txt]}}\n",
+    );
+    let serve = |extra: &[&str]| {
+        let mut args = vec!["serve", "--addr", "127.0.0.1:0", "--config", "serve.yaml"];
+        args.extend_from_slice(extra);
+        p.sentiflow(&args)
+    };
+    p.write(
+        "serve.yaml",
+        "admin_rps: 5\nretrain:\n  pipeline: retrain\n  on: [drift_alert]\n  cooldwn: 1h\n",
+    );
+    let r = serve(&[]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("serve.yaml:5:3: "), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("unknown field `cooldwn`") && r.stderr.contains("`cooldown`"),
+        "{}",
+        r.stderr
+    );
+
+    p.write("serve.yaml", "retrain:\n  pipeline: retrain\n  every: 7 days\n");
+    let r = serve(&[]);
+    assert!(
+        r.stderr.contains("serve.yaml:3:10: ") && r.stderr.contains("`7 days` is not a duration"),
+        "{}",
+        r.stderr
+    );
+
+    p.write("serve.yaml", "promotion:\n  min_shadow: 5\n  max_disagrement: 0.1\n");
+    let r = serve(&[]);
+    assert!(
+        r.stderr.contains("serve.yaml:3:3: ") && r.stderr.contains("max_disagrement"),
+        "{}",
+        r.stderr
+    );
+
+    p.write("serve.yaml", "retrain:\n  pipeline: nope\n");
+    let r = serve(&[]);
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("no pipeline `nope`") && r.stderr.contains("retrain"),
+        "{}",
+        r.stderr
+    );
+
+    p.write("serve.yaml", "admin_rps: 5\n");
+    let r = serve(&["--retrain-every", "7d"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--retrain-pipeline"), "{}", r.stderr);
+}
