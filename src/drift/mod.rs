@@ -11,7 +11,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-const SCORE_BINS: usize = 10;
+pub const SCORE_BINS: usize = 10;
 /// Length bins are the reference's quintiles: finer bins make PSI noisy on windows of a few
 /// hundred texts.
 const LENGTH_BINS: usize = 5;
@@ -43,7 +43,7 @@ pub struct Reference {
     pub accuracy: f64,
 }
 
-fn score_bin(score: f64) -> usize {
+pub fn score_bin(score: f64) -> usize {
     ((score * SCORE_BINS as f64) as usize).min(SCORE_BINS - 1)
 }
 

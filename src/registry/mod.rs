@@ -13,7 +13,7 @@ use crate::cache::sha256_hex;
 use crate::models::bert::Runtime;
 use crate::models::bundle::{version_of, Bundle, BundleError, Manifest};
 use crate::objects::{is_url, Objects, ObjectsError};
-use crate::store::{ModelRow, ModelStatus, Store, StoreError};
+use crate::store::{ModelRow, ModelStatus, PromotionReason, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -107,6 +107,8 @@ impl Registry {
             status: ModelStatus::Candidate,
             created_at: String::new(),
             promoted_at: None,
+            reason: None,
+            canary_percent: 0,
         };
         store.register_model(&row)?;
         Ok(store.model(&row.version)?.unwrap_or(row))
@@ -126,14 +128,19 @@ impl Registry {
         })
     }
 
-    /// Promotes `version` to production after loading it, so a broken bundle never replaces a
-    /// working one; returns its row and the loaded bundle.
-    pub fn promote(&self, store: &Store, version: &str) -> Result<(ModelRow, Bundle), RegistryError> {
+    /// Promotes `version` to production for `reason` after loading it, so a broken bundle never
+    /// replaces a working one; returns its row and the loaded bundle.
+    pub fn promote(
+        &self,
+        store: &Store,
+        version: &str,
+        reason: &PromotionReason,
+    ) -> Result<(ModelRow, Bundle), RegistryError> {
         let row = store
             .model(version)?
             .ok_or_else(|| RegistryError::NotFound(version.to_string()))?;
         let bundle = self.load(&row)?;
-        store.promote(version)?;
+        store.promote(version, reason)?;
         let row = store.model(version)?.unwrap_or(row);
         Ok((row, bundle))
     }

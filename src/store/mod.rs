@@ -7,6 +7,7 @@
 
 pub mod sql;
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::blocking::off_runtime;
-use crate::drift::{Status, WindowReport};
+use crate::drift::{psi, Status, WindowReport, SCORE_BINS};
 use crate::pipeline::report::State;
 use sql::{params, Dialect, Location, Param, PgTx, Pool, Row, SqliteTx, Tx};
 
@@ -211,6 +212,18 @@ ALTER TABLE runs ADD COLUMN mlflow_run_id TEXT;
 ALTER TABLE runs ADD COLUMN cancel_requested {int} NOT NULL DEFAULT 0;
 CREATE INDEX runs_created_at ON runs (created_at);
 "#,
+    // Candidates: why a version was promoted, the canary share of a candidate, and the shadow
+    // traffic counts of each candidate, one row per counter so that every replica adds to them.
+    r#"
+ALTER TABLE models ADD COLUMN reason TEXT;
+ALTER TABLE models ADD COLUMN canary_percent {int} NOT NULL DEFAULT 0;
+CREATE TABLE shadow_counts (
+    version TEXT NOT NULL,
+    counter TEXT NOT NULL,
+    n       {int} NOT NULL,
+    PRIMARY KEY (version, counter)
+);
+"#,
 ];
 
 /// How many predictions one INSERT statement writes.
@@ -312,16 +325,199 @@ pub enum ModelStatus {
     Production,
     /// Was in production until another version was promoted.
     Archived,
+    /// A candidate turned down (`POST /models/{version}/reject`): never shadowed again.
+    Rejected,
 }
 
 impl ModelStatus {
-    pub const ALL: [ModelStatus; 3] = [ModelStatus::Candidate, ModelStatus::Production, ModelStatus::Archived];
+    pub const ALL: [ModelStatus; 4] = [
+        ModelStatus::Candidate,
+        ModelStatus::Production,
+        ModelStatus::Archived,
+        ModelStatus::Rejected,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             ModelStatus::Candidate => "candidate",
             ModelStatus::Production => "production",
             ModelStatus::Archived => "archived",
+            ModelStatus::Rejected => "rejected",
+        }
+    }
+}
+
+/// Why a version was promoted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct PromotionReason {
+    pub by: PromotedBy,
+    /// The candidate's shadow figures when the gate promoted it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<ShadowFigures>,
+}
+
+impl PromotionReason {
+    pub fn by(by: PromotedBy) -> PromotionReason {
+        PromotionReason { by, shadow: None }
+    }
+}
+
+/// What promoted a version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PromotedBy {
+    /// Its shadow figures met the promotion gate.
+    Gate,
+    /// No version of its name was served, or (without a gate) its validation accuracy beat production's.
+    Accuracy,
+    /// `POST /models/{version}/promote`.
+    Manual,
+}
+
+/// What a candidate's shadow traffic shows so far, over every server of the database; null
+/// where nothing measures it yet.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ShadowFigures {
+    /// The version it was compared with (the production one).
+    pub production_version: Option<String>,
+    /// Predictions the candidate also scored.
+    pub shadowed: u64,
+    /// Predictions not shadowed because the shadow queue was full.
+    pub dropped: u64,
+    /// Share of shadowed predictions where the candidate's label is production's.
+    pub agreement: Option<f64>,
+    pub disagreement: Option<f64>,
+    /// Population stability index of the candidate's scores against production's.
+    pub psi: Option<f64>,
+    /// Shadowed predictions that received feedback.
+    pub feedback: u64,
+    /// The candidate's accuracy on those.
+    pub accuracy: Option<f64>,
+    /// Production's accuracy on the same predictions.
+    pub production_accuracy: Option<f64>,
+    pub accuracy_gain: Option<f64>,
+    pub latency_p50_ms: Option<f64>,
+    pub latency_p99_ms: Option<f64>,
+}
+
+/// Additive counts of a candidate's shadow traffic: what one server adds at a flush, or their
+/// sum over every server. Stored as one row per counter (see [`ShadowCounts::named`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ShadowCounts {
+    pub shadowed: u64,
+    pub dropped: u64,
+    pub agreed: u64,
+    pub feedback: u64,
+    pub candidate_correct: u64,
+    pub production_correct: u64,
+    pub candidate_scores: [u64; SCORE_BINS],
+    pub production_scores: [u64; SCORE_BINS],
+    /// Candidate latencies by bucket ([`latency_bucket`]).
+    pub latency: BTreeMap<u32, u64>,
+}
+
+/// The latency bucket of `micros`: quarter octaves, so a percentile read back is within 19%.
+pub fn latency_bucket(micros: u64) -> u32 {
+    ((micros.max(1) as f64).log2() * 4.0).floor() as u32
+}
+
+/// The upper bound of latency bucket `b`, in milliseconds.
+fn latency_bound_ms(b: u32) -> f64 {
+    2f64.powf(f64::from(b + 1) / 4.0) / 1000.0
+}
+
+impl ShadowCounts {
+    pub fn is_empty(&self) -> bool {
+        *self == ShadowCounts::default()
+    }
+
+    /// The non-zero counters, by their stored names.
+    fn named(&self) -> Vec<(String, u64)> {
+        let mut out = vec![
+            ("shadowed".to_string(), self.shadowed),
+            ("dropped".into(), self.dropped),
+            ("agreed".into(), self.agreed),
+            ("feedback".into(), self.feedback),
+            ("candidate_correct".into(), self.candidate_correct),
+            ("production_correct".into(), self.production_correct),
+        ];
+        for (i, n) in self.candidate_scores.iter().enumerate() {
+            out.push((format!("candidate_score.{i}"), *n));
+        }
+        for (i, n) in self.production_scores.iter().enumerate() {
+            out.push((format!("production_score.{i}"), *n));
+        }
+        for (b, n) in &self.latency {
+            out.push((format!("latency.{b}"), *n));
+        }
+        out.retain(|(_, n)| *n > 0);
+        out
+    }
+
+    /// Adds a stored counter; names this version does not know are ignored.
+    fn add_named(&mut self, name: &str, n: u64) {
+        let bin = |i: &str| i.parse::<usize>().ok().filter(|i| *i < SCORE_BINS);
+        match name.split_once('.') {
+            None => match name {
+                "shadowed" => self.shadowed += n,
+                "dropped" => self.dropped += n,
+                "agreed" => self.agreed += n,
+                "feedback" => self.feedback += n,
+                "candidate_correct" => self.candidate_correct += n,
+                "production_correct" => self.production_correct += n,
+                _ => {}
+            },
+            Some(("candidate_score", i)) => {
+                if let Some(i) = bin(i) {
+                    self.candidate_scores[i] += n;
+                }
+            }
+            Some(("production_score", i)) => {
+                if let Some(i) = bin(i) {
+                    self.production_scores[i] += n;
+                }
+            }
+            Some(("latency", b)) => {
+                if let Ok(b) = b.parse() {
+                    *self.latency.entry(b).or_default() += n;
+                }
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// The figures these counts give.
+    pub fn figures(&self, production_version: Option<String>) -> ShadowFigures {
+        let share = |n: u64, of: u64| (of > 0).then(|| n as f64 / of as f64);
+        let agreement = share(self.agreed, self.shadowed);
+        let accuracy = share(self.candidate_correct, self.feedback);
+        let production_accuracy = share(self.production_correct, self.feedback);
+        let shares = |bins: &[u64]| -> Vec<f64> {
+            let total: u64 = bins.iter().sum();
+            bins.iter().map(|&n| n as f64 / total.max(1) as f64).collect()
+        };
+        let percentile = |q: f64| -> Option<f64> {
+            let total: u64 = self.latency.values().sum();
+            let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+            let mut seen = 0;
+            self.latency.iter().find_map(|(b, n)| {
+                seen += n;
+                (seen >= rank).then(|| latency_bound_ms(*b))
+            })
+        };
+        ShadowFigures {
+            production_version,
+            shadowed: self.shadowed,
+            dropped: self.dropped,
+            agreement,
+            disagreement: agreement.map(|a| 1.0 - a),
+            psi: (self.shadowed > 0).then(|| psi(&shares(&self.production_scores), &shares(&self.candidate_scores))),
+            feedback: self.feedback,
+            accuracy,
+            production_accuracy,
+            accuracy_gain: accuracy.zip(production_accuracy).map(|(c, p)| c - p),
+            latency_p50_ms: percentile(0.5),
+            latency_p99_ms: percentile(0.99),
         }
     }
 }
@@ -402,6 +598,10 @@ pub struct ModelRow {
     pub status: ModelStatus,
     pub created_at: String,
     pub promoted_at: Option<String>,
+    /// Why it was promoted (absent for versions promoted before reasons were recorded).
+    pub reason: Option<PromotionReason>,
+    /// The share of its name's predictions a candidate answers (`POST /models/{version}/canary`).
+    pub canary_percent: u8,
 }
 
 /// A training run and what happened in it.
@@ -896,8 +1096,10 @@ impl Store {
         })
     }
 
-    /// Marks `version` as the production model of its name; the previous one is archived.
-    pub fn promote(&self, version: &str) -> Result<bool, StoreError> {
+    /// Marks `version` as the production model of its name for `reason`; the previous one is
+    /// archived, and a canary of the name ends.
+    pub fn promote(&self, version: &str, reason: &PromotionReason) -> Result<bool, StoreError> {
+        let reason = serde_json::to_string(reason)?;
         self.write_announced(|tx| {
             let Some(row) = tx.query_opt("SELECT name FROM models WHERE version = ?1", params![version])? else {
                 return Ok(false);
@@ -907,16 +1109,109 @@ impl Store {
                 "UPDATE models SET status = ?2 WHERE name = ?1 AND status = ?3",
                 params![&name, ModelStatus::Archived.as_str(), ModelStatus::Production.as_str()],
             )?;
+            tx.execute("UPDATE models SET canary_percent = 0 WHERE name = ?1", params![&name])?;
             tx.execute(
-                "UPDATE models SET status = ?2, promoted_at = ?3 WHERE version = ?1",
-                params![version, ModelStatus::Production.as_str(), &now_text()],
+                "UPDATE models SET status = ?2, promoted_at = ?3, reason = ?4 WHERE version = ?1",
+                params![version, ModelStatus::Production.as_str(), &now_text(), &reason],
             )?;
             Ok(true)
         })
     }
 
+    /// Rejects candidate `version` and ends its canary; returns its status before (`None`: no
+    /// such version), so nothing changes unless it was a candidate.
+    pub fn reject(&self, version: &str) -> Result<Option<ModelStatus>, StoreError> {
+        self.write_announced(|tx| {
+            let status = Self::status_of(tx, version)?;
+            if status == Some(ModelStatus::Candidate) {
+                tx.execute(
+                    "UPDATE models SET status = ?2, canary_percent = 0 WHERE version = ?1",
+                    params![version, ModelStatus::Rejected.as_str()],
+                )?;
+            }
+            Ok(status)
+        })
+    }
+
+    /// Sets the canary share of candidate `version`; returns its status (`None`: no such
+    /// version), so nothing changes unless it is a candidate.
+    pub fn set_canary(&self, version: &str, percent: u8) -> Result<Option<ModelStatus>, StoreError> {
+        self.write_announced(|tx| {
+            let status = Self::status_of(tx, version)?;
+            if status == Some(ModelStatus::Candidate) {
+                tx.execute(
+                    "UPDATE models SET canary_percent = ?2 WHERE version = ?1",
+                    params![version, i64::from(percent)],
+                )?;
+            }
+            Ok(status)
+        })
+    }
+
+    fn status_of(tx: &mut dyn Tx, version: &str) -> Result<Option<ModelStatus>, StoreError> {
+        tx.query_opt("SELECT status FROM models WHERE version = ?1", params![version])?
+            .map(|r| r.named(0, &ModelStatus::ALL, ModelStatus::as_str))
+            .transpose()
+    }
+
+    /// The candidate under evaluation of each name that has a production version: its newest
+    /// candidate.
+    pub fn candidates(&self) -> Result<Vec<ModelRow>, StoreError> {
+        let rows: Vec<ModelRow> = self.write(|tx| {
+            let sql = format!(
+                "SELECT {} FROM models m WHERE status = ?1 AND EXISTS
+                 (SELECT 1 FROM models p WHERE p.name = m.name AND p.status = ?2)
+                 ORDER BY name, created_at DESC, version DESC",
+                Self::MODEL_COLUMNS
+            );
+            tx.query(
+                &sql,
+                params![ModelStatus::Candidate.as_str(), ModelStatus::Production.as_str()],
+            )?
+            .iter()
+            .map(Self::model_row)
+            .collect()
+        })?;
+        let mut newest: Vec<ModelRow> = Vec::new();
+        for row in rows {
+            if newest.last().is_none_or(|n| n.name != row.name) {
+                newest.push(row);
+            }
+        }
+        Ok(newest)
+    }
+
+    /// Adds a server's shadow counts of candidate `version` to those of every server.
+    pub fn add_shadow(&self, version: &str, counts: &ShadowCounts) -> Result<(), StoreError> {
+        let named = counts.named();
+        self.write(|tx| {
+            for (counter, n) in &named {
+                tx.execute(
+                    "INSERT INTO shadow_counts (version, counter, n) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (version, counter) DO UPDATE SET n = shadow_counts.n + excluded.n",
+                    params![version, counter, *n as i64],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The shadow counts of `version`, summed over every server.
+    pub fn shadow(&self, version: &str) -> Result<ShadowCounts, StoreError> {
+        self.write(|tx| {
+            let mut counts = ShadowCounts::default();
+            for r in tx.query(
+                "SELECT counter, n FROM shadow_counts WHERE version = ?1",
+                params![version],
+            )? {
+                counts.add_named(&r.text(0)?, r.int(1)?.max(0) as u64);
+            }
+            Ok(counts)
+        })
+    }
+
     const MODEL_COLUMNS: &'static str =
-        "version, name, kind, pipeline, path, params, metrics, tuning, accuracy, run_id, status, created_at, promoted_at";
+        "version, name, kind, pipeline, path, params, metrics, tuning, accuracy, run_id, status, created_at, promoted_at, reason, canary_percent";
 
     fn model_row(r: &Row) -> Result<ModelRow, StoreError> {
         Ok(ModelRow {
@@ -933,6 +1228,9 @@ impl Store {
             status: r.named(10, &ModelStatus::ALL, ModelStatus::as_str)?,
             created_at: r.text(11)?,
             promoted_at: r.opt_text(12)?,
+            // A reason this version cannot read is left out, not an error: it is information.
+            reason: r.opt_text(13)?.and_then(|t| serde_json::from_str(&t).ok()),
+            canary_percent: u8::try_from(r.int(14)?).unwrap_or(0),
         })
     }
 
@@ -1338,6 +1636,8 @@ mod tests {
             status: ModelStatus::Candidate,
             created_at: String::new(),
             promoted_at: None,
+            reason: None,
+            canary_percent: 0,
         }
     }
 
@@ -1399,8 +1699,9 @@ mod tests {
         store.register_model(&model("v1")).unwrap();
         store.register_model(&model("v2")).unwrap();
         assert_eq!(store.model("v1").unwrap().unwrap().status, ModelStatus::Candidate);
-        store.promote("v1").unwrap();
-        store.promote("v2").unwrap();
+        let manual = PromotionReason::by(PromotedBy::Manual);
+        store.promote("v1", &manual).unwrap();
+        store.promote("v2", &manual).unwrap();
         assert_eq!(store.model("v1").unwrap().unwrap().status, ModelStatus::Archived);
         let production = store.production().unwrap();
         assert_eq!(production.len(), 1);
