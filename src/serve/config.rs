@@ -123,6 +123,32 @@ pub struct Config {
     #[arg(long, env = "SENTIFLOW_TRAINING_NICE", default_value_t = 10,
           value_parser = clap::value_parser!(i32).range(0..=19))]
     pub training_nice: i32,
+    /// Promotion gate: shadowed predictions a candidate needs at least [default: 500]. Any
+    /// `--promotion-*` setting turns the gate on: a newly registered version of a served name
+    /// becomes its candidate, scored beside production, and is promoted when its figures meet
+    /// the gate.
+    #[arg(long, env = "SENTIFLOW_PROMOTION_MIN_SHADOW")]
+    pub promotion_min_shadow: Option<u64>,
+    /// Promotion gate: share of shadowed predictions whose label differs from production's, at
+    /// most [default: 0.15].
+    #[arg(long, env = "SENTIFLOW_PROMOTION_MAX_DISAGREEMENT", value_parser = share)]
+    pub promotion_max_disagreement: Option<f64>,
+    /// Promotion gate: shadowed predictions with feedback at least [default: 0].
+    #[arg(long, env = "SENTIFLOW_PROMOTION_MIN_FEEDBACK")]
+    pub promotion_min_feedback: Option<u64>,
+    /// Promotion gate: candidate accuracy minus production accuracy on shadowed predictions with
+    /// feedback, at least [default: 0].
+    #[arg(long, env = "SENTIFLOW_PROMOTION_MIN_ACCURACY_GAIN", allow_hyphen_values = true)]
+    pub promotion_min_accuracy_gain: Option<f64>,
+    /// Percentage of a name's predictions its candidate also scores, in the background.
+    #[arg(long, env = "SENTIFLOW_SHADOW_PERCENT", default_value_t = 100,
+          value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub shadow_percent: u8,
+    /// Predictions waiting to be shadowed at most; past it they are dropped and counted
+    /// (`sentiflow_shadow_dropped_total`), never delayed.
+    #[arg(long, env = "SENTIFLOW_SHADOW_QUEUE", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub shadow_queue: u64,
     /// Days stored predictions, their feedback and drift evaluations are kept.
     #[arg(long, env = "SENTIFLOW_KEEP_DAYS", default_value_t = 30,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -145,7 +171,8 @@ pub struct Config {
     /// The retraining policy, settled from the config file and the flags above.
     #[arg(skip)]
     pub retrain: Option<RetrainPolicy>,
-    /// The promotion gate of the config file's `promotion:` section.
+    /// The promotion gate, settled from the config file's `promotion:` section and the
+    /// `--promotion-*` flags.
     #[arg(skip)]
     pub promotion: Option<PromotionGate>,
 }
@@ -191,8 +218,36 @@ impl Config {
             .unwrap_or_else(|| format!("{}:{}", host_name(), self.addr.port()))
     }
 
+    /// The promotion gate of `file` (the config file's `promotion:` section) with the
+    /// `--promotion-*` flags over it; any of them turns the gate on, the others taking the
+    /// file's values or the defaults.
+    pub fn promotion_over(&self, file: Option<PromotionGate>) -> Option<PromotionGate> {
+        let flagged = self.promotion_min_shadow.is_some()
+            || self.promotion_max_disagreement.is_some()
+            || self.promotion_min_feedback.is_some()
+            || self.promotion_min_accuracy_gain.is_some();
+        if !flagged {
+            return file;
+        }
+        let d = file.unwrap_or_default();
+        Some(PromotionGate {
+            min_shadow: self.promotion_min_shadow.unwrap_or(d.min_shadow),
+            max_disagreement: self.promotion_max_disagreement.unwrap_or(d.max_disagreement),
+            min_feedback: self.promotion_min_feedback.unwrap_or(d.min_feedback),
+            min_accuracy_gain: self.promotion_min_accuracy_gain.unwrap_or(d.min_accuracy_gain),
+        })
+    }
+
     pub fn run_lease(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.run_lease_s)
+    }
+}
+
+/// A share between 0 and 1.
+fn share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("`{s}` is not a share between 0 and 1 (e.g. 0.15)")),
     }
 }
 

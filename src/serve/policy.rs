@@ -1,22 +1,23 @@
 //! The retraining policy: the pipeline the server trains by itself, on a drift alert of a served
 //! model or on a schedule, never more often than a cooldown; and the promotion gate's settings.
 //! Both come from the `retrain:` and `promotion:` sections of the `--config` file; the
-//! `--retrain-*` flags (and their environment variables) override the file's `retrain:`.
+//! `--retrain-*` and `--promotion-*` flags (and their environment variables) override the file.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 use super::api::TrainingRequest;
 use super::config::Config;
 use super::{training, App};
 use crate::pipeline::yaml::{self, child_path, Document};
 use crate::pipeline::ParamValue;
-use crate::store::Trigger;
+use crate::store::{ShadowFigures, Trigger};
 
 /// The keys of the config file that are sections the server reads itself; the file's other keys
 /// are flat settings, one per `SENTIFLOW_<NAME>` variable.
@@ -110,12 +111,16 @@ fn default_cooldown() -> Span {
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PromotionGate {
+    /// Shadowed predictions at least.
     #[serde(default = "default_min_shadow")]
     pub min_shadow: u64,
+    /// Share of shadowed predictions whose label differs from production's, at most.
     #[serde(default = "default_max_disagreement")]
     pub max_disagreement: f64,
+    /// Shadowed predictions with feedback at least.
     #[serde(default)]
     pub min_feedback: u64,
+    /// Candidate accuracy minus production accuracy on those, at least.
     #[serde(default)]
     pub min_accuracy_gain: f64,
 }
@@ -126,6 +131,101 @@ fn default_min_shadow() -> u64 {
 
 fn default_max_disagreement() -> f64 {
     0.15
+}
+
+impl Default for PromotionGate {
+    fn default() -> Self {
+        PromotionGate {
+            min_shadow: default_min_shadow(),
+            max_disagreement: default_max_disagreement(),
+            min_feedback: 0,
+            min_accuracy_gain: 0.0,
+        }
+    }
+}
+
+/// Whether a candidate's figures meet the gate, and which conditions they fail.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct GateVerdict {
+    pub met: bool,
+    pub failed: Vec<FailedCondition>,
+}
+
+/// A condition of the gate that the figures do not meet (yet).
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct FailedCondition {
+    /// The gate's setting: `min_shadow`, `max_disagreement`, `min_feedback` or `min_accuracy_gain`.
+    pub condition: &'static str,
+    pub wanted: f64,
+    /// The figure now; null while it cannot be measured (no shadowed prediction, no feedback).
+    pub actual: Option<f64>,
+    pub message: String,
+}
+
+impl PromotionGate {
+    pub fn check(&self, f: &ShadowFigures) -> GateVerdict {
+        let mut failed = Vec::new();
+        if f.shadowed < self.min_shadow {
+            failed.push(FailedCondition {
+                condition: "min_shadow",
+                wanted: self.min_shadow as f64,
+                actual: Some(f.shadowed as f64),
+                message: format!(
+                    "{} predictions shadowed of the {} wanted (--promotion-min-shadow); send more traffic",
+                    f.shadowed, self.min_shadow
+                ),
+            });
+        }
+        // Unknown disagreement fails: a candidate is never promoted on no evidence.
+        if f.disagreement.is_none_or(|d| d > self.max_disagreement) {
+            failed.push(FailedCondition {
+                condition: "max_disagreement",
+                wanted: self.max_disagreement,
+                actual: f.disagreement,
+                message: match f.disagreement {
+                    Some(d) => format!(
+                        "the candidate's label differs from production's on {:.1}% of shadowed predictions; at most {:.1}% \
+                         is allowed (--promotion-max-disagreement)",
+                        d * 100.0,
+                        self.max_disagreement * 100.0
+                    ),
+                    None => "no prediction shadowed yet".into(),
+                },
+            });
+        }
+        if f.feedback < self.min_feedback {
+            failed.push(FailedCondition {
+                condition: "min_feedback",
+                wanted: self.min_feedback as f64,
+                actual: Some(f.feedback as f64),
+                message: format!(
+                    "{} shadowed predictions have feedback of the {} wanted (--promotion-min-feedback); send \
+                     `POST /feedback` for more",
+                    f.feedback, self.min_feedback
+                ),
+            });
+        }
+        let gain_wanted = self.min_feedback > 0 || self.min_accuracy_gain != 0.0;
+        if gain_wanted && f.accuracy_gain.is_none_or(|g| g < self.min_accuracy_gain) {
+            failed.push(FailedCondition {
+                condition: "min_accuracy_gain",
+                wanted: self.min_accuracy_gain,
+                actual: f.accuracy_gain,
+                message: match f.accuracy_gain {
+                    Some(g) => format!(
+                        "the candidate is {:+.3} more accurate than production on shadowed predictions with feedback; \
+                         {:+.3} is wanted (--promotion-min-accuracy-gain)",
+                        g, self.min_accuracy_gain
+                    ),
+                    None => "no shadowed prediction has feedback yet".into(),
+                },
+            });
+        }
+        GateVerdict {
+            met: failed.is_empty(),
+            failed,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -253,7 +353,7 @@ pub fn settle(config: &mut Config, sections: Sections) -> Result<(), PolicyError
         None => {}
     }
     config.retrain = retrain;
-    config.promotion = sections.promotion;
+    config.promotion = config.promotion_over(sections.promotion);
     Ok(())
 }
 
@@ -378,5 +478,44 @@ mod tests {
         std::fs::write(&file, "promotion:\n  min_shadow: 5\n  max_disagrement: 0.1\n").unwrap();
         let e = Sections::load(&file).unwrap_err().to_string();
         assert!(e.contains(":3:3: ") && e.contains("max_disagrement"), "{e}");
+    }
+
+    fn figures(shadowed: u64, disagreement: f64) -> ShadowFigures {
+        ShadowFigures {
+            shadowed,
+            agreement: Some(1.0 - disagreement),
+            disagreement: Some(disagreement),
+            ..ShadowFigures::default()
+        }
+    }
+
+    #[test]
+    fn the_gate_names_each_failed_condition() {
+        let gate = PromotionGate {
+            min_shadow: 200,
+            max_disagreement: 0.15,
+            ..PromotionGate::default()
+        };
+        assert!(gate.check(&figures(250, 0.02)).met);
+        let v = gate.check(&figures(120, 0.02));
+        assert_eq!(v.failed.len(), 1);
+        assert_eq!(v.failed[0].condition, "min_shadow");
+        assert_eq!(v.failed[0].actual, Some(120.0));
+        let flipped = gate.check(&figures(900, 0.97));
+        assert!(!flipped.met);
+        assert_eq!(flipped.failed[0].condition, "max_disagreement");
+        assert!(!gate.check(&ShadowFigures::default()).met, "no evidence, no promotion");
+        let strict = PromotionGate {
+            min_feedback: 10,
+            min_accuracy_gain: 0.01,
+            ..gate
+        };
+        let names: Vec<_> = strict
+            .check(&figures(250, 0.02))
+            .failed
+            .iter()
+            .map(|f| f.condition)
+            .collect();
+        assert_eq!(names, ["min_feedback", "min_accuracy_gain"]);
     }
 }
