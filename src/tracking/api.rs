@@ -109,3 +109,47 @@ pub struct CreateModelVersion<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model_id: Option<&'a str>,
 }
+
+/// `registered-models/alias`: points `alias` of registered model `name` at `version`.
+#[derive(Serialize)]
+pub struct SetAlias<'a> {
+    pub name: &'a str,
+    pub alias: &'a str,
+    pub version: &'a str,
+}
+
+/// The answer to `model-versions/search`.
+#[derive(Debug, Default, Deserialize)]
+pub struct ModelVersions {
+    #[serde(default)]
+    pub model_versions: Vec<ModelVersion>,
+}
+
+/// A version of a registered model.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ModelVersion {
+    pub version: String,
+    #[serde(default)]
+    pub source: String,
+    #[serde(default)]
+    pub run_id: String,
+    #[serde(default)]
+    pub model_id: Option<String>,
+}
+
+/// The answer to `GET logged-models/{id}`.
+#[derive(Debug, Deserialize)]
+pub struct LoggedModelAnswer {
+    pub model: LoggedModel,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LoggedModel {
+    pub info: LoggedModelInfo,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LoggedModelInfo {
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+}

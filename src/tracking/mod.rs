@@ -15,7 +15,7 @@
 //! `<cache>/tracking/` (with its own copy of the files to upload) and `sentiflow tracking sync`
 //! sends it later, resuming where it stopped.
 
-mod api;
+pub mod api;
 mod plan;
 
 use std::collections::BTreeMap;
@@ -485,6 +485,66 @@ impl Tracker {
         }
         self.log_batch(&run, &[], &metrics, &[], now_ms())?;
         Ok(run)
+    }
+
+    /// The version of registered model `model` that is sentiflow's `version` (its logged model
+    /// carries the tag `sentiflow.version`), when the pipeline run was tracked.
+    pub fn model_version(&self, model: &str, version: &str) -> Result<Option<api::ModelVersion>, TrackingError> {
+        let filter = format!("name='{}'", model.replace('\'', ""));
+        let path = format!(
+            "/api/2.0/mlflow/model-versions/search?filter={}&max_results=1000",
+            encode(&filter)
+        );
+        let found: api::ModelVersions = self.get_json(&path)?;
+        for mv in found.model_versions {
+            let Some(id) = mv
+                .model_id
+                .clone()
+                .or_else(|| mv.source.strip_prefix("models:/").map(str::to_string))
+            else {
+                continue;
+            };
+            let logged: api::LoggedModelAnswer =
+                self.get_json(&format!("/api/2.0/mlflow/logged-models/{}", encode(&id)))?;
+            if logged
+                .model
+                .info
+                .tags
+                .iter()
+                .any(|t| t.key == "sentiflow.version" && t.value == version)
+            {
+                return Ok(Some(mv));
+            }
+        }
+        Ok(None)
+    }
+
+    fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, TrackingError> {
+        let (status, value) = self.call("GET", path, None)?;
+        let err = |message: String| TrackingError::Http {
+            url: format!("{}{path}", self.base),
+            message,
+        };
+        if status >= 300 {
+            return Err(err(format!("HTTP {status}: {value}")));
+        }
+        serde_json::from_value(value).map_err(|e| err(format!("unexpected answer: {e}")))
+    }
+
+    /// Points `alias` (`production`, `candidate`) of registered model `model` at its version `version`.
+    pub fn set_alias(&self, model: &str, alias: &str, version: &str) -> Result<(), TrackingError> {
+        let body = api::SetAlias {
+            name: model,
+            alias,
+            version,
+        };
+        self.api("POST", "registered-models/alias", &body).map(drop)
+    }
+
+    /// Logs `metrics` as step `step` of run `run`.
+    pub fn log_metrics(&self, run: &str, metrics: &[(String, f64)], step: i64) -> Result<(), TrackingError> {
+        let metrics: Vec<(String, f64, i64)> = metrics.iter().map(|(k, v)| (k.clone(), *v, step)).collect();
+        self.log_batch(run, &[], &metrics, &[], now_ms())
     }
 
     /// Records a finished pipeline run; what cannot be sent now is queued under `cache_dir`.
