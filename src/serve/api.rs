@@ -7,9 +7,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
+use super::policy::GateVerdict;
 use crate::models::bundle::Explanation;
 use crate::pipeline::ParamValue;
-use crate::store::{ModelRow, RunStatus, RunSummary, Trigger};
+use crate::store::{ModelRow, RunStatus, RunSummary, ShadowFigures, Trigger};
 
 /// A field that may be left out but, when sent, holds a value (`null` is refused, not read as
 /// absent, so a client's mistake is named).
@@ -212,7 +213,50 @@ pub struct CrossValidation {
 
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct Models {
-    pub models: Vec<ModelRow>,
+    pub models: Vec<ModelEntry>,
+}
+
+/// A registered version; a candidate's says where it stands with the promotion gate.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ModelEntry {
+    #[serde(flatten)]
+    pub row: ModelRow,
+    /// Candidates, with a promotion gate: whether their shadow figures meet it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateVerdict>,
+}
+
+/// The answer to `GET /models/{version}/shadow`: the version's shadow figures so far, over
+/// every server.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ShadowReport {
+    pub version: String,
+    pub model: String,
+    #[serde(flatten)]
+    pub figures: ShadowFigures,
+    pub canary_percent: u8,
+    /// Whether the figures meet the promotion gate (null when the server has none).
+    pub gate: Option<GateVerdict>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Rejected {
+    pub rejected: ModelRow,
+}
+
+/// The body of `POST /models/{version}/canary`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryRequest {
+    /// The share of its name's predictions the candidate answers: 1 to 50, or 100.
+    pub percent: u8,
+}
+
+/// A candidate's canary share (0: none).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Canary {
+    pub version: String,
+    pub percent: u8,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]

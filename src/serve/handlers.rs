@@ -9,9 +9,9 @@ use warp::hyper::body::Bytes;
 use super::api::*;
 use super::error::ApiError;
 use super::routes::{Answer, Ctx, Reply};
-use super::{drift, training, App, Serving};
+use super::{drift, shadow, training, App, Serving};
 use crate::models::bundle::{Explanation, Model, Prediction};
-use crate::store::Trigger;
+use crate::store::{ModelStatus, PromotedBy, PromotionReason, Trigger};
 
 /// The web interface: one self-contained page (HTML, CSS and JavaScript, no build step) that
 /// talks to this API.
@@ -179,6 +179,14 @@ pub async fn prediction(ctx: &Ctx, body: Bytes) -> Answer {
     let name = request.model.unwrap_or_else(|| "tfidf".to_string());
     let explain = request.explain.unwrap_or(false);
     let serving = app.served(&name)?;
+    // A candidate answers its canary's share; production answers the rest, and the candidate
+    // scores a share of those in the background.
+    let candidate = app.shadow.candidate(&name);
+    let canary = candidate.as_ref().is_some_and(|c| c.takes_canary());
+    let serving = match (&candidate, canary) {
+        (Some(c), true) => c.serving.clone(),
+        _ => serving,
+    };
     let bytes: usize = texts.iter().map(String::len).sum();
     let (samples, explanations) = if serving.batcher.is_some() {
         // An ONNX model runs on its batching worker.
@@ -213,6 +221,10 @@ pub async fn prediction(ctx: &Ctx, body: Bytes) -> Answer {
             },
             explanation,
         });
+    }
+    if let (Some(candidate), false) = (candidate, canary) {
+        let ids = predictions.iter().map(|p| p.id.clone()).collect();
+        app.shadow.offer(app, candidate, texts, ids, samples);
     }
     let answer = if single {
         PredictionResponse {
@@ -274,6 +286,7 @@ fn record_feedback(app: &App, request: FeedbackRequest) -> Result<FeedbackRespon
     if let Some(serving) = app.serving(&model).filter(|s| s.row.version == version) {
         serving.monitor.feedback(correct);
     }
+    app.shadow.feedback(&id, label.as_str());
     Ok(FeedbackResponse {
         prediction_id: id,
         model,
@@ -304,14 +317,105 @@ pub async fn drift(ctx: &Ctx, query: String) -> Answer {
 }
 
 pub async fn models(ctx: &Ctx) -> Answer {
-    let models = ctx.blocking(|app| app.store.models()).await??;
+    let models = ctx
+        .blocking(|app| -> Result<Vec<ModelEntry>, ApiError> {
+            let gate = app.config.promotion();
+            app.store
+                .models()?
+                .into_iter()
+                .map(|row| -> Result<ModelEntry, ApiError> {
+                    let gate = match (&gate, row.status) {
+                        (Some(g), ModelStatus::Candidate) => Some(g.check(&shadow::figures(app, &row)?)),
+                        _ => None,
+                    };
+                    Ok(ModelEntry { row, gate })
+                })
+                .collect()
+        })
+        .await??;
     Ok(Reply::json(&Models { models }))
 }
 
 pub async fn promote(ctx: &Ctx) -> Answer {
     let version = ctx.param(0).to_string();
-    let promoted = ctx.blocking(move |app| app.promote(&version)).await??;
+    let promoted = ctx
+        .blocking(move |app| app.promote(&version, PromotionReason::by(PromotedBy::Manual)))
+        .await??;
     Ok(Reply::json(&Promoted { promoted }))
+}
+
+/// The `404` of a version that is not registered.
+pub fn no_version(version: &str) -> ApiError {
+    ApiError::not_found(
+        "model_not_found",
+        format!("no model version `{version}`; registered versions are in `GET /models`"),
+    )
+}
+
+/// The `409` of an action on a version that is not a candidate.
+fn not_candidate(version: &str, status: ModelStatus, action: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "not_a_candidate",
+        format!(
+            "model version `{version}` is {}; only a candidate can {action} (see `GET /models`)",
+            status.as_str()
+        ),
+    )
+}
+
+pub async fn shadow_report(ctx: &Ctx) -> Answer {
+    let version = ctx.param(0).to_string();
+    let report = ctx.blocking(move |app| shadow::report(app, &version)).await??;
+    Ok(Reply::json(&report))
+}
+
+pub async fn reject(ctx: &Ctx) -> Answer {
+    let version = ctx.param(0).to_string();
+    let rejected = ctx
+        .blocking(move |app| -> Result<_, ApiError> {
+            match app.store.reject(&version)? {
+                None => return Err(no_version(&version)),
+                Some(ModelStatus::Candidate) => app.follow_candidates(),
+                Some(other) => return Err(not_candidate(&version, other, "be rejected")),
+            }
+            app.store.model(&version)?.ok_or_else(|| no_version(&version))
+        })
+        .await??;
+    Ok(Reply::json(&Rejected { rejected }))
+}
+
+pub async fn canary(ctx: &Ctx, body: Bytes) -> Answer {
+    let request: CanaryRequest = ctx.json(&body)?;
+    let percent = request.percent;
+    if !(1..=50).contains(&percent) && percent != 100 {
+        return Err(ApiError::field(
+            "percent",
+            format!("{percent} is not a canary share: send 1 to 50, or 100 (all predictions)"),
+        ));
+    }
+    set_canary(ctx, percent).await
+}
+
+pub async fn canary_stop(ctx: &Ctx) -> Answer {
+    set_canary(ctx, 0).await
+}
+
+async fn set_canary(ctx: &Ctx, percent: u8) -> Answer {
+    let version = ctx.param(0).to_string();
+    let canary = ctx
+        .blocking(move |app| -> Result<Canary, ApiError> {
+            match app.store.set_canary(&version, percent)? {
+                None => return Err(no_version(&version)),
+                Some(ModelStatus::Candidate) => app.follow_candidates(),
+                // Stopping a canary that cannot run (promotion and rejection end it) is done.
+                Some(_) if percent == 0 => {}
+                Some(other) => return Err(not_candidate(&version, other, "answer a canary")),
+            }
+            Ok(Canary { version, percent })
+        })
+        .await??;
+    Ok(Reply::json(&canary))
 }
 
 pub async fn training(ctx: &Ctx, body: Bytes) -> Answer {

@@ -86,6 +86,8 @@ pub struct Metrics {
     store_failures: Family<WhatLabels, Counter>,
     /// Predictions in the database after the last pruning.
     stored_predictions: Gauge,
+    /// Texts a candidate did not score because the shadow queue was full.
+    shadow_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -106,6 +108,7 @@ impl Default for Metrics {
             auth_throttled: Counter::default(),
             store_failures: Family::default(),
             stored_predictions: Gauge::default(),
+            shadow_dropped: Counter::default(),
         };
         // Counters are registered without `_total`: the encoder appends it.
         let r = &mut m.registry;
@@ -173,6 +176,11 @@ impl Default for Metrics {
             "sentiflow_auth_throttled",
             "Requests refused (429) because their address sent too many unknown API keys",
             m.auth_throttled.clone(),
+        );
+        r.register(
+            "sentiflow_shadow_dropped",
+            "Texts a candidate did not score because the shadow queue was full (--shadow-queue)",
+            m.shadow_dropped.clone(),
         );
         r.register_collector(Box::new(Process));
         m
@@ -242,6 +250,10 @@ impl Metrics {
             timeout: timeout.as_str(),
         };
         self.timeouts.get_or_create(&labels).inc();
+    }
+
+    pub fn shadow_dropped(&self, texts: u64) {
+        self.shadow_dropped.inc_by(texts);
     }
 
     pub fn auth_throttled(&self) {

@@ -17,6 +17,7 @@ mod metrics;
 mod openapi;
 pub mod policy;
 mod routes;
+mod shadow;
 mod training;
 
 use std::collections::{HashMap, HashSet};
@@ -35,7 +36,7 @@ pub use routes::routes;
 use crate::drift::Sample;
 use crate::models::bundle::{Bundle, Model};
 use crate::registry::Registry;
-use crate::store::{ModelRow, Store};
+use crate::store::{ModelRow, ModelStatus, PromotedBy, PromotionReason, Store};
 use auth::{Caller, Known};
 use batcher::{BatchConfig, BatchError, Batcher};
 use error::ApiError;
@@ -96,6 +97,8 @@ pub struct App {
     pub metrics: Arc<Metrics>,
     journal: drift::Journal,
     pub training: training::Trainer,
+    /// Candidates under evaluation, their shadow traffic and canaries.
+    shadow: shadow::Shadow,
     request_seq: AtomicU64,
     /// Tells this process's request ids from those of every other server, including one that
     /// started in the same second on another host.
@@ -131,6 +134,7 @@ impl App {
             metrics: Arc::default(),
             journal: drift::Journal::default(),
             training: training::Trainer::default(),
+            shadow: shadow::Shadow::new(usize::try_from(config.shadow_queue).unwrap_or(usize::MAX)),
             request_seq: AtomicU64::new(0),
             id_tag: id_tag(&config.replica()),
             replica: config.replica(),
@@ -178,12 +182,22 @@ impl App {
                 }
             }
         }
+        self.follow_candidates();
         Ok(())
     }
 
     /// Makes `bundle` the served model of its name; requests in flight finish on the old one.
     fn swap(&self, row: ModelRow, bundle: Bundle) {
         let name = row.name.clone();
+        let serving = self.serving_of(row, bundle);
+        self.models
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, serving);
+    }
+
+    /// A bundle ready to answer: with its batching worker when it is an ONNX model.
+    fn serving_of(&self, row: ModelRow, bundle: Bundle) -> Arc<Serving> {
         let batcher = match &bundle.model {
             Model::Bert(model) => {
                 let config = BatchConfig {
@@ -192,22 +206,18 @@ impl App {
                     queue: self.config.batch_queue,
                 };
                 let metrics = self.metrics.clone();
-                let label = name.clone();
+                let label = row.name.clone();
                 Some(Batcher::start(model.clone(), config, move |n| metrics.batch(&label, n)))
             }
             Model::Tfidf(_) => None,
         };
         let monitor = drift::Monitor::new(self.config.drift_window);
-        let serving = Arc::new(Serving {
+        Arc::new(Serving {
             row,
             bundle,
             batcher,
             monitor,
-        });
-        self.models
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name, serving);
+        })
     }
 
     /// Serves the production version of each name recorded in the database, when another server
@@ -265,26 +275,43 @@ impl App {
         }
     }
 
-    /// Promotes `version` and serves it; requests in flight finish on the old one.
-    pub fn promote(&self, version: &str) -> Result<ModelRow, ApiError> {
-        let (row, bundle) = self.registry.promote(&self.store, version)?;
+    /// Promotes `version` for `reason` and serves it; requests in flight finish on the old one.
+    /// A candidate's shadow traffic and canary end.
+    pub fn promote(&self, version: &str, reason: PromotionReason) -> Result<ModelRow, ApiError> {
+        let (row, bundle) = self.registry.promote(&self.store, version, &reason)?;
         self.swap(row.clone(), bundle);
+        self.follow_candidates();
+        shadow::alias(self, &row, "production");
         Ok(row)
     }
 
-    /// Promotes a newly registered model when it beats the production one of its name.
+    /// Decides what a newly registered model becomes. With a promotion gate, a new version of a
+    /// served name becomes its candidate under evaluation; otherwise it is promoted when no
+    /// version of its name is served or when it beats the production one.
     pub fn maybe_promote(&self, row: &ModelRow) -> Result<bool, ApiError> {
+        let current = self.serving(&row.name);
+        if let (Some(_), Some(c)) = (self.config.promotion(), &current) {
+            if c.row.version != row.version && row.status == ModelStatus::Candidate {
+                self.follow_candidates();
+                shadow::alias(self, row, "candidate");
+                tracing::info!(
+                    "model {} version {} is the candidate under evaluation (shadow traffic, promotion gate)",
+                    row.name,
+                    row.version
+                );
+            }
+            return Ok(false);
+        }
         if self.config.no_auto_promote {
             return Ok(false);
         }
-        let current = self.serving(&row.name);
         let better = match (&current, row.accuracy) {
             (None, _) => true,
             (Some(c), Some(new)) => c.row.version != row.version && new > c.row.accuracy.unwrap_or(f64::NEG_INFINITY),
             (Some(_), None) => false,
         };
         if better {
-            self.promote(&row.version)?;
+            self.promote(&row.version, PromotionReason::by(PromotedBy::Accuracy))?;
         }
         Ok(better)
     }
@@ -466,6 +493,13 @@ pub async fn serve(app: Arc<App>) -> anyhow::Result<()> {
     ));
     tokio::spawn(follow(app.clone()));
     tokio::spawn(policy::schedule(app.clone()));
+    tokio::spawn(shadow::work(app.clone()));
+    // Shadow counts reach the database (and the gate is checked) with each drift evaluation,
+    // and at least every 5 s.
+    tokio::spawn(shadow::flush_every(
+        app.clone(),
+        Duration::from_secs(app.config.drift_period_s.clamp(1, 5)),
+    ));
     tracing::info!("sentiflow serving on http://{addr} (models: {:?})", app.model_names());
     listener::run(app.clone(), socket, warp::service(routes), signal).await;
     app.training.stop_all(&app);
@@ -504,6 +538,7 @@ async fn follow(app: Arc<App>) {
                 }
                 if check {
                     app.follow_production();
+                    app.follow_candidates();
                 }
             });
             if let Err(e) = work.await {

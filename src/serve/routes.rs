@@ -22,6 +22,7 @@ use crate::serve::auth::Role;
 pub enum Verb {
     Get,
     Post,
+    Delete,
 }
 
 impl Verb {
@@ -30,6 +31,7 @@ impl Verb {
         match self {
             Verb::Get => m == Method::GET || m == Method::HEAD,
             Verb::Post => m == Method::POST,
+            Verb::Delete => m == Method::DELETE,
         }
     }
 
@@ -37,6 +39,7 @@ impl Verb {
         match self {
             Verb::Get => "GET, HEAD",
             Verb::Post => "POST",
+            Verb::Delete => "DELETE",
         }
     }
 
@@ -44,6 +47,7 @@ impl Verb {
         match self {
             Verb::Get => "get",
             Verb::Post => "post",
+            Verb::Delete => "delete",
         }
     }
 }
@@ -124,7 +128,7 @@ const fn route(verb: Verb, path: &'static str, access: Access, summary: &'static
 }
 
 use Access::{Key, Prediction, Public};
-use Verb::{Get, Post};
+use Verb::{Delete, Get, Post};
 
 pub static PAGE: Spec = Spec {
     documented: false,
@@ -218,6 +222,47 @@ pub static PROMOTE: Spec = Spec {
         "Serve this version",
     )
 };
+pub static SHADOW: Spec = Spec {
+    response: Some(schema::<ShadowReport>),
+    errors: &[404],
+    ..route(
+        Get,
+        "/models/{version}/shadow",
+        Key(Role::Predict),
+        "A candidate's shadow figures and where it stands with the promotion gate",
+    )
+};
+pub static REJECT: Spec = Spec {
+    response: Some(schema::<Rejected>),
+    errors: &[404, 409],
+    ..route(
+        Post,
+        "/models/{version}/reject",
+        Key(Role::Admin),
+        "Reject a candidate: its shadow traffic and canary end",
+    )
+};
+pub static CANARY: Spec = Spec {
+    request: Some(schema::<CanaryRequest>),
+    response: Some(schema::<Canary>),
+    errors: &[400, 404, 409, 411, 413, 415],
+    ..route(
+        Post,
+        "/models/{version}/canary",
+        Key(Role::Admin),
+        "Answer a share of its name's predictions with a candidate",
+    )
+};
+pub static CANARY_STOP: Spec = Spec {
+    response: Some(schema::<Canary>),
+    errors: &[404],
+    ..route(
+        Delete,
+        "/models/{version}/canary",
+        Key(Role::Admin),
+        "Stop a candidate's canary",
+    )
+};
 pub static TRAINING: Spec = Spec {
     request: Some(schema::<TrainingRequest>),
     status: 202,
@@ -258,7 +303,7 @@ pub static TRAINING_CANCEL: Spec = Spec {
 };
 
 /// Every route.
-pub static ROUTES: [&Spec; 19] = [
+pub static ROUTES: [&Spec; 23] = [
     &PAGE,
     &DOCS,
     &DOCS_FILE,
@@ -273,6 +318,10 @@ pub static ROUTES: [&Spec; 19] = [
     &DRIFT,
     &MODELS,
     &PROMOTE,
+    &SHADOW,
+    &REJECT,
+    &CANARY,
+    &CANARY_STOP,
     &TRAINING,
     &TRAINING_LIST,
     &TRAINING_STATUS,
@@ -603,6 +652,14 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejec
         .or(e(&MODELS).and_then(answer!(handlers::models)))
         .unify()
         .or(e(&PROMOTE).and_then(answer!(handlers::promote)))
+        .unify()
+        .or(e(&SHADOW).and_then(answer!(handlers::shadow_report)))
+        .unify()
+        .or(e(&REJECT).and_then(answer!(handlers::reject)))
+        .unify()
+        .or(e(&CANARY).and(body()).and_then(answer!(handlers::canary, Bytes)))
+        .unify()
+        .or(e(&CANARY_STOP).and_then(answer!(handlers::canary_stop)))
         .unify()
         .boxed();
     let training = e(&TRAINING)
