@@ -935,7 +935,7 @@ fn the_openapi_document_types_every_answer_and_swagger_ui_reads_it() {
             }
         }
     }
-    assert_eq!(typed, 15, "every documented operation has a typed success");
+    assert_eq!(typed, 19, "every documented operation has a typed success");
     for (path, method) in [
         ("/prediction", "post"),
         ("/best_model_parameter", "get"),

@@ -312,3 +312,49 @@ fn a_run_queued_while_the_server_was_down_is_sent_by_sync() {
     let again = p.sentiflow(&["tracking", "sync"]);
     assert!(again.stdout.contains("nothing to send"), "{}", again.stdout);
 }
+
+/// The MLflow version that alias `alias` of registered model `model` points at.
+fn alias(uri: &str, model: &str, alias: &str) -> serde_json::Value {
+    let addr = uri.trim_start_matches("http://");
+    let path = format!("/api/2.0/mlflow/registered-models/alias?name={model}&alias={alias}");
+    let r = common::http(addr, "GET", &path, &[], b"");
+    assert_eq!(r.status, 200, "{model}@{alias}: {}", r.body);
+    r.json()["model_version"]["version"].clone()
+}
+
+#[test]
+fn promotion_and_candidates_set_the_registered_models_aliases() {
+    use serde_json::json;
+    let server = MlflowServer::start();
+    let p = quickstart();
+    let admin = common::key(&p, "admin");
+    let env = [
+        ("SENTIFLOW_LOG", "warn,sentiflow::serve=info"),
+        ("MLFLOW_TRACKING_URI", server.uri.as_str()),
+    ];
+    let s = common::Server::start_env(&p, &["--promotion-min-shadow", "100000"], &env);
+    let auth = format!("Bearer {admin}");
+    let train = |seed: u64| {
+        let body = json!({"pipeline": "quickstart", "params": {"seed": seed}}).to_string();
+        let headers = [("Authorization", auth.as_str()), ("Content-Type", "application/json")];
+        let r = common::http(&s.addr, "POST", "/training", &headers, body.as_bytes());
+        assert_eq!(r.status, 202, "{}", r.body);
+        let location = r.header("location").unwrap().to_string();
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let run = common::http(&s.addr, "GET", &location, &[("Authorization", auth.as_str())], b"").json();
+            if run["status"] != "running" {
+                assert_eq!(run["status"], "succeeded", "{run}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{run}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    // The first version is promoted; the second, with a gate, is the candidate.
+    train(1);
+    assert_eq!(alias(&server.uri, "quickstart-tfidf", "production"), "1");
+    train(2);
+    assert_eq!(alias(&server.uri, "quickstart-tfidf", "candidate"), "2");
+    assert_eq!(alias(&server.uri, "quickstart-tfidf", "production"), "1");
+}
