@@ -647,7 +647,7 @@ fn runs_are_listed_newest_first_and_a_running_one_can_be_cancelled() {
     assert!(all["runs"][1]["duration_s"].as_f64().unwrap() >= 0.0);
 
     assert_eq!(list("?pipeline=echo")["total"], 3);
-    assert_eq!(listed(&list("?status=running")), [slow.clone()]);
+    assert_eq!(listed(&list("?status=running")), [slow.as_str()]);
     assert_eq!(list("?trigger=drift")["total"], 0);
     assert_eq!(
         listed(&list("?pipeline=echo&status=succeeded&trigger=api&limit=2&offset=1")),
@@ -700,7 +700,7 @@ fn runs_are_listed_newest_first_and_a_running_one_can_be_cancelled() {
         "not_running",
     );
     let cancelled = list("?status=cancelled");
-    assert_eq!(listed(&cancelled), [slow.clone()]);
+    assert_eq!(listed(&cancelled), [slow.as_str()]);
     assert!(cancelled["runs"][0]["finished_at"].is_string(), "{cancelled}");
     // The pipeline is free again.
     let r = post(&s, "/training", &admin, &json!({"pipeline": "slow"}));
