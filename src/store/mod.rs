@@ -427,10 +427,6 @@ fn latency_bound_ms(b: u32) -> f64 {
 }
 
 impl ShadowCounts {
-    pub fn is_empty(&self) -> bool {
-        *self == ShadowCounts::default()
-    }
-
     /// The non-zero counters, by their stored names.
     fn named(&self) -> Vec<(String, u64)> {
         let mut out = vec![
