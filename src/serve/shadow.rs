@@ -83,7 +83,7 @@ pub struct Shadow {
 
 impl Shadow {
     pub fn new(queue: usize) -> Shadow {
-        let (queue, jobs) = mpsc::channel(queue.max(1));
+        let (queue, jobs) = mpsc::channel(queue.clamp(1, 1 << 24));
         Shadow {
             candidates: RwLock::default(),
             queue,
