@@ -362,6 +362,10 @@ pub struct TrainingRuns {
     pub total: u64,
     pub limit: u32,
     pub offset: u64,
+    /// The MLflow server runs are tracked on, when tracking is on: a run's page is
+    /// `{mlflow_ui}/#/runs/{mlflow_run_id}`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mlflow_ui: Option<String>,
 }
 
 /// The answer to `POST /training/{id}/cancel`.

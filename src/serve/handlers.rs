@@ -319,7 +319,7 @@ pub async fn drift(ctx: &Ctx, query: String) -> Answer {
 pub async fn models(ctx: &Ctx) -> Answer {
     let models = ctx
         .blocking(|app| -> Result<Vec<ModelEntry>, ApiError> {
-            let gate = app.config.promotion();
+            let gate = app.config.promotion.as_ref();
             app.store
                 .models()?
                 .into_iter()

@@ -290,7 +290,7 @@ impl App {
     /// version of its name is served or when it beats the production one.
     pub fn maybe_promote(&self, row: &ModelRow) -> Result<bool, ApiError> {
         let current = self.serving(&row.name);
-        if let (Some(_), Some(c)) = (self.config.promotion(), &current) {
+        if let (Some(_), Some(c)) = (&self.config.promotion, &current) {
             if c.row.version != row.version && row.status == ModelStatus::Candidate {
                 self.follow_candidates();
                 shadow::alias(self, row, "candidate");

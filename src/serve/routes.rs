@@ -653,6 +653,8 @@ pub fn routes(app: Arc<App>) -> impl Filter<Extract = (Response,), Error = Rejec
         .unify()
         .or(e(&PROMOTE).and_then(answer!(handlers::promote)))
         .unify()
+        // Boxed halfway: each `or` nests the filter's type, and long chains type-check slowly.
+        .boxed()
         .or(e(&SHADOW).and_then(answer!(handlers::shadow_report)))
         .unify()
         .or(e(&REJECT).and_then(answer!(handlers::reject)))

@@ -200,7 +200,7 @@ impl App {
     /// Loads the candidate under evaluation of each name as the database has them (with a
     /// promotion gate), and drops those promoted or rejected since.
     pub(super) fn follow_candidates(&self) {
-        if self.config.promotion().is_none() {
+        if self.config.promotion.is_none() {
             return;
         }
         let rows = match self.store.candidates() {
@@ -296,7 +296,7 @@ fn flush(app: &App, step: i64) {
             app.metrics.store_failure("shadow_counts");
         }
     }
-    let Some(gate) = app.config.promotion() else {
+    let Some(gate) = &app.config.promotion else {
         return;
     };
     let tracker = Tracker::from_env();
@@ -355,7 +355,7 @@ pub fn report(app: &App, version: &str) -> Result<super::api::ShadowReport, ApiE
         .ok_or_else(|| super::handlers::no_version(version))?;
     let figures = figures(app, &row)?;
     Ok(super::api::ShadowReport {
-        gate: app.config.promotion().map(|g| g.check(&figures)),
+        gate: app.config.promotion.as_ref().map(|g| g.check(&figures)),
         version: row.version,
         model: row.name,
         canary_percent: row.canary_percent,

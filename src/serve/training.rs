@@ -570,6 +570,7 @@ pub fn list_runs(app: &App, query: TrainingQuery) -> Result<TrainingRuns, ApiErr
         total,
         limit: filter.limit,
         offset: filter.offset,
+        mlflow_ui: Tracker::from_env().map(|t| t.base().to_string()),
     })
 }
 

@@ -99,6 +99,11 @@ impl Tracker {
         }
     }
 
+    /// The server's address, which is also its UI's.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     fn call(&self, method: &str, path: &str, body: Option<String>) -> Result<(u16, Value), TrackingError> {
         let url = format!("{}{path}", self.base);
         let err = |message: String| TrackingError::Http {
