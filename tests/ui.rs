@@ -1,7 +1,7 @@
 //! The web interface end to end: Debian's Chromium, driven by playwright-core (`tests/ui/`),
-//! against a real server serving a TF-IDF and a BERT model; the page predicts, explains, trains,
-//! lists models and shows drift, and keeps each error beside the action that failed until that
-//! action succeeds. Screenshots land in `target/ui-screenshots/` (README's `docs/screenshots/ui-try.png`).
+//! against a real server serving a TF-IDF and a BERT model; the page predicts, explains, takes
+//! feedback, trains, lists and cancels runs, shows candidates, runs a canary, compares versions
+//! and shows drift, and keeps each error beside the action that failed until that action succeeds. Screenshots land in `target/ui-screenshots/` (README's `docs/screenshots/ui-try.png`).
 
 mod common;
 
@@ -21,7 +21,13 @@ fn the_web_interface_predicts_trains_and_shows_drift() {
         ui.join("node_modules/playwright-core").is_dir(),
         "playwright-core is missing: run `npm install` in tests/ui (scripts/test does)"
     );
-    let s = Server::start(&p, &[]);
+    p.write(
+        "pipelines/slow.yaml",
+        "name: slow\nstages:\n  wait: {uses: command, with: {run: 'sleep 60; echo done > out/w', outs: [out/w]}}\n",
+    );
+    // A gate no candidate meets in this test: the version trained through the page stays a
+    // candidate, for the shadow figures, the canary and the comparison.
+    let s = Server::start(&p, &["--promotion-min-shadow", "100000"]);
     let admin = key(&p, "admin");
     let shots = repo.join("target/ui-screenshots");
     std::fs::create_dir_all(&shots).unwrap();

@@ -54,7 +54,24 @@ try {
   const marks = await page.$$eval('#results .card[data-model="tfidf"] .highlighted mark', (m) => m.length);
   expect(marks > 0, "highlighted n-grams in the review");
   expect((await shownErrors()).length === 0, "no error beside the answers, got " + await shownErrors());
+
+  step("try: the request as curl and Python, without the key");
+  expect(await page.isVisible("#snippets"), "the 'use via API' snippets");
+  const curl = await page.textContent("#snippet-curl");
+  const python = await page.textContent("#snippet-python");
+  expect(curl.includes(base + "/prediction") && curl.includes("$SENTIFLOW_KEY"), "a curl command for the request, got " + curl);
+  expect(python.includes("requests.post") && python.includes("wonderful, moving film"), "a Python snippet with the review, got " + python);
+  expect(!curl.includes(key) && !python.includes(key), "the key kept out of the snippets");
+
+  step("try: feedback on an answer");
+  await page.click('#results .card[data-model="tfidf"] .feedback button[data-correct="1"]');
+  await page.waitForSelector('#results .card[data-model="tfidf"] .feedback-result:not(:empty)');
+  expect((await page.textContent('#results .card[data-model="tfidf"] .feedback-result')).includes("recorded as right"), "the feedback recorded");
   await page.screenshot({ path: `${shots}/ui-try.png`, fullPage: true });
+
+  step("try: an example review fills the box");
+  await page.click('button[data-example="1"]');
+  expect((await page.inputValue("#review")).includes("waste of two hours"), "the example in the review box");
 
   step("train: a rejected start shows why beside it, until a start succeeds");
   await page.click("#tab-train");
@@ -79,6 +96,28 @@ try {
   expect(stages.length === 7 && stages.every((s) => s === "ran" || s === "cached"), `7 finished stages, got ${stages}`);
   expect((await page.textContent("#log")).length > 0, "log lines");
   expect((await shownErrors()).length === 0, "no error after a successful run, got " + await shownErrors());
+
+  step("runs: the history lists the run with its trigger and status");
+  await page.waitForSelector("#runs tbody tr[data-run] .run-status");
+  const first = await page.$eval("#runs tbody tr[data-run]", (tr) => ({
+    status: tr.querySelector(".run-status").textContent, trigger: tr.querySelector(".trigger").textContent }));
+  expect(first.status === "succeeded" && first.trigger === "api", "the newest run succeeded, started through the API, got " + JSON.stringify(first));
+
+  step("runs: cancel a running training");
+  await page.selectOption("#pipeline", "slow");
+  await page.click("#start");
+  await page.waitForSelector("#runs tbody tr[data-run] button[data-cancel]", { timeout: 20000 });
+  await page.click("#runs tbody tr[data-run] button[data-cancel]");
+  await page.waitForFunction(() => {
+    const s = document.querySelector("#runs tbody tr[data-run] .run-status");
+    return s && s.textContent === "cancelled";
+  }, null, { timeout: 30000 });
+  expect(await page.textContent("#run-state") === "cancelled", "the run's own status cancelled");
+  await page.selectOption("#runs-status", "cancelled");
+  await page.waitForFunction(() => [...document.querySelectorAll("#runs tbody tr[data-run] .run-status")].every((s) => s.textContent === "cancelled")
+    && document.querySelectorAll("#runs tbody tr[data-run]").length === 1);
+  await page.selectOption("#runs-status", "");
+  expect((await shownErrors()).length === 0, "no error after the cancel, got " + await shownErrors());
   await page.screenshot({ path: `${shots}/ui-train.png`, fullPage: true });
 
   step("models: versions and best parameters");
@@ -86,6 +125,28 @@ try {
   await page.waitForSelector("#models tbody tr");
   await page.waitForSelector("#best .card");
   expect((await shownErrors()).length === 0, "no error once the key is set, got " + await shownErrors());
+
+  step("models: the trained version is a candidate, with its shadow figures and the gate's verdict");
+  await page.waitForSelector("#candidates .candidate");
+  const candidate = await page.getAttribute("#candidates .candidate", "data-version");
+  await page.waitForSelector('#candidates .candidate li[data-condition="min_shadow"]');
+
+  step("models: a canary for the candidate, then stopped");
+  await page.fill(`.canary[data-version="${candidate}"] input`, "10");
+  await page.click(`button[data-canary-start="${candidate}"]`);
+  await page.waitForFunction((v) => document.querySelector(`#candidates .candidate[data-version="${v}"] .canary-percent`)?.textContent === "10", candidate);
+  await page.click(`button[data-canary-stop="${candidate}"]`);
+  await page.waitForFunction((v) => document.querySelector(`#candidates .candidate[data-version="${v}"] .canary-percent`)?.textContent === "0", candidate);
+
+  step("models: two versions side by side");
+  const production = await page.$eval('#models tbody tr .status-production', (b) => b.closest("tr").dataset.version);
+  await page.check(`#models input.pick[value="${production}"]`);
+  await page.check(`#models input.pick[value="${candidate}"]`);
+  await page.click("#compare");
+  await page.waitForSelector("#comparison table.compare");
+  expect(await page.$$eval("#comparison table.confusion", (t) => t.length) === 2, "two confusion matrices");
+  expect(await page.$$eval("#comparison tr.metric", (t) => t.length) === 6, "six validation metrics");
+  expect((await shownErrors()).length === 0, "no error on the models tab, got " + await shownErrors());
   await page.screenshot({ path: `${shots}/ui-models.png`, fullPage: true });
 
   step("drift: statuses and charts");
