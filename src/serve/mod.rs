@@ -503,6 +503,7 @@ pub async fn serve(app: Arc<App>) -> anyhow::Result<()> {
     tracing::info!("sentiflow serving on http://{addr} (models: {:?})", app.model_names());
     listener::run(app.clone(), socket, warp::service(routes), signal).await;
     app.training.stop_all(&app);
+    shadow::save(&app);
     Ok(())
 }
 

@@ -288,7 +288,9 @@ pub async fn flush_every(app: Arc<App>, period: Duration) {
     }
 }
 
-fn flush(app: &App, step: i64) {
+/// Adds the counts gathered since the last save to the database (also when the server stops,
+/// so a restart loses none).
+pub fn save(app: &App) {
     let pending = std::mem::take(&mut *lock(&app.shadow.pending));
     for (version, counts) in &pending {
         if let Err(e) = app.store.add_shadow(version, counts) {
@@ -296,6 +298,10 @@ fn flush(app: &App, step: i64) {
             app.metrics.store_failure("shadow_counts");
         }
     }
+}
+
+fn flush(app: &App, step: i64) {
+    save(app);
     let Some(gate) = &app.config.promotion else {
         return;
     };

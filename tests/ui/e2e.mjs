@@ -139,7 +139,11 @@ try {
   await page.waitForFunction((v) => document.querySelector(`#candidates .candidate[data-version="${v}"] .canary-percent`)?.textContent === "0", candidate);
 
   step("models: two versions side by side");
-  const production = await page.$eval('#models tbody tr .status-production', (b) => b.closest("tr").dataset.version);
+  // The production version of the candidate's name.
+  const production = await page.$$eval("#models tbody tr", (rows, v) => {
+    const name = rows.find((r) => r.dataset.version === v).children[1].textContent;
+    return rows.find((r) => r.children[1].textContent === name && r.querySelector(".status-production")).dataset.version;
+  }, candidate);
   await page.check(`#models input.pick[value="${production}"]`);
   await page.check(`#models input.pick[value="${candidate}"]`);
   await page.click("#compare");
