@@ -289,8 +289,8 @@ pub async fn flush_every(app: Arc<App>, period: Duration) {
 }
 
 /// Adds the counts gathered since the last save to the database (also when the server stops,
-/// so a restart loses none).
-pub fn save(app: &App) {
+/// so a restart loses none); returns them.
+pub fn save(app: &App) -> HashMap<String, ShadowCounts> {
     let pending = std::mem::take(&mut *lock(&app.shadow.pending));
     for (version, counts) in &pending {
         if let Err(e) = app.store.add_shadow(version, counts) {
@@ -298,10 +298,11 @@ pub fn save(app: &App) {
             app.metrics.store_failure("shadow_counts");
         }
     }
+    pending
 }
 
 fn flush(app: &App, step: i64) {
-    save(app);
+    let pending = save(app);
     let Some(gate) = &app.config.promotion else {
         return;
     };
