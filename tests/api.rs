@@ -8,22 +8,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{exchange, http, key, quickstart, Project, Response, Server};
+use common::{exchange, http, key, post, quickstart, Project, Response, Server};
 use serde_json::{json, Value};
 
 fn bearer(k: &str) -> String {
     format!("Bearer {k}")
-}
-
-fn post(s: &Server, path: &str, key: &str, body: &Value) -> Response {
-    let auth = bearer(key);
-    http(
-        &s.addr,
-        "POST",
-        path,
-        &[("Authorization", &auth), ("Content-Type", "application/json")],
-        body.to_string().as_bytes(),
-    )
 }
 
 fn get(s: &Server, path: &str, key: &str) -> Response {

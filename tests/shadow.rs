@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{http, key, Project, Response, Server};
+use common::{http, key, post, Project, Response, Server};
 use serde_json::{json, Value};
 
 const HELDOUT: &str = include_str!("fixtures/imdb_heldout.jsonl");
@@ -24,17 +24,6 @@ fn reviews() -> Vec<(String, String)> {
             )
         })
         .collect()
-}
-
-fn post(s: &Server, path: &str, key: &str, body: &Value) -> Response {
-    let auth = format!("Bearer {key}");
-    http(
-        &s.addr,
-        "POST",
-        path,
-        &[("Authorization", &auth), ("Content-Type", "application/json")],
-        body.to_string().as_bytes(),
-    )
 }
 
 fn send(s: &Server, method: &str, path: &str, key: &str) -> Response {

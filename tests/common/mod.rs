@@ -189,6 +189,18 @@ impl Response {
     }
 }
 
+/// `POST path` with `key` and a JSON body.
+pub fn post(s: &Server, path: &str, key: &str, body: &serde_json::Value) -> Response {
+    let auth = format!("Bearer {key}");
+    http(
+        &s.addr,
+        "POST",
+        path,
+        &[("Authorization", &auth), ("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+}
+
 /// One HTTP/1.1 request over a fresh connection.
 pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
