@@ -222,14 +222,7 @@ impl Checker<'_> {
     /// Deserializes `value`, found at `base` in the file, reporting errors at their position.
     fn typed<T: DeserializeOwned>(&self, value: Value, base: &str) -> Result<T, Diagnostic> {
         serde_path_to_error::deserialize(value).map_err(|err| {
-            let mut path = base.to_string();
-            for seg in err.path().iter() {
-                match seg {
-                    serde_path_to_error::Segment::Seq { index } => path = yaml::index_path(&path, *index),
-                    serde_path_to_error::Segment::Map { key } => path = child_path(&path, key),
-                    serde_path_to_error::Segment::Enum { .. } | serde_path_to_error::Segment::Unknown => {}
-                }
-            }
+            let path = yaml::error_path(base, err.path());
             let inner = err.into_inner().to_string();
             self.serde_diagnostic(&path, &inner)
         })

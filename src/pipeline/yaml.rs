@@ -87,6 +87,20 @@ pub fn index_path(parent: &str, i: usize) -> String {
     format!("{parent}[{i}]")
 }
 
+/// The path, below `base`, of the value a deserialization error is about, written as error
+/// paths are (`stages.train.with.C`, `models[0]`).
+pub fn error_path(base: &str, at: &serde_path_to_error::Path) -> String {
+    let mut path = base.to_string();
+    for seg in at.iter() {
+        match seg {
+            serde_path_to_error::Segment::Seq { index } => path = index_path(&path, *index),
+            serde_path_to_error::Segment::Map { key } => path = child_path(&path, key),
+            serde_path_to_error::Segment::Enum { .. } | serde_path_to_error::Segment::Unknown => {}
+        }
+    }
+    path
+}
+
 /// The most a file may hold: pipeline and settings files are a few kilobytes.
 const MAX_BYTES: usize = 4 << 20;
 /// Deepest nesting of sequences and mappings.

@@ -287,14 +287,7 @@ fn section<T: DeserializeOwned>(file: &str, doc: &Document, name: &str) -> Resul
     serde_path_to_error::deserialize(value.clone())
         .map(Some)
         .map_err(|err| {
-            let mut path = name.to_string();
-            for seg in err.path().iter() {
-                match seg {
-                    serde_path_to_error::Segment::Seq { index } => path = yaml::index_path(&path, *index),
-                    serde_path_to_error::Segment::Map { key } => path = child_path(&path, key),
-                    serde_path_to_error::Segment::Enum { .. } | serde_path_to_error::Segment::Unknown => {}
-                }
-            }
+            let path = yaml::error_path(name, err.path());
             let message = err.into_inner().to_string();
             let pos = match message
                 .strip_prefix("unknown field `")
