@@ -889,6 +889,14 @@ fn hostile_training_parameters_are_refused_and_nothing_outside_is_read_or_quoted
         "{}",
         r.body
     );
+    let r = post(
+        &s,
+        "/training",
+        &admin,
+        &json!({"pipeline": "echo", "params": {"wrod": "hi"}}),
+    );
+    assert_error(&r, 404, "unknown_parameter");
+    assert!(r.body.contains("did you mean `word`"), "{}", r.body);
     let run = train(&s, &admin, json!({"pipeline": "echo", "params": {"word": "hello-2"}}));
     assert_eq!(run["status"], "succeeded", "{run}");
     assert_eq!(p.read("said.txt"), "hello-2\n");

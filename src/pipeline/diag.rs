@@ -12,6 +12,9 @@ pub struct Diagnostic {
     pub pos: Pos,
     pub message: String,
     pub hint: Option<String>,
+    /// The name, when the problem is an override of a parameter the pipeline does not declare:
+    /// a caller that takes overrides from users answers that as "not found".
+    pub unknown_parameter: Option<String>,
 }
 
 impl Diagnostic {
@@ -21,6 +24,7 @@ impl Diagnostic {
             pos,
             message: message.into(),
             hint: None,
+            unknown_parameter: None,
         }
     }
 
@@ -75,6 +79,13 @@ impl Diagnostics {
 
     pub fn render(&self) -> String {
         self.items.iter().map(|d| d.render(self.text.as_deref())).collect()
+    }
+
+    /// The first override of an undeclared parameter among the problems: its name and problem.
+    pub fn unknown_parameter(&self) -> Option<(&str, &Diagnostic)> {
+        self.items
+            .iter()
+            .find_map(|d| Some((d.unknown_parameter.as_deref()?, d)))
     }
 }
 

@@ -12,7 +12,7 @@ pub mod report;
 pub mod spec;
 pub mod yaml;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -32,6 +32,15 @@ pub struct Stage {
     pub name: String,
     pub needs: Vec<String>,
     pub kind: StageKind,
+    /// The parameters its settings refer to through `${params.NAME}`.
+    pub param_uses: BTreeSet<ParamUse>,
+}
+
+/// A `${params.NAME}` in a stage's settings: the parameter, and the field of `with` that holds it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ParamUse {
+    pub field: String,
+    pub param: String,
 }
 
 /// A validated pipeline: every name resolved, every parameter typed, the graph acyclic.
@@ -263,7 +272,7 @@ impl Checker<'_> {
     fn apply_override(&self, params: &mut Map<String, Value>, o: &Override) -> Result<(), Diagnostic> {
         let Some(declared) = params.get(&o.name) else {
             let known: Vec<&str> = params.keys().map(String::as_str).collect();
-            return Err(Diagnostic::new(
+            let mut d = Diagnostic::new(
                 self.file,
                 self.doc.key_pos("params"),
                 format!("bad --set `{o}`: the pipeline declares no parameter `{}`", o.name),
@@ -276,7 +285,9 @@ impl Checker<'_> {
                     diag::did_you_mean(&o.name, known.iter().copied()),
                     known.join(", ")
                 )
-            }));
+            });
+            d.unknown_parameter = Some(o.name.clone());
+            return Err(d);
         };
         let path = child_path("params", &o.name);
         let value = o.value.conform(declared).map_err(|expected| {
@@ -336,8 +347,22 @@ impl Checker<'_> {
         }
         let mut with = raw.with;
         let with_path = child_path(path, "with");
-        interp::interpolate(&mut with, &with_path, params, env)
-            .map_err(|e| Diagnostic::new(self.file, self.doc.value_pos(&e.path), e.message).hint(e.hint))?;
+        let at =
+            |e: interp::InterpError| Diagnostic::new(self.file, self.doc.value_pos(&e.path), e.message).hint(e.hint);
+        let mut param_uses = BTreeSet::new();
+        match &mut with {
+            Value::Object(fields) => {
+                for (field, value) in fields.iter_mut() {
+                    let mut used = BTreeSet::new();
+                    interp::interpolate(value, &child_path(&with_path, field), params, env, &mut used).map_err(at)?;
+                    param_uses.extend(used.into_iter().map(|param| ParamUse {
+                        field: field.clone(),
+                        param,
+                    }));
+                }
+            }
+            other => interp::interpolate(other, &with_path, params, env, &mut BTreeSet::new()).map_err(at)?,
+        }
         let tagged = serde_json::json!({"uses": raw.uses, "with": with.clone()});
         let kind: StageKind = self.typed(tagged, path).map_err(|mut d| {
             if d.message.contains("unknown variant") {
@@ -376,6 +401,7 @@ impl Checker<'_> {
             name: name.to_string(),
             needs: raw.needs,
             kind,
+            param_uses,
         })
     }
 
@@ -524,7 +550,29 @@ impl Checker<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::real_path;
+    use super::{real_path, Override, ParamUse, Pipeline};
+
+    #[test]
+    fn each_stage_records_the_parameters_its_fields_refer_to() {
+        let source = "name: p\nparams: {word: hi, file: said.txt, n: 1}\nstages:\n  say: {uses: command, with: {run: 'echo ${params.word} $${params.n} > ${params.file}', outs: ['${params.file}']}}\n";
+        let set: [Override; 1] = ["word=a b".parse().unwrap()];
+        let p = Pipeline::parse("p.yaml".as_ref(), source, &set, &|_| None).unwrap();
+        let uses: Vec<(&str, &str)> = p.stages[0]
+            .param_uses
+            .iter()
+            .map(|ParamUse { field, param }| (field.as_str(), param.as_str()))
+            .collect();
+        assert_eq!(uses, [("outs", "file"), ("run", "file"), ("run", "word")]);
+
+        let unknown: Override = "wrod=x".parse().unwrap();
+        let err = Pipeline::parse("p.yaml".as_ref(), source, &[unknown], &|_| None).unwrap_err();
+        let (name, problem) = err.unknown_parameter().expect("an unknown override is marked");
+        assert_eq!(name, "wrod");
+        assert!(
+            problem.hint.as_deref().unwrap().contains("did you mean `word`"),
+            "{problem:?}"
+        );
+    }
 
     #[test]
     fn real_paths_follow_links_and_apply_dotdot_where_the_file_system_would() {

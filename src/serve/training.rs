@@ -20,8 +20,7 @@ use super::App;
 use crate::cache::Cache;
 use crate::pipeline::exec::{self, Observer, Options};
 use crate::pipeline::report::{StageReport, State};
-use crate::pipeline::{real_path, Override, Pipeline};
-use crate::stages::StageKind;
+use crate::pipeline::{real_path, Override, Pipeline, Stage};
 use crate::store::{EventState, NewRun, RunFilter, RunStatus, Trigger};
 use crate::tracking::{Delivery, Tracker};
 
@@ -180,17 +179,6 @@ fn shell_safe(value: &str) -> bool {
         .all(|c| c.is_ascii_alphanumeric() || "._,:/=+-@%".contains(c))
 }
 
-/// The `run` lines of the pipeline's `command` stages, by stage name.
-fn commands(p: &Pipeline) -> Vec<(&str, &str)> {
-    p.stages
-        .iter()
-        .filter_map(|s| match &s.kind {
-            StageKind::Command(c) => Some((s.name.as_str(), c.run.as_str())),
-            _ => None,
-        })
-        .collect()
-}
-
 /// Refuses a run whose stages would read files outside the project root and the directories
 /// `--data-dirs` allows: an API key must not reach the rest of the machine through `params`.
 fn check_reads(app: &App, pipeline: &Pipeline) -> Result<(), ApiError> {
@@ -235,26 +223,6 @@ pub fn start(
             format!("no pipeline `{name}`; available: {:?}", available(dir)),
         )
     })?;
-    let invalid = |d: crate::pipeline::diag::Diagnostics| {
-        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_pipeline", d.to_string())
-    };
-    // Unknown names are "not found", like an unknown pipeline; other problems make it invalid.
-    let declared = Pipeline::load(&file, &[]).map_err(invalid)?;
-    if let Some(unknown) = request.params.keys().find(|k| !declared.params.contains_key(*k)) {
-        let known: Vec<&String> = declared.params.keys().collect();
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_parameter",
-            format!("pipeline `{name}` declares no parameter `{unknown}`; it declares {known:?}"),
-        ));
-    }
-    if let Some(unknown) = request.stages.iter().find(|s| declared.stage(s).is_none()) {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_stage",
-            format!("pipeline `{name}` has no stage `{unknown}`"),
-        ));
-    }
     let overrides: Vec<Override> = request
         .params
         .iter()
@@ -263,30 +231,49 @@ pub fn start(
             value: v.clone(),
         })
         .collect();
-    let pipeline = Pipeline::load(&file, &overrides).map_err(invalid)?;
-    // A value is interpolated into a command as its text, verbatim: a command that the overrides
-    // changed and that holds an unsafe value's text is one that value reached. (A command that
-    // holds it by coincidence is refused too, which errs on the safe side.)
-    let changed: Vec<(&str, &str)> = commands(&pipeline)
-        .into_iter()
-        .zip(commands(&declared))
-        .filter(|(a, b)| a != b)
-        .map(|(a, _)| a)
-        .collect();
-    for o in &overrides {
-        let text = match pipeline.params.get(&o.name) {
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
-            None => o.value.to_string(),
+    // Unknown names are "not found", like an unknown pipeline; other problems make it invalid.
+    let pipeline = Pipeline::load(&file, &overrides).map_err(|d| match d.unknown_parameter() {
+        Some((unknown, problem)) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_parameter",
+            format!(
+                "pipeline `{name}` declares no parameter `{unknown}`; {}",
+                problem.hint.as_deref().unwrap_or_default()
+            ),
+        ),
+        None => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_pipeline", d.to_string()),
+    })?;
+    if let Some(unknown) = request.stages.iter().find(|s| pipeline.stage(s).is_none()) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_stage",
+            format!("pipeline `{name}` has no stage `{unknown}`"),
+        ));
+    }
+    // A value is interpolated into a shell command as its text, verbatim.
+    for (param, value) in overrides
+        .iter()
+        .filter_map(|o| Some((&o.name, pipeline.params.get(&o.name)?)))
+    {
+        let text = match value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
         };
         if shell_safe(&text) {
             continue;
         }
-        if let Some((stage, _)) = changed.iter().find(|(_, run)| run.contains(text.as_str())) {
+        let reaches_shell = |s: &&Stage| {
+            let shell = s.kind.stage().shell_fields();
+            s.param_uses
+                .iter()
+                .any(|u| &u.param == param && shell.contains(&u.field.as_str()))
+        };
+        if let Some(stage) = pipeline.stages.iter().find(reaches_shell) {
             return Err(ApiError::field(
-                &format!("params.{}", o.name),
+                &format!("params.{param}"),
                 format!(
-                    "the value reaches the shell command of stage `{stage}`; values set through the API that do may hold only letters, digits and `._,:/=+-@%`"
+                    "the value reaches the shell command of stage `{}`; values set through the API that do may hold only letters, digits and `._,:/=+-@%`",
+                    stage.name
                 ),
             ));
         }

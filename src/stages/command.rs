@@ -40,6 +40,10 @@ impl Stage for Command {
         self.outs.clone()
     }
 
+    fn shell_fields(&self) -> &'static [&'static str] {
+        &["run"]
+    }
+
     fn run(&self, ctx: &Context) -> Result<Metrics, StageError> {
         let mut command = std::process::Command::new("sh");
         command.arg("-c").arg(&self.run);

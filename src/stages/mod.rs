@@ -150,6 +150,10 @@ pub trait Stage {
     }
     /// Files and directories the stage writes, relative to the project root.
     fn outs(&self) -> Vec<String>;
+    /// The fields of `with` whose text a shell interprets.
+    fn shell_fields(&self) -> &'static [&'static str] {
+        &[]
+    }
     /// Checks parameters that serde cannot (run when the pipeline is validated).
     fn check(&self) -> Result<(), String> {
         Ok(())
