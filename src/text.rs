@@ -70,11 +70,18 @@ pub enum Tokenizer {
     /// Runs of two or more word characters (letters, digits, `_`): scikit-learn's default
     /// `(?u)\b\w\w+\b`, without a regex engine.
     Words,
+    /// Words with the apostrophes inside them, and each other character that is not a space:
+    /// [`WORDS_AND_MARKS`]. ASCII text, most reviews, is scanned without the regex, which took
+    /// a seventh of the server's CPU time per prediction; other text goes to it.
+    WordsAndMarks(regex::Regex),
     /// Every match of a regular expression.
     Pattern(regex::Regex),
 }
 
 pub const DEFAULT_TOKEN_PATTERN: &str = r"(?u)\b\w\w+\b";
+
+/// The token pattern of `pipelines/imdb.yaml`.
+pub const WORDS_AND_MARKS: &str = r"(?u)\w+(?:'\w+)*|[^\w\s]";
 
 /// Whether `c` belongs in a token of the default pattern: a letter, a digit (Unicode's
 /// Alphabetic and Numeric) or `_`.
@@ -84,10 +91,10 @@ pub fn is_word_char(c: char) -> bool {
 
 impl Tokenizer {
     pub fn new(pattern: &str) -> Result<Tokenizer, regex::Error> {
-        if pattern == DEFAULT_TOKEN_PATTERN {
-            Ok(Tokenizer::Words)
-        } else {
-            regex::Regex::new(pattern).map(Tokenizer::Pattern)
+        match pattern {
+            DEFAULT_TOKEN_PATTERN => Ok(Tokenizer::Words),
+            WORDS_AND_MARKS => regex::Regex::new(pattern).map(Tokenizer::WordsAndMarks),
+            _ => regex::Regex::new(pattern).map(Tokenizer::Pattern),
         }
     }
 
@@ -116,7 +123,37 @@ impl Tokenizer {
                     }
                 }
             }
-            Tokenizer::Pattern(re) => out.extend(re.find_iter(text).map(|m| m.as_str())),
+            Tokenizer::WordsAndMarks(_) if text.is_ascii() => words_and_marks_ascii(text, out),
+            Tokenizer::WordsAndMarks(re) | Tokenizer::Pattern(re) => out.extend(re.find_iter(text).map(|m| m.as_str())),
+        }
+    }
+}
+
+/// [`WORDS_AND_MARKS`] over ASCII text, where `\w` is `[0-9A-Za-z_]` and `\s` is
+/// `[\t\n\x0B\x0C\r ]`.
+fn words_and_marks_ascii<'a>(text: &'a str, out: &mut Vec<&'a str>) {
+    let b = text.as_bytes();
+    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let mut i = 0;
+    while i < b.len() {
+        let start = i;
+        if word(b[i]) {
+            loop {
+                while i < b.len() && word(b[i]) {
+                    i += 1;
+                }
+                if i + 1 < b.len() && b[i] == b'\'' && word(b[i + 1]) {
+                    i += 1;
+                } else {
+                    break;
+                }
+            }
+            out.push(&text[start..i]);
+        } else {
+            i += 1;
+            if !(b[start].is_ascii_whitespace() || b[start] == 0x0B) {
+                out.push(&text[start..i]);
+            }
         }
     }
 }
@@ -145,5 +182,40 @@ mod tests {
         re.tokens(text, &mut slow);
         assert_eq!(fast, slow);
         assert_eq!(fast, vec!["it", "10", "10", "film", "naïve_fun"]);
+    }
+
+    #[test]
+    fn words_and_marks_match_their_pattern_on_ascii_and_leave_the_rest_to_it() {
+        let fast = Tokenizer::new(WORDS_AND_MARKS).unwrap();
+        assert!(matches!(fast, Tokenizer::WordsAndMarks(_)));
+        let slow = Tokenizer::Pattern(regex::Regex::new(WORDS_AND_MARKS).unwrap());
+        let tokens = |t: &Tokenizer, text: &str| {
+            let mut out = Vec::new();
+            t.tokens(text, &mut out);
+            out.into_iter().map(str::to_string).collect::<Vec<_>>()
+        };
+        let mut texts: Vec<String> = [
+            "it's rock'n'roll, isn't it? 10/10 -- 'tis the dogs' x''y _a_ b'_ c'",
+            "\x0b\x0c\t\r\n end'",
+            "naïve café's über-cool ½ ²",
+            "",
+        ]
+        .map(str::to_string)
+        .to_vec();
+        // Every short string over an alphabet of each kind of character the pattern tells apart.
+        let alphabet = ['a', '9', '_', '\'', ' ', '\x0b', '!', '-'];
+        let mut seed = 7u64;
+        for _ in 0..20_000 {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let len = (seed >> 60) as usize;
+            texts.push((0..len).map(|k| alphabet[((seed >> (4 * k)) & 7) as usize]).collect());
+        }
+        for text in &texts {
+            assert_eq!(tokens(&fast, text), tokens(&slow, text), "{text:?}");
+        }
+        assert_eq!(
+            tokens(&fast, "don't stop'n go!"),
+            ["don't", "stop'n", "go", "!"].map(str::to_string)
+        );
     }
 }
