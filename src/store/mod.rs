@@ -1061,7 +1061,9 @@ impl Store {
         match &self.engine {
             Engine::Sqlite { auth, .. } => {
                 let c = auth.lock().unwrap_or_else(|p| p.into_inner());
-                Ok(c.pragma_query_value(None, "data_version", |r| r.get(0))?)
+                // Asked on every request: the prepared statement is kept.
+                let version = c.prepare_cached("PRAGMA data_version")?.query_row([], |r| r.get(0))?;
+                Ok(version)
             }
             Engine::Postgres { changes, .. } => Ok(changes.load(Ordering::SeqCst) as i64),
         }
