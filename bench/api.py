@@ -2,10 +2,15 @@
 """POST /prediction under load: sentiflow against a FastAPI + uvicorn (2 workers) service wrapping
 the equivalent scikit-learn pipeline, in one run, with wrk (Debian package `wrk`).
 
-Both serve a TF-IDF (1-2-grams) model trained on the same training split; the request is a real
-~1.2 KB review. Prints requests per second, latency percentiles and RSS, and the ratios.
+sentiflow serves models/tfidf (pipelines/imdb.yaml: binary TF-IDF of 1-3-grams of words and
+punctuation, NB-SVM); FastAPI a scikit-learn TfidfVectorizer with the same n-grams, tokens and
+min_df and a logistic regression, fitted on the same training split, so both compute the same
+features per request. The request is a real ~1.2 KB review. Prints requests per second, latency
+percentiles and RSS, and the ratios.
 
-Usage: bench/api.py [--connections 32] [--duration 15]
+Usage: bench/api.py [--connections 32] [--duration 15] [--rounds 3] [--baseline OTHER_SENTIFLOW]
+The servers run side by side and take turns, round after round, so a noisy machine weighs on all
+of them alike.
 Needs: models/tfidf (run pipelines/imdb.yaml first, e.g. ./quickstart.sh ARCHIVE), wrk, and
 `.venv/bin/pip install fastapi uvicorn scikit-learn pyarrow psutil`.
 """
@@ -41,7 +46,10 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 tr = pq.read_table(sys.argv[1], columns=["text", "label"]).to_pydict()
-pipe = Pipeline([("tfidf", TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2)),
+# The vectorizer of pipelines/imdb.yaml (binary 1-3-grams of words and punctuation, min_df 2), so
+# both servers compute the same features per request.
+pipe = Pipeline([("tfidf", TfidfVectorizer(ngram_range=(1, 3), binary=True, min_df=2,
+                                           token_pattern=r"(?u)\w+(?:'\w+)*|[^\w\s]")),
                  ("lr", LogisticRegression(C=100, solver="liblinear"))]).fit(tr["text"], tr["label"])
 joblib.dump(pipe, sys.argv[2])
 '''
@@ -79,11 +87,18 @@ def wrk(url, lua, connections, duration):
     return rps, lat, int(errors.group(1)) if errors else 0, out
 
 
+def median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if len(xs) % 2 else (xs[len(xs) // 2 - 1] + xs[len(xs) // 2]) / 2
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--duration", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds, each server once per round in turn")
     ap.add_argument("--sentiflow", default=os.path.join(ROOT, "target", "release", "sentiflow"))
+    ap.add_argument("--baseline", help="another sentiflow binary (e.g. the previous release) to compare")
     ap.add_argument("--python", default=os.path.join(ROOT, ".venv", "bin", "python"))
     args = ap.parse_args()
     if not shutil.which("wrk"):
@@ -96,47 +111,69 @@ def main():
         script = os.path.join(tmp, "train.py")
         open(script, "w").write(TRAIN_SKLEARN)
         subprocess.run([args.python, script, os.path.join(ROOT, "data", "imdb", "split", "train.parquet"), model], check=True)
-        lua = os.path.join(tmp, "post.lua")
-        body = json.dumps({"text": REVIEW})
-        db = os.path.join(tmp, "bench.db")
-        key = subprocess.run([args.sentiflow, "keys", "create", "--role", "predict", "--db", db],
-                             check=True, capture_output=True, text=True, cwd=ROOT).stdout.strip()
-        with open(lua, "w") as f:
-            f.write('wrk.method = "POST"\n')
-            f.write(f"wrk.body = {json.dumps(body)}\n")
-            f.write('wrk.headers["Content-Type"] = "application/json"\n')
-            f.write(f'wrk.headers["Authorization"] = "Bearer {key}"\n')
-
-        results = {}
-        sf = subprocess.Popen([args.sentiflow, "serve", "--addr", "127.0.0.1:18080", "--db", db,
-                               "--predict-rps", "1000000"], cwd=ROOT, stderr=subprocess.DEVNULL)
+        servers = {}  # name -> (process, url, lua)
         try:
-            wait_http("http://127.0.0.1:18080/health")
-            subprocess.run([args.sentiflow, "--version"], check=True, capture_output=True)
-            wrk("http://127.0.0.1:18080/prediction", lua, args.connections, 3)  # warm-up
-            results["sentiflow"] = wrk("http://127.0.0.1:18080/prediction", lua, args.connections, args.duration) + (tree_rss(sf.pid),)
-        finally:
-            sf.send_signal(signal.SIGTERM)
-            sf.wait()
-
-        env = dict(os.environ, SENTIFLOW_BENCH_MODEL=model)
-        fa = subprocess.Popen([args.python, "-m", "uvicorn", "fastapi_app:app", "--workers", "2", "--port", "18081",
-                               "--log-level", "warning"], cwd=os.path.join(ROOT, "bench"), env=env)
-        try:
+            binaries = [("sentiflow", args.sentiflow)] + ([("baseline", args.baseline)] if args.baseline else [])
+            for i, (name, binary) in enumerate(binaries):
+                db = os.path.join(tmp, f"{name}.db")
+                key = subprocess.run([binary, "keys", "create", "--role", "predict", "--db", db],
+                                     check=True, capture_output=True, text=True, cwd=ROOT).stdout.strip()
+                lua = write_lua(os.path.join(tmp, f"{name}.lua"), key)
+                port = 18080 + 2 * i
+                proc = subprocess.Popen([binary, "serve", "--addr", f"127.0.0.1:{port}", "--db", db,
+                                         "--predict-rps", "1000000"], cwd=ROOT, stderr=subprocess.DEVNULL)
+                servers[name] = (proc, f"http://127.0.0.1:{port}", lua)
+                wait_http(f"http://127.0.0.1:{port}/health")
+            env = dict(os.environ, SENTIFLOW_BENCH_MODEL=model)
+            fa = subprocess.Popen([args.python, "-m", "uvicorn", "fastapi_app:app", "--workers", "2", "--port", "18081",
+                                   "--log-level", "warning"], cwd=os.path.join(ROOT, "bench"), env=env)
+            servers["fastapi"] = (fa, "http://127.0.0.1:18081", write_lua(os.path.join(tmp, "fastapi.lua"), "none"))
             wait_http("http://127.0.0.1:18081/docs")
-            wrk("http://127.0.0.1:18081/prediction", lua, args.connections, 3)
-            results["fastapi"] = wrk("http://127.0.0.1:18081/prediction", lua, args.connections, args.duration) + (tree_rss(fa.pid),)
-        finally:
-            fa.send_signal(signal.SIGTERM)
-            fa.wait()
 
-    s, f = results["sentiflow"], results["fastapi"]
-    print(f"cores: {os.cpu_count()}; {args.connections} connections, {args.duration} s; review of {len(REVIEW)} bytes")
+            names = list(servers)
+            for name in names:  # warm-up
+                _, url, lua = servers[name]
+                wrk(f"{url}/prediction", lua, args.connections, 3)
+            runs = {name: [] for name in names}
+            for r in range(args.rounds):
+                # Each round starts with the next server, so none always runs first.
+                for name in names[r % len(names):] + names[:r % len(names)]:
+                    _, url, lua = servers[name]
+                    runs[name].append(wrk(f"{url}/prediction", lua, args.connections, args.duration))
+                    print(f"round {r + 1} {name}: {runs[name][-1][0]:.0f} req/s", file=sys.stderr)
+            rss = {name: tree_rss(proc.pid) for name, (proc, _, _) in servers.items()}
+        finally:
+            for proc, _, _ in servers.values():
+                proc.send_signal(signal.SIGTERM)
+                proc.wait()
+
+    labels = {"sentiflow": "sentiflow", "baseline": f"sentiflow baseline ({args.baseline})",
+              "fastapi": "FastAPI + uvicorn (2 workers) + scikit-learn"}
+    print(f"cores: {os.cpu_count()}; {args.connections} connections, {args.rounds} rounds x {args.duration} s, "
+          f"servers alternating; review of {len(REVIEW)} bytes; medians over rounds")
     print("| server | requests/s | p50 ms | p90 ms | p99 ms | non-2xx | RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, (rps, lat, errors, _, rss) in (("sentiflow", s), ("FastAPI + uvicorn (2 workers) + scikit-learn", f)):
-        print(f"| {name} | {rps:.0f} | {lat['50']:.2f} | {lat['90']:.2f} | {lat['99']:.2f} | {errors} | {rss / (1 << 20):.0f} |")
-    print(f"\nthroughput ratio: {s[0] / f[0]:.1f}x; p99 ratio: {f[1]['99'] / s[1]['99']:.1f}x lower")
+    for name in runs:
+        rs = runs[name]
+        pct = {p: median([x[1][p] for x in rs]) for p in ("50", "90", "99")}
+        print(f"| {labels[name]} | {median([x[0] for x in rs]):.0f} | {pct['50']:.2f} | {pct['90']:.2f} | "
+              f"{pct['99']:.2f} | {sum(x[2] for x in rs)} | {rss[name] / (1 << 20):.0f} |")
+    per_round = [s[0] / f[0] for s, f in zip(runs["sentiflow"], runs["fastapi"])]
+    print(f"\nthroughput ratio to FastAPI per round: {', '.join(f'{x:.1f}x' for x in per_round)}; "
+          f"median {median(per_round):.1f}x")
+    if "baseline" in runs:
+        per_round = [s[0] / b[0] for s, b in zip(runs["sentiflow"], runs["baseline"])]
+        print(f"throughput ratio to the baseline per round: {', '.join(f'{x:.2f}x' for x in per_round)}; "
+              f"median {median(per_round):.2f}x")
+
+
+def write_lua(path, key):
+    with open(path, "w") as f:
+        f.write('wrk.method = "POST"\n')
+        f.write(f"wrk.body = {json.dumps(json.dumps({'text': REVIEW}))}\n")
+        f.write('wrk.headers["Content-Type"] = "application/json"\n')
+        f.write(f'wrk.headers["Authorization"] = "Bearer {key}"\n')
+    return path
 
 
 if __name__ == "__main__":
