@@ -389,6 +389,71 @@ fn a_drift_alert_retrains_the_configured_pipeline_once_per_cooldown() {
 }
 
 #[test]
+fn a_schedule_retrains_every_period_and_a_restart_keeps_its_place() {
+    let p = project();
+    p.write(
+        "pipelines/retrain.yaml",
+        "name: retrain\nstages:\n  note: {uses: command, with: {run: 'date +%s%N >> ticks.txt', outs: [ticks.txt]}}\n",
+    );
+    let args = [
+        "--retrain-pipeline",
+        "retrain",
+        "--retrain-every",
+        "3s",
+        "--retrain-cooldown",
+        "1s",
+    ];
+    let started = |admin: &dyn Fn(&str) -> Value| -> Vec<chrono::DateTime<chrono::FixedOffset>> {
+        let page = admin("/training?trigger=schedule&limit=100");
+        let runs = page["runs"].as_array().unwrap();
+        assert!(
+            runs.iter().all(|r| r["status"] != "failed"),
+            "scheduled runs succeed: {page}"
+        );
+        let mut at: Vec<_> = runs
+            .iter()
+            .map(|r| chrono::DateTime::parse_from_rfc3339(r["created_at"].as_str().unwrap()).unwrap())
+            .collect();
+        at.sort();
+        at
+    };
+    let s = Server::start(&p, &args);
+    let admin = admin_get(&p, &s);
+    let boot = chrono::Utc::now();
+    std::thread::sleep(std::time::Duration::from_millis(8500));
+    let first = started(&admin);
+    // At 3 s and 6 s after the start (give or take the 1 s tick): two runs, three at most.
+    assert!((2..=3).contains(&first.len()), "{first:?}");
+    assert!(
+        first[0] >= boot + chrono::Duration::milliseconds(2500),
+        "not before one period: {first:?}"
+    );
+    for pair in first.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= chrono::Duration::milliseconds(2900),
+            "a period apart: {first:?}"
+        );
+    }
+    drop(s);
+
+    // A server started more than a period after the last scheduled run trains at once: it counts
+    // from that run in the database, not from its own start.
+    std::thread::sleep(std::time::Duration::from_millis(3500));
+    let restart = chrono::Utc::now();
+    let s = Server::start(&p, &args);
+    let admin = admin_get(&p, &s);
+    std::thread::sleep(std::time::Duration::from_millis(2000));
+    let all = started(&admin);
+    assert_eq!(all.len(), first.len() + 1, "{all:?}");
+    assert!(
+        all[first.len()] < restart + chrono::Duration::milliseconds(2000),
+        "{all:?}"
+    );
+    let log = s.log.lock().unwrap().join("\n");
+    assert!(log.contains("retraining retrain on schedule: started run"), "{log}");
+}
+
+#[test]
 fn a_wrong_retraining_policy_stops_serve_with_where_and_why() {
     let p = Project::new();
     p.write(
