@@ -8,6 +8,7 @@ mod common;
 
 use std::path::Path;
 
+use common::prometheus::read_clean;
 use common::{http, key, Project, Server};
 use serde_json::{json, Value};
 
@@ -221,12 +222,17 @@ fn bert_branch_end_to_end() {
     assert_eq!(best.status, 200, "{}", best.body);
     assert_eq!(best.json()["parameters"]["max_length"], 64);
     assert_eq!(best.json()["parameters"]["truncation"], "head_tail");
+    // After ONNX batches, /metrics still reads as one clean family per name.
     let metrics = http(&s.addr, "GET", "/metrics", &[], b"").body;
-    let texts_line = metrics
-        .lines()
-        .find(|l| l.starts_with("sentiflow_onnx_batch_texts_total{model=\"bert\"}"))
+    let families = read_clean(&metrics);
+    let texts = &families["sentiflow_onnx_batch_texts"];
+    assert_eq!(texts.kind, "counter");
+    let bert = texts
+        .samples
+        .iter()
+        .find(|s| s["labels"]["model"] == "bert")
         .unwrap_or_else(|| panic!("{metrics}"));
-    assert!(texts_line.ends_with(&format!(" {}", REVIEWS.len())), "{texts_line}");
+    assert_eq!(bert["value"].as_f64(), Some(REVIEWS.len() as f64), "{metrics}");
     drop(s);
 
     full_queue_answers_503_with_retry_after(&p, &auth);

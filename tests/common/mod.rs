@@ -3,6 +3,7 @@
 
 pub mod nginx;
 pub mod postgres;
+pub mod prometheus;
 pub mod s3;
 
 use std::path::{Path, PathBuf};
