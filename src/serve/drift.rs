@@ -278,7 +278,6 @@ fn evaluate_once(app: &Arc<App>, mut mlflow_runs: HashMap<String, String>, step:
         }
     }
     let report = report(app);
-    let tracker = crate::tracking::Tracker::from_env();
     for (model, drift) in &report.models {
         let ModelDrift::Window(w) = drift else { continue };
         if w.report.samples == 0 {
@@ -289,7 +288,7 @@ fn evaluate_once(app: &Arc<App>, mut mlflow_runs: HashMap<String, String>, step:
             tracing::error!("saving the drift evaluation of {model}: {e}");
             app.metrics.store_failure("drift_evaluation");
         }
-        if let Some(t) = &tracker {
+        if let Some(t) = &app.tracker {
             let key = format!("{model} {version}");
             match t.log_drift(mlflow_runs.get(&key).cloned(), model, version, &w.report, step) {
                 Ok(run) => {

@@ -110,6 +110,8 @@ pub struct App {
     unloadable: Mutex<HashSet<String>>,
     /// `/openapi.json`, built once: it depends only on the routes, the types and the settings.
     openapi: String,
+    /// The MLflow server of `MLFLOW_TRACKING_URI`, read once at start-up.
+    pub tracker: Option<crate::tracking::Tracker>,
 }
 
 impl App {
@@ -140,6 +142,7 @@ impl App {
             replica: config.replica(),
             unloadable: Mutex::default(),
             openapi: openapi::document(&config).to_string(),
+            tracker: crate::tracking::Tracker::from_env(),
             started: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())

@@ -306,7 +306,6 @@ fn flush(app: &App, step: i64) {
     let Some(gate) = &app.config.promotion else {
         return;
     };
-    let tracker = Tracker::from_env();
     for candidate in app.shadow.all() {
         let version = &candidate.serving.row.version;
         // Another server may have promoted or rejected it since it was loaded here.
@@ -325,7 +324,7 @@ fn flush(app: &App, step: i64) {
                 continue;
             }
         };
-        if let (Some(t), true) = (&tracker, pending.contains_key(version)) {
+        if let (Some(t), true) = (&app.tracker, pending.contains_key(version)) {
             log_figures(app, t, &row, &figures, step);
         }
         if !gate.check(&figures).met || app.config.no_auto_promote {
@@ -403,10 +402,10 @@ fn mlflow_version(app: &App, tracker: &Tracker, row: &ModelRow) -> Option<ModelV
 /// Points MLflow's `alias` of the registered model at `row`'s version, when tracking is on; a
 /// failure is a warning.
 pub fn alias(app: &App, row: &ModelRow, alias: &str) {
-    let Some(tracker) = Tracker::from_env() else {
+    let Some(tracker) = &app.tracker else {
         return;
     };
-    let Some(found) = mlflow_version(app, &tracker, row) else {
+    let Some(found) = mlflow_version(app, tracker, row) else {
         return;
     };
     if let Err(e) = tracker.set_alias(&mlflow_model(row), alias, &found.version) {

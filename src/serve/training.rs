@@ -22,7 +22,7 @@ use crate::pipeline::exec::{self, Observer, Options};
 use crate::pipeline::report::{StageReport, State};
 use crate::pipeline::{real_path, Override, Pipeline, Stage};
 use crate::store::{EventState, NewRun, RunFilter, RunStatus, Trigger};
-use crate::tracking::{Delivery, Tracker};
+use crate::tracking::Delivery;
 
 /// A run in progress.
 struct Running {
@@ -444,7 +444,7 @@ fn run(app: &App, id: &str, pipeline: &Pipeline, stages: Vec<String>, stop: &Ato
             targets: stages,
         };
         let report = exec::run(pipeline, &cache, &opts, stop, &recorder).map_err(|e| e.to_string())?;
-        if let Some(tracker) = Tracker::from_env() {
+        if let Some(tracker) = &app.tracker {
             match tracker.record(pipeline, &report, cache.dir()) {
                 Ok(Delivery::Sent { run_id }) => {
                     recorder.log("", &format!("tracked as MLflow run {run_id}"));
@@ -557,7 +557,7 @@ pub fn list_runs(app: &App, query: TrainingQuery) -> Result<TrainingRuns, ApiErr
         total,
         limit: filter.limit,
         offset: filter.offset,
-        mlflow_ui: Tracker::from_env().map(|t| t.base().to_string()),
+        mlflow_ui: app.tracker.as_ref().map(|t| t.base().to_string()),
     })
 }
 
