@@ -9,12 +9,8 @@ mod common;
 use std::path::Path;
 
 use common::prometheus::read_clean;
-use common::{http, key, Project, Server};
+use common::{http, key, python, Project, Server};
 use serde_json::{json, Value};
-
-fn python() -> String {
-    std::env::var("SENTIFLOW_PYTHON").unwrap_or_else(|_| "python3".into())
-}
 
 /// P(positive) from Python ONNX Runtime and the `tokenizers` package, one review at a time, cut to
 /// the bundle's `max_length` as its `truncation` says.

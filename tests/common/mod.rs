@@ -11,6 +11,20 @@ use std::process::{Command, Output};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_sentiflow");
 
+/// The test environment's Python (scripts/test exports it).
+pub fn python() -> PathBuf {
+    let python = std::env::var_os("SENTIFLOW_PYTHON")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("SENTIFLOW_VENV").map(|v| PathBuf::from(v).join("bin/python")))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
+    assert!(
+        python.exists(),
+        "no Python at {}: run the tests with scripts/test, which installs requirements-dev.txt",
+        python.display()
+    );
+    python
+}
+
 pub struct Project {
     pub dir: tempfile::TempDir,
     /// The database every command of the project uses: a database of its own on the tests'

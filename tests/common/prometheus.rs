@@ -3,24 +3,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use serde_json::Value;
 
-/// The test environment's Python (scripts/test exports it).
-pub fn python() -> PathBuf {
-    let python = std::env::var_os("SENTIFLOW_PYTHON")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("SENTIFLOW_VENV").map(|v| PathBuf::from(v).join("bin/python")))
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"));
-    assert!(
-        python.exists(),
-        "no Python at {}: run the tests with scripts/test, which installs requirements-dev.txt",
-        python.display()
-    );
-    python
-}
+use super::python;
 
 /// Runs `program` with `input` on stdin; its exit status and its stdout and stderr together.
 fn run(mut cmd: Command, input: &str) -> (std::process::ExitStatus, String, String) {
