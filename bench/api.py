@@ -28,19 +28,21 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REVIEW = ("I went into this film expecting very little, having been burned by the director's last two "
-          "efforts, but I came out genuinely moved. The performances are superb across the board: the lead "
-          "brings a quiet intensity to a role that could easily have slipped into melodrama, and the supporting "
-          "cast, especially the older brother, gives the story its warmth and humour. The script is sharp and "
-          "often very funny, the cinematography is beautiful without ever showing off, and the score knows when "
-          "to stay silent. It is not perfect: the middle act drags a little, and one subplot about the family "
-          "business goes nowhere. But the final twenty minutes are as good as anything I have seen this year, "
-          "and the last scene stayed with me for days. Highly recommended for anyone who likes character-driven "
-          "drama with a real heart; bring tissues. I have already recommended it to half of my friends, and the two "
-          "who have seen it so far came back just as enthusiastic. See it on the biggest screen you can find: the "
-          "landscapes in the second half deserve it, and so does the sound design, which is subtle and precise. Ten out of ten from me, and a film I will happily watch again.")
+REVIEW = (
+    "I went into this film expecting very little, having been burned by the director's last two "
+    "efforts, but I came out genuinely moved. The performances are superb across the board: the lead "
+    "brings a quiet intensity to a role that could easily have slipped into melodrama, and the supporting "
+    "cast, especially the older brother, gives the story its warmth and humour. The script is sharp and "
+    "often very funny, the cinematography is beautiful without ever showing off, and the score knows when "
+    "to stay silent. It is not perfect: the middle act drags a little, and one subplot about the family "
+    "business goes nowhere. But the final twenty minutes are as good as anything I have seen this year, "
+    "and the last scene stayed with me for days. Highly recommended for anyone who likes character-driven "
+    "drama with a real heart; bring tissues. I have already recommended it to half of my friends, and the two "
+    "who have seen it so far came back just as enthusiastic. See it on the biggest screen you can find: the "
+    "landscapes in the second half deserve it, and so does the sound design, which is subtle and precise. Ten out of ten from me, and a film I will happily watch again."
+)
 
-TRAIN_SKLEARN = r'''
+TRAIN_SKLEARN = r"""
 import sys, joblib, pyarrow.parquet as pq
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
@@ -52,7 +54,7 @@ pipe = Pipeline([("tfidf", TfidfVectorizer(ngram_range=(1, 3), binary=True, min_
                                            token_pattern=r"(?u)\w+(?:'\w+)*|[^\w\s]")),
                  ("lr", LogisticRegression(C=100, solver="liblinear"))]).fit(tr["text"], tr["label"])
 joblib.dump(pipe, sys.argv[2])
-'''
+"""
 
 
 def wait_http(url, timeout=60):
@@ -70,13 +72,18 @@ def wait_http(url, timeout=60):
 
 def tree_rss(pid):
     import psutil
+
     p = psutil.Process(pid)
     return p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
 
 
 def wrk(url, lua, connections, duration):
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", lua, url],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", lua, url],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     lat = {}
     for pct in ("50", "90", "99"):
@@ -109,24 +116,49 @@ def main():
     with tempfile.TemporaryDirectory(prefix="sentiflow-bench-api-") as tmp:
         model = os.path.join(tmp, "model.joblib")
         script = os.path.join(tmp, "train.py")
-        open(script, "w").write(TRAIN_SKLEARN)
-        subprocess.run([args.python, script, os.path.join(ROOT, "data", "imdb", "split", "train.parquet"), model], check=True)
+        with open(script, "w") as f:
+            f.write(TRAIN_SKLEARN)
+        subprocess.run(
+            [args.python, script, os.path.join(ROOT, "data", "imdb", "split", "train.parquet"), model], check=True
+        )
         servers = {}  # name -> (process, url, lua)
         try:
             binaries = [("sentiflow", args.sentiflow)] + ([("baseline", args.baseline)] if args.baseline else [])
             for i, (name, binary) in enumerate(binaries):
                 db = os.path.join(tmp, f"{name}.db")
-                key = subprocess.run([binary, "keys", "create", "--role", "predict", "--db", db],
-                                     check=True, capture_output=True, text=True, cwd=ROOT).stdout.strip()
+                key = subprocess.run(
+                    [binary, "keys", "create", "--role", "predict", "--db", db],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    cwd=ROOT,
+                ).stdout.strip()
                 lua = write_lua(os.path.join(tmp, f"{name}.lua"), key)
                 port = 18080 + 2 * i
-                proc = subprocess.Popen([binary, "serve", "--addr", f"127.0.0.1:{port}", "--db", db,
-                                         "--predict-rps", "1000000"], cwd=ROOT, stderr=subprocess.DEVNULL)
+                proc = subprocess.Popen(
+                    [binary, "serve", "--addr", f"127.0.0.1:{port}", "--db", db, "--predict-rps", "1000000"],
+                    cwd=ROOT,
+                    stderr=subprocess.DEVNULL,
+                )
                 servers[name] = (proc, f"http://127.0.0.1:{port}", lua)
                 wait_http(f"http://127.0.0.1:{port}/health")
             env = dict(os.environ, SENTIFLOW_BENCH_MODEL=model)
-            fa = subprocess.Popen([args.python, "-m", "uvicorn", "fastapi_app:app", "--workers", "2", "--port", "18081",
-                                   "--log-level", "warning"], cwd=os.path.join(ROOT, "bench"), env=env)
+            fa = subprocess.Popen(
+                [
+                    args.python,
+                    "-m",
+                    "uvicorn",
+                    "fastapi_app:app",
+                    "--workers",
+                    "2",
+                    "--port",
+                    "18081",
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=os.path.join(ROOT, "bench"),
+                env=env,
+            )
             servers["fastapi"] = (fa, "http://127.0.0.1:18081", write_lua(os.path.join(tmp, "fastapi.lua"), "none"))
             wait_http("http://127.0.0.1:18081/docs")
 
@@ -137,7 +169,7 @@ def main():
             runs = {name: [] for name in names}
             for r in range(args.rounds):
                 # Each round starts with the next server, so none always runs first.
-                for name in names[r % len(names):] + names[:r % len(names)]:
+                for name in names[r % len(names) :] + names[: r % len(names)]:
                     _, url, lua = servers[name]
                     runs[name].append(wrk(f"{url}/prediction", lua, args.connections, args.duration))
                     print(f"round {r + 1} {name}: {runs[name][-1][0]:.0f} req/s", file=sys.stderr)
@@ -147,24 +179,35 @@ def main():
                 proc.send_signal(signal.SIGTERM)
                 proc.wait()
 
-    labels = {"sentiflow": "sentiflow", "baseline": f"sentiflow baseline ({args.baseline})",
-              "fastapi": "FastAPI + uvicorn (2 workers) + scikit-learn"}
-    print(f"cores: {os.cpu_count()}; {args.connections} connections, {args.rounds} rounds x {args.duration} s, "
-          f"servers alternating; review of {len(REVIEW)} bytes; medians over rounds")
+    labels = {
+        "sentiflow": "sentiflow",
+        "baseline": f"sentiflow baseline ({args.baseline})",
+        "fastapi": "FastAPI + uvicorn (2 workers) + scikit-learn",
+    }
+    print(
+        f"cores: {os.cpu_count()}; {args.connections} connections, {args.rounds} rounds x {args.duration} s, "
+        f"servers alternating; review of {len(REVIEW)} bytes; medians over rounds"
+    )
     print("| server | requests/s | p50 ms | p90 ms | p99 ms | non-2xx | RSS MiB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in runs:
         rs = runs[name]
         pct = {p: median([x[1][p] for x in rs]) for p in ("50", "90", "99")}
-        print(f"| {labels[name]} | {median([x[0] for x in rs]):.0f} | {pct['50']:.2f} | {pct['90']:.2f} | "
-              f"{pct['99']:.2f} | {sum(x[2] for x in rs)} | {rss[name] / (1 << 20):.0f} |")
-    per_round = [s[0] / f[0] for s, f in zip(runs["sentiflow"], runs["fastapi"])]
-    print(f"\nthroughput ratio to FastAPI per round: {', '.join(f'{x:.1f}x' for x in per_round)}; "
-          f"median {median(per_round):.1f}x")
+        print(
+            f"| {labels[name]} | {median([x[0] for x in rs]):.0f} | {pct['50']:.2f} | {pct['90']:.2f} | "
+            f"{pct['99']:.2f} | {sum(x[2] for x in rs)} | {rss[name] / (1 << 20):.0f} |"
+        )
+    per_round = [s[0] / f[0] for s, f in zip(runs["sentiflow"], runs["fastapi"], strict=True)]
+    print(
+        f"\nthroughput ratio to FastAPI per round: {', '.join(f'{x:.1f}x' for x in per_round)}; "
+        f"median {median(per_round):.1f}x"
+    )
     if "baseline" in runs:
-        per_round = [s[0] / b[0] for s, b in zip(runs["sentiflow"], runs["baseline"])]
-        print(f"throughput ratio to the baseline per round: {', '.join(f'{x:.2f}x' for x in per_round)}; "
-              f"median {median(per_round):.2f}x")
+        per_round = [s[0] / b[0] for s, b in zip(runs["sentiflow"], runs["baseline"], strict=True)]
+        print(
+            f"throughput ratio to the baseline per round: {', '.join(f'{x:.2f}x' for x in per_round)}; "
+            f"median {median(per_round):.2f}x"
+        )
 
 
 def write_lua(path, key):

@@ -24,14 +24,14 @@ threads here (one keep-alive connection each).
 import argparse
 import http.client
 import json
-import shutil
-import threading
 import os
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -69,7 +69,10 @@ def thread_load(port, key, bodies, connections, duration):
         t.join()
     elapsed = time.perf_counter() - started
     latencies.sort()
-    pct = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+
+    def pct(q):
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))]
+
     return len(latencies) / elapsed, {"50": pct(0.5), "90": pct(0.9), "99": pct(0.99)}, errors[0], ""
 
 
@@ -89,22 +92,28 @@ def python_latencies(bundle, texts, max_length, truncation, repeats, device):
         # The bundle's cut, as sentiflow makes it: the head, and for head_tail the tail too.
         ids = tok.encode(text, add_special_tokens=False).ids
         if len(ids) > budget:
-            ids = ids[:head] + ids[len(ids) - (budget - head):] if budget > head else ids[:budget]
+            ids = ids[:head] + ids[len(ids) - (budget - head) :] if budget > head else ids[:budget]
         return [cls, *ids, sep]
+
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # The settings sentiflow uses: TF32 off on a GPU.
-    providers = ["CPUExecutionProvider"] if device == "cpu" else [
-        ("CUDAExecutionProvider", {"device_id": int(device.partition(":")[2] or 0), "use_tf32": 0})]
+    providers = (
+        ["CPUExecutionProvider"]
+        if device == "cpu"
+        else [("CUDAExecutionProvider", {"device_id": int(device.partition(":")[2] or 0), "use_tf32": 0})]
+    )
     sess = ort.InferenceSession(os.path.join(bundle, "model.onnx"), opts, providers=providers)
     if device != "cpu" and sess.get_providers()[0] != "CUDAExecutionProvider":
         sys.exit(f"Python onnxruntime cannot use {device}: {sess.get_providers()}")
 
     def predict(text):
         ids = ids_of(text)
-        feed = {"input_ids": np.array([ids], dtype=np.int64),
-                "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
-                "token_type_ids": np.zeros((1, len(ids)), dtype=np.int64)}
+        feed = {
+            "input_ids": np.array([ids], dtype=np.int64),
+            "attention_mask": np.ones((1, len(ids)), dtype=np.int64),
+            "token_type_ids": np.zeros((1, len(ids)), dtype=np.int64),
+        }
         z = sess.run(["logits"], feed)[0][0]
         return 1 / (1 + np.exp(z[0] - z[1]))
 
@@ -138,11 +147,13 @@ def main():
     ap.add_argument("--windows", default="5,0", help="batching windows to serve with, in ms (0: no batching)")
     ap.add_argument("--latency-bin", help="a built onnx_latency benchmark to run instead of `cargo bench`")
     args = ap.parse_args()
-    manifest = json.load(open(os.path.join(args.bundle, "manifest.json")))
+    with open(os.path.join(args.bundle, "manifest.json")) as f:
+        manifest = json.load(f)
     max_length = manifest["max_length"]
     truncation = manifest.get("truncation", "head")
 
     import pyarrow.parquet as pq
+
     texts = pq.read_table(args.valid, columns=["text"]).column("text").to_pylist()[: args.reviews]
 
     with tempfile.TemporaryDirectory(prefix="sentiflow-bench-bert-") as tmp:
@@ -154,35 +165,71 @@ def main():
         # 1. Latency: alternate the two runtimes round by round so neither gets a cooler machine.
         rust, py = [], []
         for _ in range(0 if args.skip_latency else args.rounds):
-            bench = [args.latency_bin] if args.latency_bin else ["cargo", "bench", "--quiet", "--bench", "onnx_latency", "--"]
-            out = subprocess.run(bench + [args.bundle, reviews, str(args.repeats), args.device], cwd=ROOT, check=True,
-                                 capture_output=True, text=True).stdout
+            bench = (
+                [args.latency_bin]
+                if args.latency_bin
+                else ["cargo", "bench", "--quiet", "--bench", "onnx_latency", "--"]
+            )
+            out = subprocess.run(
+                bench + [args.bundle, reviews, str(args.repeats), args.device],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
             rust.append(json.loads(out.strip().splitlines()[-1]))
             medians, _ = python_latencies(args.bundle, texts, max_length, truncation, args.repeats, args.device)
             py.append(medians)
         if rust:
-            rust_ms = statistics.median([min(r) for r in zip(*rust)]) * 1000
-            py_ms = statistics.median([min(r) for r in zip(*py)]) * 1000
+            rust_ms = statistics.median([min(r) for r in zip(*rust, strict=True)]) * 1000
+            py_ms = statistics.median([min(r) for r in zip(*py, strict=True)]) * 1000
 
         # 2. Served throughput with and without dynamic batching.
         db = os.path.join(tmp, "bench.db")
-        key = subprocess.run([args.sentiflow, "keys", "create", "--role", "predict", "--db", db],
-                             check=True, capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        key = subprocess.run(
+            [args.sentiflow, "keys", "create", "--role", "predict", "--db", db],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        ).stdout.strip()
         lua = os.path.join(tmp, "post.lua")
         with open(lua, "w") as f:
             f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n')
             f.write(f'wrk.headers["Authorization"] = "Bearer {key}"\n')
-            f.write("bodies = {" + ",".join(json.dumps(json.dumps({"model": "bert", "text": t})) for t in texts) + "}\n")
-            f.write("i = 0\nrequest = function()\n  i = i % #bodies + 1\n  return wrk.format(nil, nil, nil, bodies[i])\nend\n")
+            f.write(
+                "bodies = {" + ",".join(json.dumps(json.dumps({"model": "bert", "text": t})) for t in texts) + "}\n"
+            )
+            f.write(
+                "i = 0\nrequest = function()\n  i = i % #bodies + 1\n  return wrk.format(nil, nil, nil, bodies[i])\nend\n"
+            )
         bodies = [json.dumps({"model": "bert", "text": t}) for t in texts]
-        load = (lambda seconds: wrk("http://127.0.0.1:18090/prediction", lua, args.connections, seconds)) \
-            if args.client == "wrk" else (lambda seconds: thread_load(18090, key, bodies, args.connections, seconds))
+        load = (
+            (lambda seconds: wrk("http://127.0.0.1:18090/prediction", lua, args.connections, seconds))
+            if args.client == "wrk"
+            else (lambda seconds: thread_load(18090, key, bodies, args.connections, seconds))
+        )
         # Rounds alternate the settings, like the latency rounds; each setting keeps its best.
         rounds = {window: [] for window in args.windows.split(",")}
         for window in [w for _ in range(args.load_rounds) for w in rounds]:
-            sf = subprocess.Popen([args.sentiflow, "serve", "--addr", "127.0.0.1:18090", "--db", db,
-                                   "--predict-rps", "1000000", "--batch-window-ms", window,
-                                   "--device", args.device], cwd=ROOT, stderr=subprocess.DEVNULL)
+            sf = subprocess.Popen(
+                [
+                    args.sentiflow,
+                    "serve",
+                    "--addr",
+                    "127.0.0.1:18090",
+                    "--db",
+                    db,
+                    "--predict-rps",
+                    "1000000",
+                    "--batch-window-ms",
+                    window,
+                    "--device",
+                    args.device,
+                ],
+                cwd=ROOT,
+                stderr=subprocess.DEVNULL,
+            )
             try:
                 wait_http("http://127.0.0.1:18090/health")
                 load(3)
@@ -199,8 +246,10 @@ def main():
                 sf.send_signal(signal.SIGTERM)
                 sf.wait()
 
-    print(f"cores: {os.cpu_count()}; served on {args.device}; model {manifest['name']} {manifest['version']}, "
-          f"max_length {max_length}; {len(texts)} validation reviews; load from {args.client}")
+    print(
+        f"cores: {os.cpu_count()}; served on {args.device}; model {manifest['name']} {manifest['version']}, "
+        f"max_length {max_length}; {len(texts)} validation reviews; load from {args.client}"
+    )
     if rust:
         print("\n| single review, tokenize + run | median ms |")
         print("|---|---:|")
@@ -208,8 +257,10 @@ def main():
         print(f"| Python onnxruntime + tokenizers | {py_ms:.2f} |")
         print(f"\nRust / Python latency: {rust_ms / py_ms:.3f}x (target <= 1.05x)")
     served = {window: max(results, key=lambda r: r[0]) for window, results in rounds.items()}
-    print(f"\n| POST /prediction, {args.connections} clients, {args.duration} s, best of {args.load_rounds} | "
-          "requests/s | p50 ms | p99 ms | non-2xx | mean batch | each round, requests/s |")
+    print(
+        f"\n| POST /prediction, {args.connections} clients, {args.duration} s, best of {args.load_rounds} | "
+        "requests/s | p50 ms | p99 ms | non-2xx | mean batch | each round, requests/s |"
+    )
     print("|---|---:|---:|---:|---:|---:|---|")
     for window, (rps, lat, errors, _, mean_batch) in served.items():
         label = f"dynamic batching ({window} ms window)" if window != "0" else "no batching"
@@ -218,8 +269,10 @@ def main():
     if "0" in served:
         for window in served:
             if window != "0":
-                print(f"\nbatched ({window} ms) / unbatched throughput: {served[window][0] / served['0'][0]:.2f}x "
-                      "(target >= 2x)")
+                print(
+                    f"\nbatched ({window} ms) / unbatched throughput: {served[window][0] / served['0'][0]:.2f}x "
+                    "(target >= 2x)"
+                )
 
 
 if __name__ == "__main__":

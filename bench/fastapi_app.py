@@ -21,5 +21,8 @@ class Review(BaseModel):
 @app.post("/prediction")
 def prediction(review: Review):
     p = float(model.predict_proba([review.text])[0][1])
-    return {"label": "positive" if p > 0.5 else "negative", "score": p,
-            "probabilities": {"negative": 1 - p, "positive": p}}
+    return {
+        "label": "positive" if p > 0.5 else "negative",
+        "score": p,
+        "probabilities": {"negative": 1 - p, "positive": p},
+    }

@@ -49,7 +49,7 @@ def write_sentiflow(path, name, stages):
         lines += [f"  {sname}:", "    uses: command"]
         if needs:
             lines.append(f"    needs: [{', '.join(needs)}]")
-        lines.append(f"    with: {{run: \"{cmd}\", deps: [{', '.join(deps)}], outs: [{', '.join(outs)}]}}")
+        lines.append(f'    with: {{run: "{cmd}", deps: [{", ".join(deps)}], outs: [{", ".join(outs)}]}}')
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -57,7 +57,7 @@ def write_sentiflow(path, name, stages):
 def write_dvc(path, stages):
     lines = ["stages:"]
     for sname, cmd, deps, _needs, outs in stages:
-        lines += [f"  {sname}:", f"    cmd: \"{cmd}\""]
+        lines += [f"  {sname}:", f'    cmd: "{cmd}"']
         if deps:
             lines.append(f"    deps: [{', '.join(deps)}]")
         lines.append(f"    outs: [{', '.join(outs)}]")
@@ -135,12 +135,14 @@ def main():
     shutil.rmtree(d)
 
     print(f"cores: {os.cpu_count()}, runs: {args.runs}")
-    print(f"| benchmark | sentiflow | dvc | dvc / sentiflow |")
-    print(f"|---|---:|---:|---:|")
+    print("| benchmark | sentiflow | dvc | dvc / sentiflow |")
+    print("|---|---:|---:|---:|")
     for name, a, b in rows:
         print(f"| {name} | {a * 1000:.1f} ms | {b * 1000:.1f} ms | {b / a:.1f}x |")
     print(f"\nparallel speed-up of sentiflow (--jobs 1 / --jobs 2): {j1 / j2:.2f}x")
-    print(f"no-op rerun target <= 50 ms: {'met' if sf_med <= 0.050 else 'MISSED'} ({sf_med * 1000:.1f} ms, best {sf_min * 1000:.1f} ms)")
+    print(
+        f"no-op rerun target <= 50 ms: {'met' if sf_med <= 0.050 else 'MISSED'} ({sf_med * 1000:.1f} ms, best {sf_min * 1000:.1f} ms)"
+    )
 
 
 if __name__ == "__main__":

@@ -41,20 +41,60 @@ def free_ports(n):
 def start_weed(weed, work):
     config = os.path.join(work, "s3.json")
     with open(config, "w") as f:
-        json.dump({"identities": [{"name": "bench", "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
-                                   "actions": ["Admin", "Read", "Write", "List"]}]}, f)
+        json.dump(
+            {
+                "identities": [
+                    {
+                        "name": "bench",
+                        "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+                        "actions": ["Admin", "Read", "Write", "List"],
+                    }
+                ]
+            },
+            f,
+        )
     data = os.path.join(work, "data")
     os.makedirs(data)
     p = free_ports(8)
-    args = [weed, "server", "-ip", "127.0.0.1", "-ip.bind", "127.0.0.1", "-dir", data,
-            "-master.port", str(p[0]), "-master.port.grpc", str(p[1]),
-            "-volume.port", str(p[2]), "-volume.port.grpc", str(p[3]),
-            "-filer", "-filer.port", str(p[4]), "-filer.port.grpc", str(p[5]),
-            "-s3", "-s3.port", str(p[6]), "-s3.port.grpc", str(p[7]),
-            "-s3.port.iceberg", "0", "-s3.port.lance", "0",
-            "-master.volumeSizeLimitMB", "64", "-s3.config", config]
-    log = open(os.path.join(work, "weed.log"), "w")
-    return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT), f"http://127.0.0.1:{p[6]}"
+    args = [
+        weed,
+        "server",
+        "-ip",
+        "127.0.0.1",
+        "-ip.bind",
+        "127.0.0.1",
+        "-dir",
+        data,
+        "-master.port",
+        str(p[0]),
+        "-master.port.grpc",
+        str(p[1]),
+        "-volume.port",
+        str(p[2]),
+        "-volume.port.grpc",
+        str(p[3]),
+        "-filer",
+        "-filer.port",
+        str(p[4]),
+        "-filer.port.grpc",
+        str(p[5]),
+        "-s3",
+        "-s3.port",
+        str(p[6]),
+        "-s3.port.grpc",
+        str(p[7]),
+        "-s3.port.iceberg",
+        "0",
+        "-s3.port.lance",
+        "0",
+        "-master.volumeSizeLimitMB",
+        "64",
+        "-s3.config",
+        config,
+    ]
+    # The server writes to its own copy of the file descriptor.
+    with open(os.path.join(work, "weed.log"), "w") as log:
+        return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT), f"http://127.0.0.1:{p[6]}"
 
 
 def checkout(work, name):
@@ -92,8 +132,13 @@ def main():
     server, endpoint = start_weed(args.weed, work)
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SENTIFLOW_"))}
-        env.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET,
-                   AWS_REGION="us-east-1", AWS_ALLOW_HTTP="true")
+        env.update(
+            AWS_ENDPOINT_URL=endpoint,
+            AWS_ACCESS_KEY_ID=KEY,
+            AWS_SECRET_ACCESS_KEY=SECRET,
+            AWS_REGION="us-east-1",
+            AWS_ALLOW_HTTP="true",
+        )
         remote = f"s3://{BUCKET}/quickstart"
         # Fill the remote; until SeaweedFS is up, a run warns that the remote is not usable.
         deadline = time.monotonic() + 60
@@ -118,7 +163,9 @@ def main():
         a, b = statistics.median(cold), statistics.median(fetched)
         print(f"\nquickstart pipeline ({len(states)} stages), {args.rounds} rounds, SeaweedFS on localhost")
         print(f"cold run, no cache:                      median {a:.2f} s  (min {min(cold):.2f}, max {max(cold):.2f})")
-        print(f"fresh checkout, all fetched from remote: median {b:.2f} s  (min {min(fetched):.2f}, max {max(fetched):.2f})")
+        print(
+            f"fresh checkout, all fetched from remote: median {b:.2f} s  (min {min(fetched):.2f}, max {max(fetched):.2f})"
+        )
         print(f"cold / fetched: {a / b:.1f}x")
     finally:
         server.kill()

@@ -66,8 +66,11 @@ def lua(path, key, mix):
 
 def minute(url, script, connections, seconds, pid):
     """One round of load; the server's RSS and open files are sampled halfway through it."""
-    wrk = subprocess.Popen(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script, url],
-                           stdout=subprocess.PIPE, text=True)
+    wrk = subprocess.Popen(
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", script, url],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(seconds / 2)
     rss, fds = tree(pid)
     out = wrk.communicate()[0]
@@ -82,6 +85,7 @@ def minute(url, script, connections, seconds, pid):
 
 def tree(pid):
     import psutil
+
     procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
     rss = sum(p.memory_info().rss for p in procs)
     fds = sum(len(os.listdir(f"/proc/{p.pid}/fd")) for p in procs)
@@ -114,8 +118,10 @@ def soak(name, url, pid, script, args, minutes, db=None, metrics=None):
             m = re.search(r"^sentiflow_stored_predictions (\d+)", request(metrics), re.M)
             stored = m.group(1) if m else "?"
         rows.append((rps, rss))
-        print(f"| {i} | {rps:.0f} | {p99:.1f} | {rss / (1 << 20):.0f} | {fds} | {size:.1f} | {stored} | {errors} |",
-              flush=True)
+        print(
+            f"| {i} | {rps:.0f} | {p99:.1f} | {rss / (1 << 20):.0f} | {fds} | {size:.1f} | {stored} | {errors} |",
+            flush=True,
+        )
     return rows
 
 
@@ -138,20 +144,40 @@ def main():
         os.makedirs(os.path.join(tmp, "pipelines"))
         os.makedirs(os.path.join(tmp, "tests", "fixtures"))
         shutil.copy(os.path.join(ROOT, "pipelines", "quickstart.yaml"), os.path.join(tmp, "pipelines"))
-        shutil.copy(os.path.join(ROOT, "tests", "fixtures", "imdb_sample.tar.gz"), os.path.join(tmp, "tests", "fixtures"))
+        shutil.copy(
+            os.path.join(ROOT, "tests", "fixtures", "imdb_sample.tar.gz"), os.path.join(tmp, "tests", "fixtures")
+        )
         db = os.path.join(tmp, "sentiflow.db")
 
         def key(role):
-            return subprocess.run([args.sentiflow, "keys", "create", "--role", role, "--db", db], check=True,
-                                  capture_output=True, text=True, cwd=tmp).stdout.strip()
+            return subprocess.run(
+                [args.sentiflow, "keys", "create", "--role", role, "--db", db],
+                check=True,
+                capture_output=True,
+                text=True,
+                cwd=tmp,
+            ).stdout.strip()
 
         admin, predictor = key("admin"), key("predict")
         script = os.path.join(tmp, "mix.lua")
         lua(script, predictor, mix=True)
         base = "http://127.0.0.1:18090"
-        sf = subprocess.Popen([args.sentiflow, "serve", "--addr", "127.0.0.1:18090", "--predict-rps", "1000000",
-                               "--drift-period-s", str(args.drift_period_s), "--keep-predictions", str(args.keep_predictions)],
-                              cwd=tmp, stderr=subprocess.DEVNULL)
+        sf = subprocess.Popen(
+            [
+                args.sentiflow,
+                "serve",
+                "--addr",
+                "127.0.0.1:18090",
+                "--predict-rps",
+                "1000000",
+                "--drift-period-s",
+                str(args.drift_period_s),
+                "--keep-predictions",
+                str(args.keep_predictions),
+            ],
+            cwd=tmp,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             wait_http(base + "/health")
             run = json.loads(request(base + "/training", admin, {"pipeline": "quickstart"}))
@@ -159,8 +185,9 @@ def main():
                 time.sleep(0.5)
             soak("sentiflow", base + "/prediction", sf.pid, script, args, args.minutes, db, base + "/metrics")
             by_status = {}
-            for m in re.finditer(r'^sentiflow_requests_total\{route="([^"]*)",status="(\d+)"\} (\d+)',
-                                 request(base + "/metrics"), re.M):
+            for m in re.finditer(
+                r'^sentiflow_requests_total\{route="([^"]*)",status="(\d+)"\} (\d+)', request(base + "/metrics"), re.M
+            ):
                 by_status[m.group(2)] = by_status.get(m.group(2), 0) + int(m.group(3))
             print("\nanswers by status: " + ", ".join(f"{k}: {v}" for k, v in sorted(by_status.items())))
             print(f"5xx: {sum(v for k, v in by_status.items() if k.startswith('5'))}")
@@ -171,18 +198,41 @@ def main():
         if args.reference:
             model = os.path.join(tmp, "model.joblib")
             train = os.path.join(tmp, "train.py")
-            open(train, "w").write(TRAIN_SKLEARN)
-            subprocess.run([args.python, train, os.path.join(tmp, "data", "quickstart", "split", "train.parquet"),
-                            model], check=True)
+            with open(train, "w") as f:
+                f.write(TRAIN_SKLEARN)
+            subprocess.run(
+                [args.python, train, os.path.join(tmp, "data", "quickstart", "split", "train.parquet"), model],
+                check=True,
+            )
             plain = os.path.join(tmp, "plain.lua")
             lua(plain, None, mix=False)
             env = dict(os.environ, SENTIFLOW_BENCH_MODEL=model)
-            fa = subprocess.Popen([args.python, "-m", "uvicorn", "fastapi_app:app", "--workers", "2", "--port",
-                                   "18091", "--log-level", "warning"], cwd=os.path.join(ROOT, "bench"), env=env)
+            fa = subprocess.Popen(
+                [
+                    args.python,
+                    "-m",
+                    "uvicorn",
+                    "fastapi_app:app",
+                    "--workers",
+                    "2",
+                    "--port",
+                    "18091",
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=os.path.join(ROOT, "bench"),
+                env=env,
+            )
             try:
                 wait_http("http://127.0.0.1:18091/docs")
-                soak("FastAPI + uvicorn (2 workers) + scikit-learn", "http://127.0.0.1:18091/prediction", fa.pid,
-                     plain, args, args.reference_minutes or args.minutes)
+                soak(
+                    "FastAPI + uvicorn (2 workers) + scikit-learn",
+                    "http://127.0.0.1:18091/prediction",
+                    fa.pid,
+                    plain,
+                    args,
+                    args.reference_minutes or args.minutes,
+                )
             finally:
                 fa.send_signal(signal.SIGTERM)
                 fa.wait()

@@ -15,14 +15,12 @@ import argparse
 import glob
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -45,19 +43,28 @@ def start_postgres(tmp):
     os.makedirs(run)
     if os.geteuid() == 0:
         subprocess.run(["chown", "postgres:postgres", tmp, run], check=True)
-    subprocess.run(as_postgres([f"{bindir}/initdb", "--auth=trust", "-U", "postgres", "-D", data]),
-                   check=True, capture_output=True)
+    subprocess.run(
+        as_postgres([f"{bindir}/initdb", "--auth=trust", "-U", "postgres", "-D", data]), check=True, capture_output=True
+    )
     port = free_port()
-    server = subprocess.Popen(as_postgres([f"{bindir}/postgres", "-D", data, "-p", str(port), "-k", run,
-                                           "-c", "listen_addresses=127.0.0.1"]),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    server = subprocess.Popen(
+        as_postgres([f"{bindir}/postgres", "-D", data, "-p", str(port), "-k", run, "-c", "listen_addresses=127.0.0.1"]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     for _ in range(100):
-        if subprocess.run([f"{bindir}/pg_isready", "-h", "127.0.0.1", "-p", str(port)],
-                          capture_output=True).returncode == 0:
+        if (
+            subprocess.run([f"{bindir}/pg_isready", "-h", "127.0.0.1", "-p", str(port)], capture_output=True).returncode
+            == 0
+        ):
             break
         time.sleep(0.2)
-    subprocess.run([f"{bindir}/psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c",
-                    "CREATE DATABASE bench"], check=True, capture_output=True)
+    subprocess.run(
+        [f"{bindir}/psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", "CREATE DATABASE bench"],
+        check=True,
+        capture_output=True,
+    )
     return server, f"postgres://postgres@127.0.0.1:{port}/bench"
 
 
@@ -78,8 +85,13 @@ def main():
             dbs = {"SQLite": os.path.join(tmp, "bench.db"), "PostgreSQL": url}
             lua = {}
             for name, db in dbs.items():
-                key = subprocess.run([args.sentiflow, "keys", "create", "--role", "predict", "--db", db],
-                                     check=True, capture_output=True, text=True, cwd=ROOT).stdout.strip()
+                key = subprocess.run(
+                    [args.sentiflow, "keys", "create", "--role", "predict", "--db", db],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    cwd=ROOT,
+                ).stdout.strip()
                 lua[name] = os.path.join(tmp, f"{name}.lua")
                 with open(lua[name], "w") as f:
                     f.write('wrk.method = "POST"\n')
@@ -91,18 +103,35 @@ def main():
                 order = list(dbs) if r % 2 == 0 else list(reversed(dbs))
                 for name in order:
                     port = free_port()
-                    sf = subprocess.Popen([args.sentiflow, "serve", "--addr", f"127.0.0.1:{port}", "--db", dbs[name],
-                                           "--artifacts", os.path.join(tmp, "registry"), "--predict-rps", "1000000",
-                                           "--drift-period-s", "1", "--store-texts"],
-                                          cwd=ROOT, stderr=subprocess.DEVNULL)
+                    sf = subprocess.Popen(
+                        [
+                            args.sentiflow,
+                            "serve",
+                            "--addr",
+                            f"127.0.0.1:{port}",
+                            "--db",
+                            dbs[name],
+                            "--artifacts",
+                            os.path.join(tmp, "registry"),
+                            "--predict-rps",
+                            "1000000",
+                            "--drift-period-s",
+                            "1",
+                            "--store-texts",
+                        ],
+                        cwd=ROOT,
+                        stderr=subprocess.DEVNULL,
+                    )
                     try:
                         wait_http(f"http://127.0.0.1:{port}/health")
                         target = f"http://127.0.0.1:{port}/prediction"
                         wrk(target, lua[name], args.connections, 2)  # warm-up
                         rps, lat, errors, _ = wrk(target, lua[name], args.connections, args.duration)
                         results[name].append((rps, lat["99"], errors))
-                        print(f"round {r + 1} {name}: {rps:.0f} req/s, p99 {lat['99']:.2f} ms, non-2xx {errors}",
-                              flush=True)
+                        print(
+                            f"round {r + 1} {name}: {rps:.0f} req/s, p99 {lat['99']:.2f} ms, non-2xx {errors}",
+                            flush=True,
+                        )
                     finally:
                         sf.send_signal(signal.SIGTERM)
                         sf.wait()
@@ -118,13 +147,17 @@ def main():
         xs = sorted(xs)
         return xs[len(xs) // 2]
 
-    print(f"\ncores: {os.cpu_count()}; {args.connections} connections, {args.duration} s x {args.rounds} rounds each, "
-          "alternating; predictions written to the database every second")
+    print(
+        f"\ncores: {os.cpu_count()}; {args.connections} connections, {args.duration} s x {args.rounds} rounds each, "
+        "alternating; predictions written to the database every second"
+    )
     print("| database | requests/s (median) | p99 ms (median) | non-2xx |")
     print("|---|---:|---:|---:|")
     for name, rows in results.items():
-        print(f"| {name} | {median([r[0] for r in rows]):.0f} | {median([r[1] for r in rows]):.2f} | "
-              f"{sum(r[2] for r in rows)} |")
+        print(
+            f"| {name} | {median([r[0] for r in rows]):.0f} | {median([r[1] for r in rows]):.2f} | "
+            f"{sum(r[2] for r in rows)} |"
+        )
     ratio = median([r[0] for r in results["PostgreSQL"]]) / median([r[0] for r in results["SQLite"]])
     print(f"\nPostgreSQL / SQLite throughput: {ratio:.2f}x")
 

@@ -47,7 +47,7 @@ def run_measured(cmd, **kw):
     return elapsed, peak, out
 
 
-SKLEARN_SCRIPT = r'''
+SKLEARN_SCRIPT = r"""
 import html, io, json, re, sys, tarfile, time
 import joblib
 import pyarrow.parquet as pq
@@ -84,9 +84,9 @@ acc = search.score(Xva, yva)
 joblib.dump(search.best_estimator_, model_out)
 print(json.dumps({"best_params": {k: str(v) for k, v in search.best_params_.items()}, "valid_accuracy": acc,
                   "train_rows": len(train), "valid_rows": len(valid)}))
-'''
+"""
 
-SKLEARN_EXTRA = r'''
+SKLEARN_EXTRA = r"""
 import json, sys, time
 import pyarrow.parquet as pq
 from sklearn.feature_extraction.text import TfidfVectorizer
@@ -108,7 +108,7 @@ for ngram in [(1, 1), (1, 2)]:
         acc = LogisticRegression(C=C, solver="liblinear").fit(Xtr, tr["label"]).score(Xva, va["label"])
         best = max(best, acc)
 print(json.dumps({"fit_transform_s": fit_transform_s, "best_valid_accuracy": best}))
-'''
+"""
 
 
 def main():
@@ -133,8 +133,22 @@ def main():
             noop.append(time.perf_counter() - t)
         noop_s = sorted(noop)[len(noop) // 2]
         # The vectorizer alone, with both cores to itself (in the pipeline it shares them).
-        _, _, out = run_measured([args.sentiflow, "run", pipeline, "--stage", "vectorize", "--force", "--json",
-                                  "--jobs", str(os.cpu_count()), "--set", f"data={data}"], env=env)
+        _, _, out = run_measured(
+            [
+                args.sentiflow,
+                "run",
+                pipeline,
+                "--stage",
+                "vectorize",
+                "--force",
+                "--json",
+                "--jobs",
+                str(os.cpu_count()),
+                "--set",
+                f"data={data}",
+            ],
+            env=env,
+        )
         vec = {s["name"]: s for s in json.loads(out)["stages"]}["vectorize"]["metrics"]
         vec_s = vec["fit_transform_seconds"]
 
@@ -147,8 +161,11 @@ def main():
         extra = os.path.join(tmp, "extra.py")
         with open(extra, "w") as f:
             f.write(SKLEARN_EXTRA)
-        ex = json.loads(subprocess.run([args.python, extra, split_dir], check=True, capture_output=True,
-                                       text=True).stdout.strip().splitlines()[-1])
+        ex = json.loads(
+            subprocess.run([args.python, extra, split_dir], check=True, capture_output=True, text=True)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
 
     sf_acc = stages["train"]["metrics"]["accuracy"]
     tune = stages["tune"]["metrics"]
@@ -159,10 +176,16 @@ def main():
     print("| measure | sentiflow | scikit-learn | ratio |")
     print("|---|---:|---:|---:|")
     print(f"| whole pipeline, cold (s) | {sf_s:.1f} | {sk_s:.1f} | {sk_s / sf_s:.1f}x faster |")
-    print(f"| vectorize (1-3-grams, binary): fit_transform of the training part (s) | {vec_s:.2f} | {ex['fit_transform_s']:.2f} | {ex['fit_transform_s'] / vec_s:.1f}x faster |")
+    print(
+        f"| vectorize (1-3-grams, binary): fit_transform of the training part (s) | {vec_s:.2f} | {ex['fit_transform_s']:.2f} | {ex['fit_transform_s'] / vec_s:.1f}x faster |"
+    )
     print(f"| peak RSS (MiB) | {sf_rss / mib:.0f} | {sk_rss / mib:.0f} | {sk_rss / sf_rss:.1f}x less |")
-    print(f"| validation accuracy, best model | {sf_acc:.4f} | {ex['best_valid_accuracy']:.4f} | {100 * (sf_acc - ex['best_valid_accuracy']):+.2f} points |")
-    print(f"| validation accuracy, GridSearchCV pick | {sf_acc:.4f} | {sk['valid_accuracy']:.4f} | {100 * (sf_acc - sk['valid_accuracy']):+.2f} points |")
+    print(
+        f"| validation accuracy, best model | {sf_acc:.4f} | {ex['best_valid_accuracy']:.4f} | {100 * (sf_acc - ex['best_valid_accuracy']):+.2f} points |"
+    )
+    print(
+        f"| validation accuracy, GridSearchCV pick | {sf_acc:.4f} | {sk['valid_accuracy']:.4f} | {100 * (sf_acc - sk['valid_accuracy']):+.2f} points |"
+    )
     print(f"| unchanged rerun (ms, median of 10) | {noop_s * 1000:.0f} | | |")
     print("\nper-stage seconds:", ", ".join(f"{n} {s['duration_ms'] / 1000:.2f}" for n, s in stages.items()))
 

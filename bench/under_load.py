@@ -105,8 +105,11 @@ def call(url, key, body=None, method=None):
 
 
 def wrk(url, script, connections, seconds):
-    out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "--latency",
-                          "-s", script, url], capture_output=True, text=True)
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "--latency", "-s", script, url],
+        capture_output=True,
+        text=True,
+    )
     m = re.search(r"^RESULT (\{.*\})$", out.stdout, re.M)
     if out.returncode or not m:
         sys.exit(f"wrk failed:\n{out.stdout}{out.stderr}")
@@ -216,8 +219,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", default=default_bin(), help="the sentiflow binary")
     ap.add_argument("--archive", default=os.path.join(ROOT, "data", "aclImdb_v1.tar.gz"), help="the IMDB archive")
-    ap.add_argument("--model", default=os.path.join(ROOT, "models", "tfidf"),
-                    help="a TF-IDF bundle to serve from the start (copied); without one a first training exports it")
+    ap.add_argument(
+        "--model",
+        default=os.path.join(ROOT, "models", "tfidf"),
+        help="a TF-IDF bundle to serve from the start (copied); without one a first training exports it",
+    )
     ap.add_argument("--rounds", type=int, default=2, help="rounds of the three conditions")
     ap.add_argument("--duration", type=int, default=15, help="seconds of wrk per condition and round")
     ap.add_argument("--connections", type=int, default=32)
@@ -250,8 +256,13 @@ def main():
         db = os.path.join(tmp, "sentiflow.db")
 
         def key(role):
-            return subprocess.run([args.bin, "keys", "create", "--role", role, "--db", db], check=True,
-                                  capture_output=True, text=True, cwd=tmp).stdout.strip()
+            return subprocess.run(
+                [args.bin, "keys", "create", "--role", role, "--db", db],
+                check=True,
+                capture_output=True,
+                text=True,
+                cwd=tmp,
+            ).stdout.strip()
 
         admin, predictor, side = key("admin"), key("predict"), key("predict")
         script = os.path.join(tmp, "post.lua")
@@ -264,11 +275,24 @@ def main():
 
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        flags = ["--addr", f"127.0.0.1:{port}", "--db", db, "--pipelines", os.path.join(tmp, "pipelines"),
-                 "--predict-rps", "1000000", "--admin-rps", "1000", "--drift-period-s", str(args.drift_period_s),
-                 "--keep-predictions", str(args.keep_predictions)]
+        flags = [
+            "--addr",
+            f"127.0.0.1:{port}",
+            "--db",
+            db,
+            "--pipelines",
+            os.path.join(tmp, "pipelines"),
+            "--predict-rps",
+            "1000000",
+            "--admin-rps",
+            "1000",
+            "--drift-period-s",
+            str(args.drift_period_s),
+            "--keep-predictions",
+            str(args.keep_predictions),
+        ]
         log_path = os.path.join(tmp, "serve.log")
-        log = open(log_path, "w")
+        log = open(log_path, "w")  # noqa: SIM115 (the server writes to it until it stops; closed then)
         started = time.time()
         load_before = loadavg()
         server = subprocess.Popen([args.bin, "serve", *flags], cwd=tmp, stdout=log, stderr=subprocess.STDOUT)
@@ -278,8 +302,9 @@ def main():
             wait_http(base + "/health")
             version = subprocess.run([args.bin, "--version"], capture_output=True, text=True).stdout.strip()
             # Loading and cleaning the reviews is the same every round: done once, unmeasured.
-            first = wait_run(base, admin, train(base, admin, {}, [args.stage if not have_model else "clean"]),
-                             args.training_timeout)
+            first = wait_run(
+                base, admin, train(base, admin, {}, [args.stage if not have_model else "clean"]), args.training_timeout
+            )
             if first["status"] != "succeeded":
                 sys.exit(f"the first training {first['status']}: {first['error']}")
             deadline = time.time() + 60
@@ -297,12 +322,16 @@ def main():
                     break
             warm = time.time() - warm
 
-            print(f"{version}; {os.cpu_count()} cores; wrk -t2 -c{args.connections}, {args.duration} s per round; "
-                  f"review of {len(REVIEW)} bytes; serve {' '.join(flags[6:])}")
+            print(
+                f"{version}; {os.cpu_count()} cores; wrk -t2 -c{args.connections}, {args.duration} s per round; "
+                f"review of {len(REVIEW)} bytes; serve {' '.join(flags[6:])}"
+            )
             print(f"warm-up: {warm:.0f} s, {stored.group(1) if stored else '?'} predictions stored")
             print(f"load average before: {load_before}\n")
-            print("| round | condition | requests/s | p50 ms | p90 ms | p99 ms | max ms | non-2xx | socket errors "
-                  "| stored predictions | load avg (1 min) | beside wrk |")
+            print(
+                "| round | condition | requests/s | p50 ms | p90 ms | p99 ms | max ms | non-2xx | socket errors "
+                "| stored predictions | load avg (1 min) | beside wrk |"
+            )
             print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
             for r in range(1, args.rounds + 1):
                 for condition in CONDITIONS:
@@ -321,16 +350,20 @@ def main():
                         total = time.time() - poller.start_time
                         ran = [n for n, s in ended["stages"].items() if s["state"] == "ran"]
                         seen = [n for n in poller.running_stages if n in ran]
-                        beside = (f"training {run_id} (seed {1000 + r}): {in_window} at the window's end"
-                                  + (f" (ended {poller.ended_at:.1f} s in)" if poller.ended_at else "")
-                                  + f"; stages computing in the window: {', '.join(seen) or 'none seen'}"
-                                  + f"; {ended['status']} after {total:.0f} s; ran {', '.join(ran) or 'nothing'}")
+                        beside = (
+                            f"training {run_id} (seed {1000 + r}): {in_window} at the window's end"
+                            + (f" (ended {poller.ended_at:.1f} s in)" if poller.ended_at else "")
+                            + f"; stages computing in the window: {', '.join(seen) or 'none seen'}"
+                            + f"; {ended['status']} after {total:.0f} s; ran {', '.join(ran) or 'nothing'}"
+                        )
                         _, logs, _ = call(f"{base}/training/{run_id}/logs", admin)
                         m = re.search(r"model tfidf version (\w+) (promoted|registered)", json.dumps(logs))
                         beside += f"; version {m.group(1)} {m.group(2)}" if m else ""
                         if poller.ended_at is not None:
-                            notes.append(f"round {r}: the training ended {poller.ended_at:.1f} s into the "
-                                         f"{args.duration} s window")
+                            notes.append(
+                                f"round {r}: the training ended {poller.ended_at:.1f} s into the "
+                                f"{args.duration} s window"
+                            )
                         if ended["status"] != "succeeded":
                             notes.append(f"round {r}: training {ended['status']}: {ended['error']}")
                     else:
@@ -339,24 +372,33 @@ def main():
                         result = wrk(base + "/prediction", script, args.connections, args.duration)
                         traffic.stop.set()
                         traffic.join()
-                        counts = ", ".join(f"{what} {status}: {n}" for (what, status), n in sorted(traffic.statuses.items()))
+                        counts = ", ".join(
+                            f"{what} {status}: {n}" for (what, status), n in sorted(traffic.statuses.items())
+                        )
                         lat = traffic.latency
-                        beside = (f"{counts}; p50/p99 ms: feedback {1000 * p(lat['feedback'], .5):.1f}/"
-                                  f"{1000 * p(lat['feedback'], .99):.1f}, drift?history=1 {1000 * p(lat['drift'], .5):.1f}/"
-                                  f"{1000 * p(lat['drift'], .99):.1f}")
+                        beside = (
+                            f"{counts}; p50/p99 ms: feedback {1000 * p(lat['feedback'], 0.5):.1f}/"
+                            f"{1000 * p(lat['feedback'], 0.99):.1f}, drift?history=1 {1000 * p(lat['drift'], 0.5):.1f}/"
+                            f"{1000 * p(lat['drift'], 0.99):.1f}"
+                        )
                     rounds[condition].append(result)
                     stored = re.search(r"^sentiflow_stored_predictions (\d+)", metrics(base), re.M)
-                    print(f"| {r} | {condition} | {result['rps']:.0f} | {result['p50'] / 1000:.2f} | "
-                          f"{result['p90'] / 1000:.2f} | {result['p99'] / 1000:.2f} | {result['max'] / 1000:.1f} | "
-                          f"{result['non2xx']:.0f} | {result['socket_errors']:.0f} | "
-                          f"{stored.group(1) if stored else '?'} | {loadavg().split()[0]} | {beside} |", flush=True)
+                    print(
+                        f"| {r} | {condition} | {result['rps']:.0f} | {result['p50'] / 1000:.2f} | "
+                        f"{result['p90'] / 1000:.2f} | {result['p99'] / 1000:.2f} | {result['max'] / 1000:.1f} | "
+                        f"{result['non2xx']:.0f} | {result['socket_errors']:.0f} | "
+                        f"{stored.group(1) if stored else '?'} | {loadavg().split()[0]} | {beside} |",
+                        flush=True,
+                    )
 
             text = metrics(base)
             by_status = {}
             for m in re.finditer(r'^sentiflow_requests_total\{route="([^"]*)",status="(\d+)"\} (\d+)', text, re.M):
                 by_status[m.group(2)] = by_status.get(m.group(2), 0) + int(m.group(3))
             stored = re.search(r"^sentiflow_stored_predictions (\d+)", text, re.M)
-            failures = sum(int(v) for v in re.findall(r"^sentiflow_store_write_failures_total\{[^}]*\} (\d+)", text, re.M))
+            failures = sum(
+                int(v) for v in re.findall(r"^sentiflow_store_write_failures_total\{[^}]*\} (\d+)", text, re.M)
+            )
             _, drift, _ = call(base + "/drift?history=1", side)
             evaluations = len(drift.get("history", [])) if isinstance(drift, dict) else "?"
         finally:
@@ -365,27 +407,39 @@ def main():
             log.close()
         load_after = loadavg()
 
-        mean = {c: {k: sum(x[k] for x in rounds[c]) / len(rounds[c]) for k in ("rps", "p50", "p99")} for c in CONDITIONS}
+        mean = {
+            c: {k: sum(x[k] for x in rounds[c]) / len(rounds[c]) for k in ("rps", "p50", "p99")} for c in CONDITIONS
+        }
         print(f"\nmeans over {args.rounds} rounds of {args.duration} s:\n")
         print("| condition | requests/s | p50 ms | p99 ms | worst round's p99 ms | p99 / idle p99 |")
         print("|---|---:|---:|---:|---:|---:|")
         for c in CONDITIONS:
             worst = max(x["p99"] for x in rounds[c])
-            print(f"| {c} | {mean[c]['rps']:.0f} | {mean[c]['p50'] / 1000:.2f} | {mean[c]['p99'] / 1000:.2f} | "
-                  f"{worst / 1000:.2f} | {mean[c]['p99'] / mean['idle']['p99']:.2f} |")
+            print(
+                f"| {c} | {mean[c]['rps']:.0f} | {mean[c]['p50'] / 1000:.2f} | {mean[c]['p99'] / 1000:.2f} | "
+                f"{worst / 1000:.2f} | {mean[c]['p99'] / mean['idle']['p99']:.2f} |"
+            )
         ratios = {c: mean[c]["p99"] / mean["idle"]["p99"] for c in ("training", "drift")}
-        print(f"\np99(training)/p99(idle): {ratios['training']:.2f}; p99(drift)/p99(idle): {ratios['drift']:.2f} "
-              f"(bar: at most 2; {'met' if max(ratios.values()) <= 2 else 'not met'})")
-        print("answers by status: " + ", ".join(f"{k}: {v}" for k, v in sorted(by_status.items()))
-              + f"; 5xx: {sum(v for k, v in by_status.items() if k.startswith('5'))}")
-        print(f"stored predictions at the end: {stored.group(1) if stored else '?'}; drift evaluations in the "
-              f"history (at most 100): {evaluations}; store write failures: {failures}")
+        print(
+            f"\np99(training)/p99(idle): {ratios['training']:.2f}; p99(drift)/p99(idle): {ratios['drift']:.2f} "
+            f"(bar: at most 2; {'met' if max(ratios.values()) <= 2 else 'not met'})"
+        )
+        print(
+            "answers by status: "
+            + ", ".join(f"{k}: {v}" for k, v in sorted(by_status.items()))
+            + f"; 5xx: {sum(v for k, v in by_status.items() if k.startswith('5'))}"
+        )
+        print(
+            f"stored predictions at the end: {stored.group(1) if stored else '?'}; drift evaluations in the "
+            f"history (at most 100): {evaluations}; store write failures: {failures}"
+        )
         print(f"load average before: {load_before}; after: {load_after}; {time.time() - started:.0f} s in all")
         with open(log_path) as f:
             problems = [line.rstrip() for line in f if re.search(r"\b(WARN|ERROR)\b", line)]
         if problems:
-            notes.append(f"{len(problems)} warnings or errors in the server's log, the first: "
-                         + " / ".join(problems[:3]))
+            notes.append(
+                f"{len(problems)} warnings or errors in the server's log, the first: " + " / ".join(problems[:3])
+            )
         for note in notes:
             print(f"note: {note}")
 

@@ -47,6 +47,7 @@ def read_archive(path):
 
 def write_archive(path, keys, reviews, urls):
     with tarfile.open(path, "w:gz", compresslevel=1) as out:
+
         def add(name, data):
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -67,8 +68,13 @@ def main():
     ap.add_argument("--pipeline", default=os.path.join(ROOT, "pipelines", "imdb.yaml"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--holdout", type=float, default=0.2, help="share of the movies held out")
-    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                    help="pipeline parameter override, e.g. refit=false (repeatable)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="pipeline parameter override, e.g. refit=false (repeatable)",
+    )
     args = ap.parse_args()
 
     reviews, urls = read_archive(args.data)
@@ -89,7 +95,9 @@ def main():
             with open(held, "w") as f:
                 for i, k in enumerate(part_b):
                     text = reviews[k][1].decode()
-                    f.write(json.dumps({"id": i, "text": text, "label": "positive" if k[0] == "pos" else "negative"}) + "\n")
+                    f.write(
+                        json.dumps({"id": i, "text": text, "label": "positive" if k[0] == "pos" else "negative"}) + "\n"
+                    )
             sample = os.path.join(tmp, "b1000.jsonl")
             with open(held) as f, open(sample, "w") as g:
                 lines = f.readlines()
@@ -97,31 +105,71 @@ def main():
 
             env = dict(os.environ, SENTIFLOW_CACHE_DIR=os.path.join(tmp, "cache"))
             overrides = [a for kv in [f"data={archive}", *args.set] for a in ("--set", kv)]
-            subprocess.run([args.sentiflow, "run", os.path.join(tmp, "pipelines", "imdb.yaml"), "--stage",
-                            "export_tfidf", *overrides], env=env, check=True, capture_output=True)
+            subprocess.run(
+                [
+                    args.sentiflow,
+                    "run",
+                    os.path.join(tmp, "pipelines", "imdb.yaml"),
+                    "--stage",
+                    "export_tfidf",
+                    *overrides,
+                ],
+                env=env,
+                check=True,
+                capture_output=True,
+            )
             bundle = os.path.join(tmp, "models", "tfidf")
-            manifest = json.load(open(os.path.join(bundle, "manifest.json")))
-            out = subprocess.run([args.sentiflow, "predict", "--model", bundle, "--input", held], check=True,
-                                 capture_output=True, text=True).stdout
-            predicted = [json.loads(l)["label"] for l in out.splitlines()]
-            truth = [json.loads(l)["label"] for l in open(held)]
-            accuracy = sum(p == t for p, t in zip(predicted, truth)) / len(truth)
-            drift = json.loads(subprocess.run([args.sentiflow, "drift", "--model", bundle, "--input", sample],
-                                              capture_output=True, text=True).stdout)
+            with open(os.path.join(bundle, "manifest.json")) as f:
+                manifest = json.load(f)
+            out = subprocess.run(
+                [args.sentiflow, "predict", "--model", bundle, "--input", held],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            predicted = [json.loads(line)["label"] for line in out.splitlines()]
+            with open(held) as f:
+                truth = [json.loads(line)["label"] for line in f]
+            accuracy = sum(p == t for p, t in zip(predicted, truth, strict=True)) / len(truth)
+            drift = json.loads(
+                subprocess.run(
+                    [args.sentiflow, "drift", "--model", bundle, "--input", sample], capture_output=True, text=True
+                ).stdout
+            )
             statuses = {name: s["status"] for name, s in drift["statistics"].items()}
-            rows.append((seed, len(part_a), len(part_b), len(unseen), manifest["metrics"]["accuracy"], accuracy,
-                         drift["status"], statuses, manifest.get("fitted_on")))
+            rows.append(
+                (
+                    seed,
+                    len(part_a),
+                    len(part_b),
+                    len(unseen),
+                    manifest["metrics"]["accuracy"],
+                    accuracy,
+                    drift["status"],
+                    statuses,
+                    manifest.get("fitted_on"),
+                )
+            )
 
     print(f"data: {args.data}; pipeline: {args.pipeline}; {args.holdout:.0%} of {len(movies)} movies held out\n")
-    print("| round | part A reviews | part B reviews (movies) | validation accuracy (manifest) | accuracy on B | gap (points) | drift on 1,000 B reviews |")
+    print(
+        "| round | part A reviews | part B reviews (movies) | validation accuracy (manifest) | accuracy on B | gap (points) | drift on 1,000 B reviews |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---|")
     for seed, na, nb, nm, valid, acc, status, statuses, _ in rows:
         detail = ", ".join(f"{k} {v}" for k, v in statuses.items())
-        print(f"| {seed} | {na:,} | {nb:,} ({nm}) | {valid:.4f} | {acc:.4f} | {100 * (valid - acc):+.2f} | {status} ({detail}) |")
-    mean = lambda xs: sum(xs) / len(xs)
-    print(f"\nmean validation accuracy {mean([r[4] for r in rows]):.4f}, mean accuracy on unseen movies "
-          f"{mean([r[5] for r in rows]):.4f}, mean gap {100 * mean([r[4] - r[5] for r in rows]):+.2f} points; "
-          f"exported weights fitted on {rows[-1][8]}")
+        print(
+            f"| {seed} | {na:,} | {nb:,} ({nm}) | {valid:.4f} | {acc:.4f} | {100 * (valid - acc):+.2f} | {status} ({detail}) |"
+        )
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    print(
+        f"\nmean validation accuracy {mean([r[4] for r in rows]):.4f}, mean accuracy on unseen movies "
+        f"{mean([r[5] for r in rows]):.4f}, mean gap {100 * mean([r[4] - r[5] for r in rows]):+.2f} points; "
+        f"exported weights fitted on {rows[-1][8]}"
+    )
 
 
 if __name__ == "__main__":

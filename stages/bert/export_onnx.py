@@ -114,8 +114,12 @@ def main(argv):
     single = encode(tokenizer, parity_texts[:1], args.max_length, args.truncation)
     with torch.no_grad():
         torch_single = model(*(torch.from_numpy(single[k]) for k in INPUTS))[0].numpy()
-    max_diff = float(max(np.abs(torch_logits - ort_logits).max(), np.abs(torch_single - onnx_logits(fp32, single)).max()))
-    print(f"parity: {len(parity_texts)} reviews, max |Δlogit| {max_diff:.3g} (tolerance {args.tolerance:g})", flush=True)
+    max_diff = float(
+        max(np.abs(torch_logits - ort_logits).max(), np.abs(torch_single - onnx_logits(fp32, single)).max())
+    )
+    print(
+        f"parity: {len(parity_texts)} reviews, max |Δlogit| {max_diff:.3g} (tolerance {args.tolerance:g})", flush=True
+    )
     if not max_diff <= args.tolerance:
         sys.exit(f"ONNX export differs from PyTorch: max |Δlogit| {max_diff:.3g} > {args.tolerance:g}")
 
@@ -154,7 +158,7 @@ def main(argv):
         float(softmax_positive(onnx_logits(fp32, encode(tokenizer, [t], args.max_length, args.truncation)))[0])
         for t in parity_texts
     ]
-    report["reference"] = [{"text": t, "p_positive": p} for t, p in zip(parity_texts, probs)]
+    report["reference"] = [{"text": t, "p_positive": p} for t, p in zip(parity_texts, probs, strict=True)]
     tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
     (out / "export.json").write_text(json.dumps(report, indent=2) + "\n")
 

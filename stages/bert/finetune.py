@@ -61,7 +61,7 @@ def resolve_base_model(name):
         return name
     if hasattr(module, "get_model_path"):
         return str(module.get_model_path())
-    return str(getattr(module, "MODEL_DIR"))
+    return str(module.MODEL_DIR)
 
 
 def read_split(path, limit, seed):
@@ -171,7 +171,11 @@ def main(argv):
     base = resolve_base_model(args.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForSequenceClassification.from_pretrained(
-        base, dtype=torch.float32, num_labels=2, id2label={0: "negative", 1: "positive"}, label2id={"negative": 0, "positive": 1}
+        base,
+        dtype=torch.float32,
+        num_labels=2,
+        id2label={0: "negative", 1: "positive"},
+        label2id={"negative": 0, "positive": 1},
     ).to(device)
     log(f"base model {base}; {sum(p.numel() for p in model.parameters()):,} parameters; world size {world}; {device}")
 
@@ -192,7 +196,10 @@ def main(argv):
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     no_decay = ("bias", "LayerNorm.weight")
     groups = [
-        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": args.weight_decay},
+        {
+            "params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)],
+            "weight_decay": args.weight_decay,
+        },
         {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=args.lr)
