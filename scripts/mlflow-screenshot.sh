@@ -5,10 +5,10 @@
 # (source, datasets, logged model, tuning trials as child runs, tags, registered model), its
 # logged model's page and two of its plots.
 #
-#   scripts/mlflow-screenshot.sh [OUT_DIR]     (default: docs/screenshots)
+#   scripts/mlflow-screenshot.sh [OUT_DIR]     (default: docs/src/screenshots, where the book shows them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out="$(mkdir -p "${1:-docs/screenshots}" && cd "${1:-docs/screenshots}" && pwd)"
+out="$(mkdir -p "${1:-docs/src/screenshots}" && cd "${1:-docs/src/screenshots}" && pwd)"
 command -v chromium >/dev/null || { echo "error: chromium is not installed (apt-get install chromium)" >&2; exit 1; }
 venv="$(scripts/setup-python)"
 cargo build --release --quiet
