@@ -1,7 +1,7 @@
 //! The web interface end to end: Debian's Chromium, driven by playwright-core (`tests/ui/`),
 //! against a real server serving a TF-IDF and a BERT model; the page predicts, explains, takes
 //! feedback, trains, lists and cancels runs, shows candidates, runs a canary, compares versions
-//! and shows drift, and keeps each error beside the action that failed until that action succeeds. Screenshots land in `target/ui-screenshots/` (README's `docs/screenshots/ui-try.png`).
+//! and shows drift, and keeps each error beside the action that failed until that action succeeds. Screenshots land in `target/ui-screenshots/` (the book's `docs/src/screenshots/ui-try.png`).
 
 mod common;
 
