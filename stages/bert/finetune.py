@@ -1,8 +1,11 @@
 """Fine-tunes a BERT-family checkpoint for binary sentiment on the Parquet splits of `uses: split`.
 
 Run directly (one process) or under `torchrun --nproc_per_node N` (distributed data-parallel: gloo
-on CPU, nccl on GPU). For a given seed and world size the result is deterministic: the subset,
-the shuffling, the classifier head's initialisation and the kernels are all seeded.
+on CPU, nccl on GPU). For a given seed and world size the result is deterministic on one kind of
+processor: the subset, the shuffling, the classifier head's initialisation and the kernels are all
+seeded. Another kind of processor (AVX-512 rather than AVX2, say) runs other SIMD kernels, which
+add in another order, so its weights differ in their last bits and drift apart during training,
+to a model of about the same accuracy.
 
 Writes a transformers checkpoint (`config.json`, `model.safetensors`, `tokenizer.json`, …) and
 `metrics.json` (per-epoch loss and validation accuracy) into --out.
