@@ -80,6 +80,7 @@ fn quickstart_trains_exports_and_predicts() {
     );
 
     // An unchanged rerun restores nothing and runs nothing.
+    let lock = p.read("pipelines/quickstart.lock");
     let r = p.sentiflow(&["run", "pipelines/quickstart.yaml", "--json"]);
     let report = r.json();
     assert!(report["stages"]
@@ -87,6 +88,15 @@ fn quickstart_trains_exports_and_predicts() {
         .unwrap()
         .iter()
         .all(|s| s["state"] == "cached"));
+
+    // A forced rerun runs every stage again and leaves the committed lock file as it was.
+    let r = p.sentiflow(&["run", "pipelines/quickstart.yaml", "--force", "--json"]);
+    assert!(r.json()["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["state"] == "ran"));
+    assert_eq!(p.read("pipelines/quickstart.lock"), lock);
 }
 
 /// The movies of one part of a split.

@@ -1,5 +1,7 @@
 //! The lock file beside each pipeline (`demo.yaml` → `demo.lock`): what every stage's last
-//! successful run used and produced, in a stable order so `git diff` shows what changed.
+//! successful run used and produced, in a stable order so `git diff` shows what changed. It
+//! holds results only: a rerun that produces the same outputs leaves it byte-identical, so
+//! timings live in the run report, the database and MLflow instead.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -28,8 +30,13 @@ pub struct LockedStage {
     pub inputs: BTreeMap<String, String>,
     /// Output path → content hash.
     pub outs: BTreeMap<String, String>,
-    pub duration_ms: u64,
     pub metrics: Metrics,
+}
+
+/// Whether metric `name` is a timing (`…_seconds`): it changes from run to run, so it stays in
+/// the run report and MLflow and out of the lock file.
+fn is_timing(name: &str) -> bool {
+    name.ends_with("_seconds")
 }
 
 const HEADER: &str = "# Written by `sentiflow run`: the inputs, parameters and outputs of each stage's last run.\n";
@@ -86,8 +93,12 @@ impl Writer {
                     params: canonical(&kind.params()),
                     inputs: r.inputs.clone(),
                     outs: r.outs.iter().map(|a| (a.path.clone(), a.hash.clone())).collect(),
-                    duration_ms: r.duration_ms,
-                    metrics: r.metrics.clone(),
+                    metrics: r
+                        .metrics
+                        .iter()
+                        .filter(|(name, _)| !is_timing(name))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
                 },
             );
         }
