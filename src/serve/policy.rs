@@ -23,9 +23,15 @@ use crate::store::{ShadowFigures, Trigger};
 /// are flat settings, one per `SENTIFLOW_<NAME>` variable.
 pub const SECTIONS: [&str; 2] = ["retrain", "promotion"];
 
-/// A length of time written as a whole number and a unit: `30s`, `15m`, `6h` or `7d`.
+/// A length of time written as a whole number and a unit: `30s`, `15m`, `6h` or `7d`, at most
+/// [`Span::MAX_DAYS`] days, so that any span added to a date is still a date.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Span(pub Duration);
+
+impl Span {
+    /// The longest span: ten years.
+    pub const MAX_DAYS: u64 = 3650;
+}
 
 impl std::str::FromStr for Span {
     type Err = String;
@@ -45,11 +51,13 @@ impl std::str::FromStr for Span {
             "d" => 86_400,
             _ => return Err(bad()),
         };
+        let too_long = || format!("`{text}` is too long: at most {}d (ten years)", Span::MAX_DAYS);
         match number.parse::<u64>() {
-            Ok(n) if n > 0 => n
-                .checked_mul(unit_s)
-                .map(|secs| Span(Duration::from_secs(secs)))
-                .ok_or_else(bad),
+            Ok(n) if n > 0 => match n.checked_mul(unit_s) {
+                Some(secs) if secs <= Span::MAX_DAYS * 86_400 => Ok(Span(Duration::from_secs(secs))),
+                _ => Err(too_long()),
+            },
+            Err(e) if *e.kind() == std::num::IntErrorKind::PosOverflow => Err(too_long()),
             _ => Err(bad()),
         }
     }
@@ -442,8 +450,12 @@ mod tests {
         assert_eq!("15m".parse(), Ok(Span(Duration::from_secs(900))));
         assert_eq!("7d".parse::<Span>().unwrap().to_string(), "7d");
         assert_eq!(Span(Duration::from_secs(90)).to_string(), "90s");
-        for bad in ["", "6", "h", "0s", "1.5h", "-1h", "6 hours", "99999999999999999999d"] {
-            assert!(bad.parse::<Span>().is_err(), "{bad}");
+        for bad in ["", "6", "h", "0s", "1.5h", "-1h", "6 hours"] {
+            assert!(bad.parse::<Span>().unwrap_err().contains("is not a duration"), "{bad}");
+        }
+        assert_eq!("3650d".parse::<Span>().unwrap().to_string(), "3650d");
+        for long in ["3651d", "100000000d", "99999999999999999999d"] {
+            assert!(long.parse::<Span>().unwrap_err().contains("at most 3650d"), "{long}");
         }
     }
 
@@ -468,6 +480,14 @@ mod tests {
         let e = Sections::load(&file).unwrap_err().to_string();
         assert!(e.starts_with(&format!("{}:3:3: ", file.display())), "{e}");
         assert!(e.contains("unknown field `cooldwn`") && e.contains("`cooldown`"), "{e}");
+        std::fs::write(
+            &file,
+            "retrain:\n  pipeline: imdb\n  every: 2s\n  cooldown: 100000000d\n",
+        )
+        .unwrap();
+        let e = Sections::load(&file).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}:4:", file.display())), "{e}");
+        assert!(e.contains("at most 3650d"), "{e}");
         std::fs::write(&file, "promotion:\n  min_shadow: 5\n  max_disagrement: 0.1\n").unwrap();
         let e = Sections::load(&file).unwrap_err().to_string();
         assert!(e.contains(":3:3: ") && e.contains("max_disagrement"), "{e}");
