@@ -112,6 +112,7 @@ try {
     const s = document.querySelector("#runs tbody tr[data-run] .run-status");
     return s && s.textContent === "cancelled";
   }, null, { timeout: 30000 });
+  // The panel and the history agree from the moment the history shows it: no second read.
   expect(await page.textContent("#run-state") === "cancelled", "the run's own status cancelled");
   await page.selectOption("#runs-status", "cancelled");
   await page.waitForFunction(() => [...document.querySelectorAll("#runs tbody tr[data-run] .run-status")].every((s) => s.textContent === "cancelled")
