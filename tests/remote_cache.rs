@@ -179,6 +179,67 @@ fn a_corrupt_remote_object_is_refused_and_the_stage_runs_again() {
     assert_eq!(s3.get(&object).unwrap(), good);
 }
 
+/// Anyone who can write the bucket can rewrite a run entry so that an output names another
+/// object that exists. With the team's secret, such an entry is refused and its stage runs again.
+#[test]
+fn a_rewritten_run_entry_is_refused_when_entries_are_signed() {
+    let s3 = S3::start();
+    let url = s3.url("signed");
+    let secret = ["--remote-cache-secret", "team secret"];
+    let a = quickstart();
+    let r = sentiflow(
+        &a,
+        &s3,
+        &[&["run", QUICKSTART, "--json", "--remote-cache", &url][..], &secret].concat(),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let report = r.json();
+
+    // `clean`'s entry, rewritten to name `load`'s output as its own.
+    let key = stage(&report, "clean")["key"].as_str().unwrap().to_string();
+    let entry_name = format!("signed/runs/{}/{key}.json", &key[..2]);
+    let mut entry: Value = serde_json::from_slice(&s3.get(&entry_name).unwrap()).unwrap();
+    assert!(entry["mac"].is_string(), "entries are signed: {entry}");
+    let load_out = &stage(&report, "load")["outs"][0];
+    entry["outs"][0]["hash"] = load_out["hash"].clone();
+    entry["outs"][0]["size"] = load_out["size"].clone();
+    s3.put(&entry_name, &serde_json::to_vec(&entry).unwrap());
+
+    let b = quickstart();
+    let r = sentiflow(
+        &b,
+        &s3,
+        &[&["run", QUICKSTART, "--json", "--remote-cache", &url][..], &secret].concat(),
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let mut want = all("fetched");
+    // `clean` runs again; what follows it has the same key and is fetched.
+    want.insert("clean".into(), "ran".into());
+    assert_eq!(states(&r.json()), want, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("its signature does not match its content"),
+        "the warning says why: {}",
+        r.stderr
+    );
+    assert_eq!(outputs(&a), outputs(&b), "no wrong bytes reach the checkout");
+
+    // An entry written without the secret is refused the same way.
+    entry.as_object_mut().unwrap().remove("mac");
+    s3.put(&entry_name, &serde_json::to_vec(&entry).unwrap());
+    let c = quickstart();
+    let r = sentiflow(
+        &c,
+        &s3,
+        &[&["run", QUICKSTART, "--json", "--remote-cache", &url][..], &secret].concat(),
+    );
+    assert_eq!(stage(&r.json(), "clean")["state"], "ran", "{}", r.stderr);
+    assert!(
+        r.stderr.contains("it is not signed with the team's secret"),
+        "{}",
+        r.stderr
+    );
+}
+
 #[test]
 fn two_pushes_of_the_same_entries_at_once_both_succeed() {
     let s3 = S3::start();

@@ -182,7 +182,7 @@ impl Cache {
         let Some(bytes) = remote.get(&name)? else {
             return Ok(None);
         };
-        let entry: RunEntry = serde_json::from_slice(&bytes).map_err(|e| remote.corrupt(&name, e.to_string()))?;
+        let entry = remote.unseal(&name, key, &bytes)?;
         entry.check_foreign().map_err(|reason| remote.corrupt(&name, reason))?;
         let mut transfer = Transfer {
             runs: 1,
@@ -208,7 +208,10 @@ impl Cache {
             transfer.objects += 1;
             transfer.bytes += size;
         }
-        write_atomic(&self.run_path(key), &bytes)?;
+        write_atomic(
+            &self.run_path(key),
+            &serde_json::to_vec_pretty(&entry).expect("run entries serialize"),
+        )?;
         Ok(Some((entry, transfer)))
     }
 
@@ -243,7 +246,7 @@ impl Cache {
             transfer.objects += 1;
             transfer.bytes += size;
         }
-        remote.put(&name, serde_json::to_vec_pretty(entry).expect("run entries serialize"))?;
+        remote.put(&name, remote.seal(key, entry))?;
         transfer.runs += 1;
         Ok(transfer)
     }

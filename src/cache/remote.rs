@@ -5,11 +5,30 @@
 //! (run entries), so an entry never changes once written: puts are create-only, and a put that
 //! finds the name taken has nothing left to do. That makes two machines pushing one entry at once
 //! harmless, and, as a put is atomic, a reader sees a whole object or none.
+//!
+//! What it trusts: an object is checked against its name, so its bytes cannot be changed. A run
+//! entry says which objects a stage produced, and only a key can check that: with a team secret
+//! (`--remote-cache-secret`), each entry carries an HMAC-SHA256 of its stage key and content, and
+//! an entry without a valid one is refused and run again. Without a secret, whoever can write the
+//! bucket can make an entry name other (existing) objects.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
 
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+
+use super::RunEntry;
 use crate::objects::{Objects, ObjectsError};
+
+/// A run entry as the remote keeps it: with its MAC when the team has a secret.
+#[derive(Serialize, Deserialize)]
+struct Sealed {
+    #[serde(flatten)]
+    entry: RunEntry,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    mac: Option<String>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
@@ -22,6 +41,8 @@ pub enum RemoteError {
 /// A remote cache.
 pub struct Remote {
     objects: Objects,
+    /// The team's secret that signs run entries.
+    secret: Option<Vec<u8>>,
     /// Names this process found corrupt: its next put of them replaces them instead of keeping
     /// the damaged copy forever.
     corrupt: Mutex<HashSet<String>>,
@@ -36,9 +57,10 @@ pub struct Transfer {
 }
 
 impl Remote {
-    pub fn open(url: &str) -> Result<Remote, RemoteError> {
+    pub fn open(url: &str, secret: Option<&str>) -> Result<Remote, RemoteError> {
         Ok(Remote {
             objects: Objects::open(url, "remote cache")?,
+            secret: secret.map(|s| s.as_bytes().to_vec()),
             corrupt: Mutex::new(HashSet::new()),
         })
     }
@@ -60,6 +82,53 @@ impl Remote {
             key: rel.to_string(),
             reason,
         }
+    }
+
+    /// The MAC of the entry of stage key `key`, by the team's secret.
+    fn mac(&self, secret: &[u8], key: &str, entry: &RunEntry) -> String {
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes keys of any length");
+        mac.update(b"sentiflow run entry\n");
+        mac.update(key.as_bytes());
+        mac.update(b"\n");
+        mac.update(&serde_json::to_vec(entry).expect("run entries serialize"));
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    /// The bytes to store for the entry of stage key `key`.
+    pub(super) fn seal(&self, key: &str, entry: &RunEntry) -> Vec<u8> {
+        let sealed = Sealed {
+            entry: entry.clone(),
+            mac: self.secret.as_deref().map(|s| self.mac(s, key, entry)),
+        };
+        serde_json::to_vec_pretty(&sealed).expect("run entries serialize")
+    }
+
+    /// The entry of stage key `key` stored at `rel` as `bytes`, once its MAC is checked (with a
+    /// secret); a bad one is distrusted, so the stage's next push replaces it.
+    pub(super) fn unseal(&self, rel: &str, key: &str, bytes: &[u8]) -> Result<RunEntry, RemoteError> {
+        let sealed: Sealed = serde_json::from_slice(bytes).map_err(|e| self.corrupt(rel, e.to_string()))?;
+        if let Some(secret) = &self.secret {
+            let expected = self.mac(secret, key, &sealed.entry);
+            match &sealed.mac {
+                None => {
+                    return Err(self.corrupt(
+                        rel,
+                        "it is not signed with the team's secret (--remote-cache-secret); it was written by a \
+                         machine without it, or altered"
+                            .into(),
+                    ))
+                }
+                Some(mac) if *mac != expected => {
+                    return Err(self.corrupt(
+                        rel,
+                        "its signature does not match its content: it was altered, or signed with another secret"
+                            .into(),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(sealed.entry)
     }
 
     /// The object at `rel`, or `None` when there is none.
