@@ -23,11 +23,12 @@ use std::collections::BTreeMap;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::Path;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::bert::{BertError, BertModel, Runtime, Truncation};
-use super::linear::LinearModel;
+use super::linear::{LinearModel, ModelSpec};
 use super::sparse::{read_vec, write_slice};
 use super::tfidf::{Tfidf, TfidfConfig, TfidfError};
 use crate::cache::{hash_reader, sha256_hex};
@@ -118,31 +119,117 @@ impl Manifest {
     }
 
     /// The hyper-parameters that produced the model, for people and the registry.
-    pub fn parameters(&self) -> Value {
+    pub fn parameters(&self) -> Parameters {
         match &self.family {
-            Family::Tfidf { model, vectorizer, .. } => {
-                serde_json::json!({"model": model.spec, "vectorizer": vectorizer})
-            }
+            Family::Tfidf { model, vectorizer, .. } => Parameters::Tfidf(TfidfParameters {
+                model: model.spec.clone(),
+                vectorizer: vectorizer.clone(),
+            }),
             Family::Bert {
                 max_length,
                 truncation,
                 training,
                 ..
-            } => serde_json::json!({
-                "max_length": max_length,
-                "truncation": truncation,
-                "fine_tuning": training["params"],
+            } => Parameters::Bert(BertParameters {
+                max_length: *max_length,
+                truncation: *truncation,
+                fine_tuning: typed_entries(&training["params"]),
             }),
         }
     }
 
     /// The hyper-parameter search that chose the model, if there was one.
-    pub fn tuning(&self) -> Value {
+    pub fn tuning(&self) -> Option<Tuning> {
         match &self.family {
-            Family::Tfidf { tuning, .. } => tuning.clone(),
-            Family::Bert { .. } => Value::Null,
+            Family::Tfidf { tuning, .. } => serde_json::from_value(tuning.clone()).ok(),
+            Family::Bert { .. } => None,
         }
     }
+
+    /// The validation figures.
+    pub fn figures(&self) -> Figures {
+        typed_entries(&self.metrics)
+    }
+}
+
+/// The hyper-parameters that produced a model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Parameters {
+    Tfidf(TfidfParameters),
+    Bert(BertParameters),
+}
+
+/// A TF-IDF model's classifier and the settings of its features.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TfidfParameters {
+    pub model: ModelSpec,
+    pub vectorizer: TfidfConfig,
+}
+
+/// A fine-tuned BERT model's input length, truncation and fine-tuning settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct BertParameters {
+    pub max_length: usize,
+    pub truncation: Truncation,
+    /// The fine-tuning script's settings, by name.
+    pub fine_tuning: BTreeMap<String, Option<Setting>>,
+}
+
+/// One setting of a fine-tuning run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Setting {
+    Flag(bool),
+    Number(serde_json::Number),
+    Text(String),
+}
+
+/// The hyper-parameter search that chose a TF-IDF model: a `tune` stage's `best.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Tuning {
+    /// The `vectorize` stage whose features won.
+    pub vectorizer: String,
+    pub model: ModelSpec,
+    /// What the search compared (`accuracy`, `f1`, `roc_auc` or `log_loss`).
+    pub metric: String,
+    /// The metric's mean over the folds, and its standard deviation.
+    pub mean: f64,
+    pub std: f64,
+    pub folds: usize,
+}
+
+/// Figures of a stage or a model by name; `null` where a figure is undefined (a ROC AUC of one
+/// class).
+pub type Figures = BTreeMap<String, Option<Figure>>;
+
+/// One figure: a number, a text (a version), a matrix of counts (the confusion matrix
+/// `[[TN, FP], [FN, TP]]`) or the model a search chose.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Figure {
+    Number(serde_json::Number),
+    Text(String),
+    Counts(Vec<Vec<u64>>),
+    Model(ModelSpec),
+}
+
+/// The entries of the JSON object `value` that have the shape `T`; an entry of another shape is
+/// left out (and logged), never an error: these are for people to read.
+pub fn typed_entries<T: serde::de::DeserializeOwned>(value: &Value) -> BTreeMap<String, Option<T>> {
+    let Some(object) = value.as_object() else {
+        return BTreeMap::new();
+    };
+    object
+        .iter()
+        .filter_map(|(k, v)| match serde_json::from_value(v.clone()) {
+            Ok(typed) => Some((k.clone(), typed)),
+            Err(e) => {
+                tracing::warn!("`{k}`: {e}; left out");
+                None
+            }
+        })
+        .collect()
 }
 
 /// A trained TF-IDF model: the vectorizer and the linear classifier on its features.

@@ -8,7 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use super::policy::GateVerdict;
-use crate::models::bundle::Explanation;
+use crate::models::bundle::{Explanation, Figures, Parameters};
 use crate::pipeline::ParamValue;
 use crate::store::{ModelRow, RunStatus, RunSummary, ShadowFigures, Trigger};
 
@@ -185,11 +185,11 @@ pub struct BestModelParameter {
     pub run_id: Option<String>,
     pub kind: String,
     /// The hyper-parameters of the model and its features.
-    pub parameters: Value,
+    pub parameters: Parameters,
     /// The cross-validation of the tuning that chose them, if the model was tuned.
     pub cv: Option<CrossValidation>,
     /// Metrics on the validation split.
-    pub validation: Value,
+    pub validation: Figures,
 }
 
 fn example_best() -> Value {
@@ -201,13 +201,12 @@ fn example_best() -> Value {
 }
 
 /// A tuning's cross-validated score of the chosen parameters.
-#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct CrossValidation {
     pub metric: String,
     pub mean: f64,
     pub std: f64,
-    pub folds: u32,
-    #[serde(alias = "vectorizer")]
+    pub folds: usize,
     pub vectorizer_stage: String,
 }
 
@@ -274,7 +273,8 @@ pub struct Pipelines {
 pub struct PipelineInfo {
     pub name: String,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub params: Option<BTreeMap<String, Value>>,
+    /// Its parameters and their declared values.
+    pub params: Option<BTreeMap<String, ParamValue>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stages: Option<Vec<StageInfo>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -323,7 +323,8 @@ pub struct TrainingRun {
     /// What started it.
     pub trigger: Trigger,
     pub error: Option<String>,
-    pub params: Value,
+    /// The parameters the run was asked for.
+    pub params: BTreeMap<String, ParamValue>,
     /// Each stage's last state, by name.
     pub stages: BTreeMap<String, StageOutcome>,
     pub created_at: String,
@@ -376,11 +377,11 @@ pub struct TrainingCancelled {
     pub status: RunStatus,
 }
 
-#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct StageOutcome {
     pub state: String,
     pub duration_ms: u64,
-    pub metrics: Value,
+    pub metrics: Figures,
     pub error: Option<String>,
 }
 
@@ -398,11 +399,21 @@ pub struct LogLine {
     pub at: String,
 }
 
-/// The shape of `GET /openapi.json` (the document itself is built in `openapi`).
+/// The shape of `GET /openapi.json` (the document itself is built in `openapi`): an OpenAPI 3.1
+/// document, whose operations and schemas are JSON objects of the specification's own shapes.
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct OpenApiDocument {
     pub openapi: String,
-    pub info: Value,
-    pub paths: Value,
-    pub components: Value,
+    pub info: OpenApiInfo,
+    /// Path → method → operation.
+    pub paths: BTreeMap<String, BTreeMap<String, serde_json::Map<String, Value>>>,
+    /// `schemas` and `securitySchemes`, by name.
+    pub components: BTreeMap<String, BTreeMap<String, serde_json::Map<String, Value>>>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct OpenApiInfo {
+    pub title: String,
+    pub version: String,
+    pub description: String,
 }

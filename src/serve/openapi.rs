@@ -123,6 +123,9 @@ pub fn document(config: &Config) -> Value {
     }
     let mut schemas = g.take_definitions(true);
     limit_texts(&mut schemas, config);
+    for schema in schemas.values_mut() {
+        plain_enum(schema);
+    }
     json!({
         "openapi": "3.1.0",
         "info": {"title": "sentiflow", "version": env!("CARGO_PKG_VERSION"),
@@ -134,6 +137,32 @@ pub fn document(config: &Config) -> Value {
         },
         "paths": paths,
     })
+}
+
+/// Writes the `oneOf` of documented constants that schemars makes of an enum whose variants have
+/// doc comments as a plain `enum` of strings, each variant's text moved into the description:
+/// the common generators (openapi-python-client among them) type a plain `enum` as one, and
+/// choke on the `oneOf`.
+fn plain_enum(schema: &mut Value) {
+    let Some(variants) = schema["oneOf"].as_array() else {
+        return;
+    };
+    let names: Option<Vec<&str>> = variants.iter().map(|v| v["const"].as_str()).collect();
+    let Some(names) = names else {
+        return;
+    };
+    let mut description = schema["description"].as_str().unwrap_or_default().to_string();
+    for (name, v) in names.iter().zip(variants) {
+        if let Some(text) = v["description"].as_str() {
+            description.push_str(&format!("\n- `{name}`: {}", text.replace('\n', " ")));
+        }
+    }
+    let names: Vec<Value> = names.into_iter().map(Value::from).collect();
+    let object = schema.as_object_mut().expect("a schema with `oneOf` is an object");
+    object.remove("oneOf");
+    object.insert("type".into(), "string".into());
+    object.insert("enum".into(), names.into());
+    object.insert("description".into(), description.trim_start().into());
 }
 
 /// The texts of `POST /prediction` as this server accepts them: not blank, at most

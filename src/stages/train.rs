@@ -8,11 +8,11 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::tune::Best;
 use super::vectorize::Features;
 use super::{read_json, write_json, Context, Metrics, Stage, StageError};
 use crate::data::Reviews;
 use crate::drift::{Reference, Sample};
+use crate::models::bundle::Tuning;
 use crate::models::bundle::{FittedOn, TfidfModel};
 use crate::models::linear::{LinearModel, ModelSpec};
 use crate::models::metrics::{roc_curve, score};
@@ -52,7 +52,7 @@ impl Stage for Train {
     }
 
     fn run(&self, ctx: &Context) -> Result<Metrics, StageError> {
-        let tuned: Option<Best> = match ctx.upstream_of(&["tune"]).as_slice() {
+        let tuned: Option<Tuning> = match ctx.upstream_of(&["tune"]).as_slice() {
             [] => None,
             [one] => Some(read_json(&one.outs[0].join("best.json"))?),
             _ => {

@@ -11,6 +11,7 @@ use serde_json::{json, Map, Value};
 use super::vectorize::Features;
 use super::{write_json, Context, Metrics, Stage, StageError};
 use crate::data::partition::{self, Grouping};
+use crate::models::bundle::Tuning;
 use crate::models::linear::{LinearModel, ModelSpec};
 use crate::models::metrics::{score, Scores};
 use crate::models::rng::Rng;
@@ -96,17 +97,6 @@ pub enum Search {
     #[default]
     Grid,
     Random,
-}
-
-/// The winning configuration, as `train` reads it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Best {
-    pub vectorizer: String,
-    pub model: ModelSpec,
-    pub metric: String,
-    pub mean: f64,
-    pub std: f64,
-    pub folds: usize,
 }
 
 type Getter = fn(&Scores) -> f64;
@@ -342,7 +332,7 @@ impl Stage for Tune {
         }
         let (t, mean, std) = best.expect("at least one trial");
         let (v, spec) = trials[t];
-        let best = Best {
+        let best = Tuning {
             vectorizer: features[v].0.clone(),
             model: spec.clone(),
             metric: self.metric.name().into(),

@@ -288,7 +288,8 @@ fn logged_model(
     })?;
     let handle = model_handle(stage);
     let mut flat = Vec::new();
-    for (k, v) in manifest.parameters().as_object().into_iter().flatten() {
+    let parameters = serde_json::to_value(manifest.parameters()).expect("parameters serialize");
+    for (k, v) in parameters.as_object().into_iter().flatten() {
         flatten(k, v, &mut flat);
     }
     let params = flat
