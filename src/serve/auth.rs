@@ -67,7 +67,8 @@ pub fn create_key(store: &Store, role: Role, label: Option<&str>) -> Result<Stri
 
 /// Known keys by hash, filled from the database as keys are first seen and forgotten whenever
 /// another process changes the database (a key revoked with `sentiflow keys revoke` is refused
-/// from the next request on).
+/// from the next request on). The lock is never held across a database call: a database that
+/// does not answer delays only the requests that must ask it, never those with a known key.
 #[derive(Default)]
 pub struct Keys {
     known: Mutex<KnownKeys>,
@@ -85,8 +86,8 @@ pub struct Known {
 struct KnownKeys {
     data_version: i64,
     by_hash: HashMap<String, Known>,
-    /// Id → when its use was last written; kept when `by_hash` is forgotten, so writes by this
-    /// server (which change the data version too) do not make every key due again.
+    /// Id → when its use was last recorded (or tried); kept when `by_hash` is forgotten, so
+    /// writes by this server (which change the data version too) do not make every key due again.
     touched: HashMap<i64, Instant>,
 }
 
@@ -94,62 +95,68 @@ struct KnownKeys {
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
 
 impl Keys {
-    /// The key of `hash` from memory, when the database has not changed since it was read and
-    /// its use need not be written now; `None` means [`Keys::lookup`] must ask the database.
-    /// `PRAGMA data_version` reads the WAL index in shared memory (no file I/O, microseconds),
-    /// so this runs on the request's thread: a hop to a blocking thread would cost more.
+    /// The key of `hash` from memory, when the database has not changed since it was read;
+    /// `None` means [`Keys::lookup`] must ask the database. `PRAGMA data_version` reads the WAL
+    /// index in shared memory (no file I/O, microseconds), and PostgreSQL's count of changes is
+    /// in memory, so this runs on the request's thread: a hop to a blocking thread would cost more.
     pub fn cached(&self, store: &Store, hash: &str) -> Result<Option<Known>, StoreError> {
         let version = store.outside_changes()?;
         let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         if known.data_version != version {
             return Ok(None);
         }
-        Ok(known.by_hash.get(hash).and_then(|k| {
-            let due = known.touched.get(&k.id).is_none_or(|t| t.elapsed() >= TOUCH_EVERY);
-            (!due).then(|| k.clone())
-        }))
+        Ok(known.by_hash.get(hash).cloned())
     }
 
-    /// The key of `hash`, or `None` for an unknown or revoked key; reads and writes the
-    /// database, so it runs on a blocking thread.
-    pub fn lookup(&self, store: &Store, hash: &str, metrics: &Metrics) -> Result<Option<Known>, StoreError> {
+    /// The key of `hash`, or `None` for an unknown or revoked key; reads the database, so it runs
+    /// on a blocking thread.
+    pub fn lookup(&self, store: &Store, hash: &str) -> Result<Option<Known>, StoreError> {
         let version = store.outside_changes()?;
+        let found = store
+            .key_role(hash)?
+            .and_then(|(id, role, label)| Role::parse(&role).map(|role| Known { id, role, label }));
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         if known.data_version != version {
             known.by_hash.clear();
             known.data_version = version;
         }
-        let entry = match known.by_hash.get(hash) {
-            Some(e) => Some(e.clone()),
-            None => store
-                .key_role(hash)?
-                .and_then(|(id, role, label)| Role::parse(&role).map(|role| Known { id, role, label })),
-        };
-        let Some(found) = entry else {
-            return Ok(None);
-        };
-        known.by_hash.insert(hash.to_string(), found.clone());
+        // Read at `version`: a change committed since then has moved the version on, so the
+        // next request asks again.
+        if let Some(found) = &found {
+            known.by_hash.insert(hash.to_string(), found.clone());
+        }
+        Ok(found)
+    }
+
+    /// Whether the use of key `id` should be recorded now; claims the recording, so one request
+    /// a minute per key does it.
+    pub fn touch_due(&self, id: i64) -> bool {
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let due = known
             .touched
-            .get(&found.id)
+            .get(&id)
             .is_none_or(|t| now.duration_since(*t) >= TOUCH_EVERY);
-        // Recording the use is bookkeeping: it never waits for another write in progress (the
-        // next request tries again), and a full disk must not refuse a valid key.
         if due {
-            match store.try_touch_key(found.id) {
-                Ok(true) => {
-                    known.touched.insert(found.id, now);
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!("recording the use of key {}: {e}", found.id);
-                    metrics.store_failure("key_last_used");
-                    known.touched.insert(found.id, now);
-                }
+            known.touched.insert(id, now);
+        }
+        due
+    }
+
+    /// Records the use of key `id`. It is bookkeeping, done off the request's path: it never
+    /// waits for another write in progress (a later request tries again), and neither a full
+    /// disk nor an unreachable database refuses a valid key.
+    pub fn touch(&self, store: &Store, id: i64, metrics: &Metrics) {
+        match store.try_touch_key(id) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.known.lock().unwrap_or_else(|p| p.into_inner()).touched.remove(&id);
+            }
+            Err(e) => {
+                tracing::warn!("recording the use of key {id}: {e}");
+                metrics.store_failure("key_last_used");
             }
         }
-        Ok(Some(found))
     }
 }
 

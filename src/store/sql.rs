@@ -318,11 +318,12 @@ pub const CHANGES_CHANNEL: &str = "sentiflow_changes";
 pub fn listen(url: String, changes: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
     let run = move || {
         while !stop.load(Ordering::Relaxed) {
+            // While the server is down the count stays put, so what was read before (the keys
+            // known) stays valid; the next connection counts once for what it may have missed.
             if let Err(e) = listen_once(&url, &changes, &stop) {
                 tracing::warn!("listening for changes on {}: {e}; reconnecting", redact(&url));
                 std::thread::sleep(Duration::from_secs(1));
             }
-            changes.fetch_add(1, Ordering::SeqCst);
         }
     };
     if let Err(e) = std::thread::Builder::new().name("db-listen".into()).spawn(run) {

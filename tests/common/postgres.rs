@@ -1,6 +1,7 @@
 //! A throw-away PostgreSQL cluster for the tests: Debian's server binaries, started once per test
 //! binary on a free port, as the `postgres` user when the tests run as root (`initdb` refuses
-//! root), and stopped when the test binary exits. Each caller gets a database of its own.
+//! root), and stopped when the test binary exits. Each caller gets a database of its own. A test
+//! that stops the server starts a cluster of its own ([`Cluster::start`]).
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -9,8 +10,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-struct Cluster {
+pub struct Cluster {
     port: u16,
+    data: PathBuf,
 }
 
 /// The directory of PostgreSQL's server programs: `$SENTIFLOW_PG_BIN`, else the newest
@@ -72,6 +74,36 @@ fn as_server_user(program: &Path, tied: bool) -> Command {
     cmd
 }
 
+impl Cluster {
+    /// A cluster of the caller's own, stopped when the test binary exits (or by [`Cluster::stop`]).
+    pub fn start() -> Cluster {
+        start()
+    }
+
+    /// The URL of a new, empty database on this cluster.
+    pub fn database(&self) -> String {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let name = format!("t{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
+        let mut admin = postgres::Client::connect(&url_of(self.port, "postgres"), postgres::NoTls).unwrap();
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+        url_of(self.port, &name)
+    }
+
+    /// Stops the server as an operator would (`pg_ctl stop`, fast mode: clients are cut off).
+    pub fn stop(&self) {
+        let out = as_server_user(&bin_dir().join("pg_ctl"), false)
+            .args(["stop", "-m", "fast", "-w", "-D"])
+            .arg(&self.data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 fn start() -> Cluster {
     let bin = bin_dir();
     let dir = tempfile::Builder::new()
@@ -103,6 +135,7 @@ fn start() -> Cluster {
     // parent-death signal follows the spawning thread, not the process.
     let (tx, rx) = std::sync::mpsc::channel();
     let log = dir.join("server.log");
+    let data_dir = data.clone();
     std::thread::spawn(move || {
         let child = as_server_user(&bin.join("postgres"), true)
             .arg("-D")
@@ -140,7 +173,7 @@ fn start() -> Cluster {
             ),
         }
     }
-    Cluster { port }
+    Cluster { port, data: data_dir }
 }
 
 fn url_of(port: u16, db: &str) -> String {
@@ -150,12 +183,7 @@ fn url_of(port: u16, db: &str) -> String {
 /// The URL of a new, empty database on the tests' cluster.
 pub fn database() -> String {
     static CLUSTER: OnceLock<Cluster> = OnceLock::new();
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let cluster = CLUSTER.get_or_init(start);
-    let name = format!("t{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
-    let mut admin = postgres::Client::connect(&url_of(cluster.port, "postgres"), postgres::NoTls).unwrap();
-    admin.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-    url_of(cluster.port, &name)
+    CLUSTER.get_or_init(start).database()
 }
 
 /// Whether the tests run on PostgreSQL (`SENTIFLOW_TEST_DB=postgres`) rather than SQLite.
