@@ -40,7 +40,8 @@ COPY --from=build /usr/local/bin/sentiflow /usr/local/bin/sentiflow
 COPY --chown=sentiflow:sentiflow pipelines /app/pipelines
 COPY --chown=sentiflow:sentiflow tests/fixtures/imdb_sample.tar.gz /app/tests/fixtures/imdb_sample.tar.gz
 COPY container/entrypoint.sh /usr/local/bin/sentiflow-container
-# Pipelines write data/, models/ and reports/ under the project root: keep them on the volume.
+# Pipelines write data/, models/ and reports/ under the project root: keep them on the volume,
+# which SENTIFLOW_OUTPUT_DIRS allows outputs to reach through these links.
 RUN for d in data models reports; do ln -s /data/$d /app/$d; done
 
 USER sentiflow
@@ -49,7 +50,8 @@ ENV VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     SENTIFLOW_ADDR=0.0.0.0:8080 \
     SENTIFLOW_DB=/data/sentiflow.db \
-    SENTIFLOW_CACHE_DIR=/data/cache
+    SENTIFLOW_CACHE_DIR=/data/cache \
+    SENTIFLOW_OUTPUT_DIRS=/data/data:/data/models:/data/reports
 VOLUME /data
 EXPOSE 8080 5000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=30s \

@@ -45,6 +45,10 @@ struct Cli {
     /// Cache directory [default: <project root>/cache, or ./cache outside a pipeline].
     #[arg(long, global = true, env = "SENTIFLOW_CACHE_DIR")]
     cache_dir: Option<PathBuf>,
+    /// Directories outside the project root that stage outputs may reach through a symbolic
+    /// link in the project (`:`-separated), e.g. a volume that `data/` links to.
+    #[arg(long, global = true, env = "SENTIFLOW_OUTPUT_DIRS", value_delimiter = ':')]
+    output_dirs: Vec<PathBuf>,
     /// Print only errors: no progress, stage lines or summaries.
     #[arg(short, long, global = true, conflicts_with = "verbose")]
     quiet: bool,
@@ -284,6 +288,16 @@ struct RemoteCache {
     /// stage missing from the local cache is fetched from it; a stage that runs is pushed to it.
     #[arg(long = "remote-cache", env = "SENTIFLOW_REMOTE_CACHE", value_name = "URL")]
     url: Option<String>,
+    /// The team's secret for the remote cache: run entries are signed with it, and one that is
+    /// not is refused and its stage run again. Without it, whoever can write the bucket can make
+    /// an entry name other objects. Prefer the variable: a flag shows in the process list.
+    #[arg(
+        long = "remote-cache-secret",
+        env = "SENTIFLOW_REMOTE_CACHE_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    secret: Option<String>,
 }
 
 impl RemoteCache {
@@ -291,7 +305,7 @@ impl RemoteCache {
     /// mistake.
     fn attach(&self, cache: Cache) -> Result<Cache, i32> {
         let Some(url) = &self.url else { return Ok(cache) };
-        match Remote::open(url) {
+        match Remote::open(url, self.secret.as_deref()) {
             Ok(remote) => Ok(cache.with_remote(remote)),
             Err(e) => {
                 eprintln!("error: {e}");
@@ -503,6 +517,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
                 jobs: jobs.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
                 force,
                 targets: stages,
+                output_dirs: cli.output_dirs.clone(),
             };
             let console = Console::new(p.stages.len(), !json && std::io::stderr().is_terminal(), cli.quiet);
             let clock = Instant::now();
@@ -674,7 +689,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             let cache_dir = cli.cache_dir.clone().unwrap_or_else(|| config.root().join("cache"));
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(async {
-                let app = crate::serve::App::new(config, cache_dir)?;
+                let app = crate::serve::App::new(config, cache_dir, cli.output_dirs.clone())?;
                 crate::serve::serve(app).await
             })?;
             Ok(exit::OK)

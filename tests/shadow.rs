@@ -320,3 +320,99 @@ fn candidates_are_shadowed_gated_canaried_and_never_fail_a_prediction() {
     assert_eq!(model(&s, &admin, &production)["status"], "archived");
     assert_eq!(predict(&s, &admin, &reviews[0].0)["version"], candidate.as_str());
 }
+
+/// Which versions answered `n` predictions, by version.
+fn answered_by(s: &Server, key: &str, n: usize) -> std::collections::BTreeMap<String, usize> {
+    let reviews = reviews();
+    let mut by = std::collections::BTreeMap::new();
+    for i in 0..n {
+        let answer = predict(s, key, &reviews[i % reviews.len()].0);
+        *by.entry(answer["version"].as_str().unwrap().to_string()).or_default() += 1;
+    }
+    by
+}
+
+/// Trains `gate_b` with `seed` and gives the version it registered.
+fn candidate(s: &Server, admin: &str, seed: u64) -> String {
+    train(s, admin, "gate_b", json!({"seed": seed}));
+    let version = newest(s, admin);
+    assert_eq!(model(s, admin, &version)["status"], "candidate");
+    version
+}
+
+/// What `GET /models` says is what predictions get: a canary is accepted only where it routes,
+/// a newer candidate ends the older one's canary for good, a promotion retires the candidates
+/// older than it, and promoting production again changes nothing.
+#[test]
+fn canaries_and_promotions_do_what_they_say() {
+    let p = project();
+    let admin = key(&p, "admin");
+    // A gate that is never met: every promotion here is the operator's.
+    let s = Server::start(
+        &p,
+        &[
+            "--promotion-min-shadow",
+            "1000000",
+            "--predict-rps",
+            "100000",
+            "--admin-rps",
+            "100000",
+        ],
+    );
+    train(&s, &admin, "gate", json!({}));
+    let production = newest(&s, &admin);
+    let before = model(&s, &admin, &production);
+    assert_eq!(before["status"], "production");
+    let r = post(&s, &format!("/models/{production}/promote"), &admin, &json!({}));
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "already_in_production", "{}", r.body);
+    assert_eq!(model(&s, &admin, &production), before, "nothing changed");
+
+    // Of two candidates, the newer is under evaluation: the older cannot take a canary.
+    let (x, y) = (candidate(&s, &admin, 1), candidate(&s, &admin, 2));
+    let r = post(&s, &format!("/models/{x}/canary"), &admin, &json!({"percent": 10}));
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(r.json()["error"]["code"], "not_under_evaluation", "{}", r.body);
+    assert!(
+        r.body.contains(&y),
+        "the answer names the candidate under evaluation: {}",
+        r.body
+    );
+    assert_eq!(model(&s, &admin, &x)["canary_percent"], 0);
+
+    let r = post(&s, &format!("/models/{y}/canary"), &admin, &json!({"percent": 50}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(model(&s, &admin, &y)["canary_percent"], 50);
+    let by = answered_by(&s, &admin, 40);
+    assert_eq!(by.get(&y), Some(&20), "half the answers by the canary: {by:?}");
+
+    // A newer candidate ends Y's canary, and rejecting it does not bring the canary back.
+    let z = candidate(&s, &admin, 3);
+    assert_eq!(model(&s, &admin, &y)["canary_percent"], 0);
+    assert_eq!(answered_by(&s, &admin, 40).get(&production), Some(&40));
+    let r = post(&s, &format!("/models/{z}/reject"), &admin, &json!({}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(model(&s, &admin, &y)["canary_percent"], 0);
+    assert_eq!(answered_by(&s, &admin, 40).get(&production), Some(&40));
+
+    // Promoting Y retires X, the candidate older than it: nothing can promote X over Y now.
+    let r = post(&s, &format!("/models/{y}/promote"), &admin, &json!({}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(model(&s, &admin, &x)["status"], "archived");
+    assert_eq!(model(&s, &admin, &production)["status"], "archived");
+    let r = post(&s, &format!("/models/{x}/canary"), &admin, &json!({"percent": 10}));
+    assert_eq!(r.json()["error"]["code"], "not_a_candidate", "{}", r.body);
+    assert_eq!(answered_by(&s, &admin, 20).get(&y), Some(&20));
+    drop(s);
+
+    // Without a gate, a canary is loaded to answer its share: at 100%, every answer.
+    let s = Server::start(
+        &p,
+        &["--no-auto-promote", "--predict-rps", "100000", "--admin-rps", "100000"],
+    );
+    let w = candidate(&s, &admin, 4);
+    let r = post(&s, &format!("/models/{w}/canary"), &admin, &json!({"percent": 100}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(model(&s, &admin, &w)["canary_percent"], 100);
+    assert_eq!(answered_by(&s, &admin, 30).get(&w), Some(&30));
+}

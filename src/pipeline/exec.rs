@@ -23,6 +23,9 @@ pub struct Options {
     pub force: bool,
     /// Run only these stages and what they need (all stages when empty).
     pub targets: Vec<String>,
+    /// Directories outside the project root that outputs may reach through a symbolic link in
+    /// the project (a container links `data/` to its volume); every other output stays inside.
+    pub output_dirs: Vec<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +90,7 @@ pub fn run(
     let shared = Shared {
         p,
         cache,
-        guards: Guards::new(p, cache),
+        guards: Guards::new(p, cache, &opts.output_dirs),
         force: opts.force,
         cancel,
         obs,
@@ -425,6 +428,8 @@ fn run_stage(shared: &Shared, i: usize, upstream: &BTreeMap<String, Vec<Artifact
 /// path leads, or where `--cache-dir` put the cache.
 struct Guards {
     root: PathBuf,
+    /// `Options::output_dirs`, resolved.
+    allowed: Vec<PathBuf>,
     pipelines: PathBuf,
     file: PathBuf,
     lock: PathBuf,
@@ -432,9 +437,10 @@ struct Guards {
 }
 
 impl Guards {
-    fn new(p: &Pipeline, cache: &Cache) -> Guards {
+    fn new(p: &Pipeline, cache: &Cache, output_dirs: &[PathBuf]) -> Guards {
         Guards {
             root: real_path(&p.root),
+            allowed: output_dirs.iter().map(|d| real_path(d)).collect(),
             pipelines: real_path(&p.root.join("pipelines")),
             file: real_path(&p.file),
             lock: real_path(&super::lock_path(&p.file)),
@@ -447,8 +453,13 @@ impl Guards {
         let real = real_path(&root.join(rel));
         let place = if real == self.root {
             "the project root itself".to_string()
-        } else if !real.starts_with(&self.root) {
-            format!("outside the project root {}", self.root.display())
+        } else if self.allowed.contains(&real) {
+            format!("the allowed output directory {} itself", real.display())
+        } else if !real.starts_with(&self.root) && !self.allowed.iter().any(|a| real.starts_with(a)) {
+            format!(
+                "outside the project root {} and the allowed output directories (--output-dirs)",
+                self.root.display()
+            )
         } else if real.starts_with(&self.pipelines) {
             format!("inside the pipelines directory {}", self.pipelines.display())
         } else if real == self.file || real == self.lock {
@@ -463,7 +474,8 @@ impl Guards {
         Err(format!(
             "output `{rel}` resolves to {}, {place}; the engine deletes outputs before a stage runs, so it \
              leaves this one alone: if a symbolic link on its path leads there, remove the link, otherwise \
-             write the output elsewhere inside the project",
+             write the output elsewhere inside the project (a directory the link leads to on purpose, such as a \
+             volume, can be allowed with `--output-dirs DIR`, SENTIFLOW_OUTPUT_DIRS)",
             real.display()
         ))
     }

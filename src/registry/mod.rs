@@ -6,14 +6,16 @@
 //! object storage (`--artifacts s3://…`): there a version is `NAME/VERSION/<file>`, its files put
 //! before its manifest, so a version whose manifest is there is complete. A replica downloads a
 //! version once into its artifact cache, checking every file against the manifest's SHA-256.
+//! Every load checks the local copy's files the same way, and a promotion checks the stored
+//! copy too: bytes changed on disk or in the bucket are refused, never served.
 
 use std::path::{Path, PathBuf};
 
-use crate::cache::sha256_hex;
+use crate::cache::{hash_reader, sha256_hex};
 use crate::models::bert::Runtime;
 use crate::models::bundle::{version_of, Bundle, BundleError, Manifest};
 use crate::objects::{is_url, Objects, ObjectsError};
-use crate::store::{ModelRow, ModelStatus, PromotionReason, Store, StoreError};
+use crate::store::{ModelRow, ModelStatus, Promotion, PromotionReason, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -45,6 +47,8 @@ pub enum RegistryError {
         #[source]
         source: ObjectsError,
     },
+    #[error("model version `{0}` is in production already: nothing changed")]
+    AlreadyProduction(String),
     #[error("model version `{version}` ({url}) is refused: {reason}")]
     Refused {
         version: String,
@@ -99,8 +103,8 @@ impl Registry {
             kind: m.kind().into(),
             pipeline: m.pipeline.clone(),
             path,
-            params: m.parameters(),
-            metrics: m.metrics.clone(),
+            params: Some(m.parameters()),
+            metrics: m.figures(),
             tuning: m.tuning(),
             accuracy: m.metrics["accuracy"].as_f64(),
             run_id: run_id.map(str::to_string),
@@ -122,6 +126,7 @@ impl Registry {
         } else {
             PathBuf::from(&row.path)
         };
+        check_copy(&dir, row)?;
         Bundle::load(&dir, self.runtime).map_err(|source| RegistryError::Unloadable {
             version: row.version.clone(),
             source,
@@ -139,10 +144,41 @@ impl Registry {
         let row = store
             .model(version)?
             .ok_or_else(|| RegistryError::NotFound(version.to_string()))?;
+        if row.status == ModelStatus::Production {
+            return Err(RegistryError::AlreadyProduction(row.version));
+        }
+        self.check_stored(&row)?;
         let bundle = self.load(&row)?;
-        store.promote(version, reason)?;
+        match store.promote(version, reason)? {
+            Promotion::Promoted => {}
+            Promotion::AlreadyProduction => return Err(RegistryError::AlreadyProduction(row.version)),
+            Promotion::NotFound => return Err(RegistryError::NotFound(row.version)),
+        }
         let row = store.model(version)?.unwrap_or(row);
         Ok((row, bundle))
+    }
+
+    /// Checks the copy in object storage of a version kept there, as a replica without it in its
+    /// cache would download it: a replica must not promote what the others cannot load.
+    fn check_stored(&self, row: &ModelRow) -> Result<(), RegistryError> {
+        let (Some(objects), true) = (&self.objects, is_url(&row.path)) else {
+            return Ok(());
+        };
+        let rel = objects.relative(&row.path).ok_or_else(|| RegistryError::Refused {
+            version: row.version.clone(),
+            url: row.path.clone(),
+            reason: format!("this server's artifacts are in {}", objects.url()),
+        })?;
+        let scratch = tempfile::Builder::new()
+            .prefix(".check-")
+            .tempdir_in(&self.dir)
+            .or_else(|_| tempfile::tempdir())
+            .map_err(|source| RegistryError::Copy {
+                path: self.dir.clone(),
+                source,
+            })?;
+        download(objects, rel, row, &scratch.path().join("copy"))?;
+        Ok(())
     }
 
     /// The cached copy of the version at the object storage URL `row.path`, downloaded and
@@ -183,6 +219,44 @@ impl Registry {
         }
         Ok(dest)
     }
+}
+
+/// Checks the local copy of `row` at `dir`: its manifest names the version, and every file it
+/// lists has the SHA-256 it gives.
+fn check_copy(dir: &Path, row: &ModelRow) -> Result<(), RegistryError> {
+    let refused = |reason: String| RegistryError::Refused {
+        version: row.version.clone(),
+        url: dir.display().to_string(),
+        reason,
+    };
+    let m = Manifest::read(dir).map_err(|e| refused(e.to_string()))?;
+    let listed = version_of(&m.files);
+    if m.version != row.version || listed != row.version {
+        return Err(refused(format!(
+            "its manifest says version {} and lists the files of version {listed}: the copy was \
+             changed; delete it and register the bundle again",
+            m.version
+        )));
+    }
+    for (file, expected) in &m.files {
+        if !plain_name(file) {
+            return Err(refused(format!("its manifest lists `{file}`, not a plain file name")));
+        }
+        let path = dir.join(file);
+        let found = std::fs::File::open(&path)
+            .and_then(|f| hash_reader(f, None))
+            .map_err(|source| RegistryError::Copy {
+                path: path.clone(),
+                source,
+            })?;
+        if found != *expected {
+            return Err(refused(format!(
+                "`{file}` has SHA-256 {found} where its manifest says {expected}: the copy was changed or \
+                 damaged; delete it and register the bundle again"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Puts the files of the bundle at `dir` into `NAME/VERSION/` of `objects`, unless its manifest

@@ -98,6 +98,9 @@ impl From<RegistryError> for ApiError {
             RegistryError::NotFound(version) => {
                 ApiError::not_found("not_found", format!("no model version `{version}`"))
             }
+            e @ RegistryError::AlreadyProduction(_) => {
+                ApiError::new(StatusCode::CONFLICT, "already_in_production", e.to_string())
+            }
             e @ (RegistryError::Unloadable { .. } | RegistryError::Refused { .. }) => {
                 ApiError::new(StatusCode::CONFLICT, "bundle_unavailable", e.to_string())
             }

@@ -11,7 +11,7 @@ use super::error::ApiError;
 use super::routes::{Answer, Ctx, Reply};
 use super::{drift, shadow, training, App, Serving};
 use crate::models::bundle::{Explanation, Model, Prediction};
-use crate::store::{ModelStatus, PromotedBy, PromotionReason, Trigger};
+use crate::store::{CanaryChange, ModelStatus, PromotedBy, PromotionReason, Trigger};
 
 /// The web interface: one self-contained page (HTML, CSS and JavaScript, no build step) that
 /// talks to this API.
@@ -125,8 +125,14 @@ pub async fn best_model_parameter(ctx: &Ctx, query: String) -> Answer {
         run_id: serving.row.run_id.clone(),
         kind: m.kind().to_string(),
         parameters: m.parameters(),
-        cv: serde_json::from_value(m.tuning()).ok(),
-        validation: m.metrics.clone(),
+        cv: m.tuning().map(|t| CrossValidation {
+            metric: t.metric,
+            mean: t.mean,
+            std: t.std,
+            folds: t.folds,
+            vectorizer_stage: t.vectorizer,
+        }),
+        validation: m.figures(),
     }))
 }
 
@@ -405,12 +411,37 @@ async fn set_canary(ctx: &Ctx, percent: u8) -> Answer {
     let version = ctx.param(0).to_string();
     let canary = ctx
         .blocking(move |app| -> Result<Canary, ApiError> {
-            match app.store.set_canary(&version, percent)? {
-                None => return Err(no_version(&version)),
-                Some(ModelStatus::Candidate) => app.follow_candidates(),
-                // Stopping a canary that cannot run (promotion and rejection end it) is done.
-                Some(_) if percent == 0 => {}
-                Some(other) => return Err(not_candidate(&version, other, "answer a canary")),
+            let name = match app.store.set_canary(&version, percent)? {
+                CanaryChange::Set { name } => name,
+                CanaryChange::NotFound => return Err(no_version(&version)),
+                CanaryChange::NotCandidate(status) => return Err(not_candidate(&version, status, "answer a canary")),
+                CanaryChange::NotEvaluated { name, evaluated } => {
+                    let why = match evaluated {
+                        Some(newest) => format!(
+                            "the candidate under evaluation of `{name}` is its newest, `{newest}`; reject that \
+                             one first, or start the canary on it"
+                        ),
+                        None => format!("`{name}` has no production version for a canary to share predictions with"),
+                    };
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "not_under_evaluation",
+                        format!("model version `{version}` cannot answer a canary: {why}"),
+                    ));
+                }
+            };
+            app.follow_candidates();
+            // Answered only once the canary routes here: a candidate this server cannot load
+            // gets no share, and its canary is taken back.
+            let routed = app.shadow.candidate(&name).is_some_and(|c| c.serving.row.version == version);
+            if percent > 0 && !routed {
+                app.store.set_canary(&version, 0)?;
+                app.follow_candidates();
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "bundle_unavailable",
+                    format!("model version `{version}` cannot be loaded here, so it cannot answer a canary; the server's log says why"),
+                ));
             }
             Ok(Canary { version, percent })
         })

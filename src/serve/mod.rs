@@ -88,6 +88,8 @@ impl Serving {
 pub struct App {
     pub config: Config,
     pub cache_dir: std::path::PathBuf,
+    /// Where trainings' outputs may reach outside the project root (`--output-dirs`).
+    pub output_dirs: Vec<std::path::PathBuf>,
     pub store: Store,
     pub registry: Registry,
     models: RwLock<HashMap<String, Arc<Serving>>>,
@@ -115,7 +117,11 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: Config, cache_dir: std::path::PathBuf) -> anyhow::Result<Arc<App>> {
+    pub fn new(
+        config: Config,
+        cache_dir: std::path::PathBuf,
+        output_dirs: Vec<std::path::PathBuf>,
+    ) -> anyhow::Result<Arc<App>> {
         let store = Store::open(&config.db(), config.db_pool)?;
         let interrupted = store.interrupt_unfinished(&config.replica())?;
         if interrupted > 0 {
@@ -127,6 +133,7 @@ impl App {
         }
         let app = Arc::new(App {
             cache_dir,
+            output_dirs,
             store,
             registry,
             models: RwLock::new(HashMap::new()),
@@ -394,11 +401,18 @@ impl App {
                     Some(known) => Some(known),
                     None => {
                         let app = self.clone();
-                        tokio::task::spawn_blocking(move || app.keys.lookup(&app.store, &hash, &app.metrics))
-                            .await
-                            .map_err(|e| ApiError::internal(format!("looking up the key: {e}")))??
+                        tokio::task::spawn_blocking(move || {
+                            crate::store::with_request_wait(|| app.keys.lookup(&app.store, &hash))
+                        })
+                        .await
+                        .map_err(|e| ApiError::internal(format!("looking up the key: {e}")))??
                     }
                 };
+                if let Some(k) = found.as_ref().filter(|k| self.keys.touch_due(k.id)) {
+                    // Not awaited: the answer never waits for this bookkeeping.
+                    let (app, id) = (self.clone(), k.id);
+                    tokio::task::spawn_blocking(move || app.keys.touch(&app.store, id, &app.metrics));
+                }
                 match found {
                     Some(known) => known,
                     None => {

@@ -403,16 +403,19 @@ impl Ctx {
     }
 
     /// Runs `work` on tokio's blocking threads: the database, files and models never hold up
-    /// the threads that serve connections.
+    /// the threads that serve connections. A database that cannot be reached fails it within
+    /// [`crate::store::REQUEST_WAIT`].
     pub async fn blocking<T: Send + 'static>(
         &self,
         work: impl FnOnce(&App) -> T + Send + 'static,
     ) -> Result<T, ApiError> {
         let app = self.app.clone();
-        tokio::task::spawn_blocking(move || work(&app)).await.map_err(|e| {
-            tracing::error!("request {}: {e}", self.id);
-            ApiError::internal("the request's work failed; the error is logged")
-        })
+        tokio::task::spawn_blocking(move || crate::store::with_request_wait(|| work(&app)))
+            .await
+            .map_err(|e| {
+                tracing::error!("request {}: {e}", self.id);
+                ApiError::internal("the request's work failed; the error is logged")
+            })
     }
 
     /// The request's query as `T` (percent-decoded).

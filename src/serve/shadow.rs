@@ -198,17 +198,16 @@ impl Shadow {
 
 impl App {
     /// Loads the candidate under evaluation of each name as the database has them (with a
-    /// promotion gate), and drops those promoted or rejected since.
+    /// promotion gate, or while it answers a canary), and drops those promoted or rejected since.
     pub(super) fn follow_candidates(&self) {
-        if self.config.promotion.is_none() {
-            return;
-        }
         let rows = match self.store.candidates() {
             Ok(rows) => rows,
             Err(e) => return tracing::warn!("reading the candidates: {e}"),
         };
         let mut next = HashMap::new();
-        for row in rows {
+        // Without a gate, a candidate is loaded only to answer its canary.
+        let gate = self.config.promotion.is_some();
+        for row in rows.into_iter().filter(|r| gate || r.canary_percent > 0) {
             let loaded = self
                 .shadow
                 .candidate(&row.name)

@@ -146,7 +146,12 @@ pub fn list(app: &App) -> Pipelines {
             Some(match Pipeline::load(&file, &[]) {
                 Ok(p) => PipelineInfo {
                     name,
-                    params: Some(p.params.into_iter().collect()),
+                    params: Some(
+                        p.params
+                            .into_iter()
+                            .filter_map(|(k, v)| Some((k, serde_json::from_value(v).ok()?)))
+                            .collect(),
+                    ),
                     stages: Some(
                         p.stages
                             .iter()
@@ -182,8 +187,10 @@ fn shell_safe(value: &str) -> bool {
 /// Refuses a run whose stages would read files outside the project root and the directories
 /// `--data-dirs` allows: an API key must not reach the rest of the machine through `params`.
 fn check_reads(app: &App, pipeline: &Pipeline) -> Result<(), ApiError> {
+    // What a training may write (`--output-dirs`), it may read back.
     let allowed: Vec<PathBuf> = std::iter::once(pipeline.root.clone())
         .chain(app.config.data_dirs.iter().cloned())
+        .chain(app.output_dirs.iter().cloned())
         .map(|d| real_path(&d))
         .collect();
     for stage in &pipeline.stages {
@@ -420,6 +427,11 @@ impl Observer for Recorder<'_> {
             r.error.as_deref(),
         );
         self.keep("run_event", written);
+        // The run's log tells the whole story: a failed stage's error is in it too.
+        if let Some(error) = &r.error {
+            let r = self.app.store.add_log(self.id, &r.name, &format!("error: {error}"));
+            self.keep("run_log", r);
+        }
     }
 
     fn log(&self, stage: &str, line: &str) {
@@ -442,6 +454,7 @@ fn run(app: &App, id: &str, pipeline: &Pipeline, stages: Vec<String>, stop: &Ato
             jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             force: false,
             targets: stages,
+            output_dirs: app.output_dirs.clone(),
         };
         let report = exec::run(pipeline, &cache, &opts, stop, &recorder).map_err(|e| e.to_string())?;
         if let Some(tracker) = &app.tracker {
@@ -511,10 +524,13 @@ pub fn status(app: &App, id: &str) -> Result<TrainingRun, ApiError> {
     let run = app.store.run(id)?.ok_or_else(|| no_run(id))?;
     let mut stages = std::collections::BTreeMap::new();
     for e in run.events {
-        let name = e["stage"].as_str().unwrap_or_default().to_string();
-        if let Ok(outcome) = serde_json::from_value::<StageOutcome>(e) {
-            stages.insert(name, outcome);
-        }
+        let outcome = StageOutcome {
+            state: e.state,
+            duration_ms: e.duration_ms,
+            metrics: e.metrics,
+            error: e.error,
+        };
+        stages.insert(e.stage, outcome);
     }
     Ok(TrainingRun {
         id: run.id,

@@ -18,7 +18,9 @@ use serde_json::Value;
 
 use crate::blocking::off_runtime;
 use crate::drift::{psi, Status, WindowReport, SCORE_BINS};
+use crate::models::bundle::{typed_entries, Figures, Parameters, Tuning};
 use crate::pipeline::report::State;
+use crate::pipeline::ParamValue;
 use sql::{params, Dialect, Location, Param, PgTx, Pool, Row, SqliteTx, Tx};
 
 #[derive(Debug, thiserror::Error)]
@@ -323,7 +325,8 @@ pub enum ModelStatus {
     Candidate,
     /// The version served under its name; at most one per name.
     Production,
-    /// Was in production until another version was promoted.
+    /// Was in production until another version was promoted, or a candidate older than a
+    /// version promoted since.
     Archived,
     /// A candidate turned down (`POST /models/{version}/reject`): never shadowed again.
     Rejected,
@@ -345,6 +348,32 @@ impl ModelStatus {
             ModelStatus::Rejected => "rejected",
         }
     }
+}
+
+/// What [`Store::promote`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Promotion {
+    Promoted,
+    /// The version was in production already: nothing changed.
+    AlreadyProduction,
+    NotFound,
+}
+
+/// What [`Store::set_canary`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CanaryChange {
+    /// Set on the candidate under evaluation of `name` (or ended).
+    Set {
+        name: String,
+    },
+    NotFound,
+    NotCandidate(ModelStatus),
+    /// A candidate, but not the one under evaluation of `name`: that is `evaluated` (none while
+    /// `name` has no production version to compare with).
+    NotEvaluated {
+        name: String,
+        evaluated: Option<String>,
+    },
 }
 
 /// Why a version was promoted.
@@ -570,7 +599,9 @@ pub struct DriftRecord {
     pub model: String,
     pub version: String,
     pub status: Status,
-    /// The model's report as it was stored (a `WindowReport`).
+    /// The model's report as it was stored: a serialized `WindowReport`, kept as the JSON it was
+    /// written as, so a report of an earlier version still reads.
+    #[schemars(with = "WindowReport")]
     pub report: Value,
     /// When it was stored (UTC, RFC 3339).
     pub at: String,
@@ -586,9 +617,12 @@ pub struct ModelRow {
     pub kind: String,
     pub pipeline: String,
     pub path: String,
-    pub params: Value,
-    pub metrics: Value,
-    pub tuning: Value,
+    /// The hyper-parameters that produced it (absent for versions registered without them).
+    pub params: Option<Parameters>,
+    /// Its validation figures.
+    pub metrics: Figures,
+    /// The search that chose its hyper-parameters, if there was one.
+    pub tuning: Option<Tuning>,
     pub accuracy: Option<f64>,
     pub run_id: Option<String>,
     pub status: ModelStatus,
@@ -601,19 +635,29 @@ pub struct ModelRow {
 }
 
 /// A training run and what happened in it.
-#[derive(Debug, Clone, Serialize, JsonSchema)]
+#[derive(Debug, Clone)]
 pub struct RunRow {
     pub id: String,
     pub pipeline: String,
-    pub params: Value,
-    pub stages: Value,
+    /// The parameters the run was asked for.
+    pub params: BTreeMap<String, ParamValue>,
     pub status: RunStatus,
     pub trigger: Trigger,
     pub error: Option<String>,
     pub created_at: String,
     pub finished_at: Option<String>,
     pub mlflow_run_id: Option<String>,
-    pub events: Vec<Value>,
+    pub events: Vec<RunEvent>,
+}
+
+/// A stage of a run that started or ended.
+#[derive(Debug, Clone)]
+pub struct RunEvent {
+    pub stage: String,
+    pub state: String,
+    pub duration_ms: u64,
+    pub metrics: Figures,
+    pub error: Option<String>,
 }
 
 /// A training run as `GET /training` lists it.
@@ -657,6 +701,34 @@ fn time_text(t: chrono::DateTime<chrono::Utc>) -> String {
 /// The pool of a store that is not being dropped.
 fn live(pool: &Option<Pool>) -> &Pool {
     pool.as_ref().expect("the pool is taken only when the store is dropped")
+}
+
+/// How long a request waits for a database connection before it is answered `503`: a replica
+/// whose database is down answers promptly instead of holding its clients for the pool's timeout.
+pub const REQUEST_WAIT: Duration = Duration::from_millis(1500);
+
+/// How long work off the request path (trainings, drift evaluations, shadow counts) waits.
+const BACKGROUND_WAIT: Duration = Duration::from_secs(10);
+
+thread_local! {
+    /// The wait of the work on this thread, when it serves a request.
+    static WAIT: std::cell::Cell<Option<Duration>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f`, a request's work, with its database waits bounded by [`REQUEST_WAIT`].
+pub fn with_request_wait<T>(f: impl FnOnce() -> T) -> T {
+    let before = WAIT.replace(Some(REQUEST_WAIT));
+    let out = f();
+    WAIT.set(before);
+    out
+}
+
+/// A connection from the pool, waited for as long as the work on this thread may.
+fn client(
+    pool: &Option<Pool>,
+) -> Result<r2d2::PooledConnection<r2d2_postgres::PostgresConnectionManager<postgres::NoTls>>, StoreError> {
+    let wait = WAIT.get().unwrap_or(BACKGROUND_WAIT);
+    Ok(live(pool).get_timeout(wait)?)
 }
 
 /// What a request to start a run found.
@@ -748,7 +820,7 @@ impl Store {
         let manager = r2d2_postgres::PostgresConnectionManager::new(config, postgres::NoTls);
         let pool = r2d2::Pool::builder()
             .max_size(size.max(1))
-            .connection_timeout(Duration::from_secs(10))
+            .connection_timeout(BACKGROUND_WAIT)
             // Each failed attempt would be logged; the error returned says it once.
             .error_handler(Box::new(r2d2::NopErrorHandler))
             .build(manager)
@@ -799,7 +871,7 @@ impl Store {
                 Ok(out)
             }
             Engine::Postgres { pool, .. } => off_runtime(|| {
-                let mut client = live(pool).get()?;
+                let mut client = client(pool)?;
                 let mut tx = client.transaction()?;
                 let out = f(&mut PgTx(&mut tx))?;
                 tx.commit()?;
@@ -1082,37 +1154,63 @@ impl Store {
                     &m.kind,
                     &m.pipeline,
                     &m.path,
-                    &m.params.to_string(),
-                    &m.metrics.to_string(),
-                    &m.tuning.to_string(),
+                    &serde_json::to_string(&m.params)?,
+                    &serde_json::to_string(&m.metrics)?,
+                    &serde_json::to_string(&m.tuning)?,
                     m.accuracy,
                     m.run_id.as_deref(),
                     &now_text()
                 ],
             )?;
+            if n == 1 {
+                // The newest candidate is the one under evaluation: the canaries of the others end.
+                tx.execute(
+                    "UPDATE models SET canary_percent = 0 WHERE name = ?1 AND version <> ?2 AND status = ?3",
+                    params![&m.name, &m.version, ModelStatus::Candidate.as_str()],
+                )?;
+            }
             Ok(n == 1)
         })
     }
 
-    /// Marks `version` as the production model of its name for `reason`; the previous one is
-    /// archived, and a canary of the name ends.
-    pub fn promote(&self, version: &str, reason: &PromotionReason) -> Result<bool, StoreError> {
+    /// Marks `version` as the production model of its name for `reason`: the previous one and
+    /// the candidates older than `version` are archived, and every canary of the name ends. A
+    /// version already in production is left as it is.
+    pub fn promote(&self, version: &str, reason: &PromotionReason) -> Result<Promotion, StoreError> {
         let reason = serde_json::to_string(reason)?;
         self.write_announced(|tx| {
-            let Some(row) = tx.query_opt("SELECT name FROM models WHERE version = ?1", params![version])? else {
-                return Ok(false);
+            let Some(row) = tx.query_opt(
+                "SELECT name, status, created_at FROM models WHERE version = ?1",
+                params![version],
+            )?
+            else {
+                return Ok(Promotion::NotFound);
             };
-            let name = row.text(0)?;
+            let (name, created_at) = (row.text(0)?, row.text(2)?);
+            if row.named(1, &ModelStatus::ALL, ModelStatus::as_str)? == ModelStatus::Production {
+                return Ok(Promotion::AlreadyProduction);
+            }
             tx.execute(
                 "UPDATE models SET status = ?2 WHERE name = ?1 AND status = ?3",
                 params![&name, ModelStatus::Archived.as_str(), ModelStatus::Production.as_str()],
+            )?;
+            tx.execute(
+                "UPDATE models SET status = ?2 WHERE name = ?1 AND status = ?3 AND version <> ?4
+                 AND (created_at < ?5 OR (created_at = ?5 AND version < ?4))",
+                params![
+                    &name,
+                    ModelStatus::Archived.as_str(),
+                    ModelStatus::Candidate.as_str(),
+                    version,
+                    &created_at
+                ],
             )?;
             tx.execute("UPDATE models SET canary_percent = 0 WHERE name = ?1", params![&name])?;
             tx.execute(
                 "UPDATE models SET status = ?2, promoted_at = ?3, reason = ?4 WHERE version = ?1",
                 params![version, ModelStatus::Production.as_str(), &now_text(), &reason],
             )?;
-            Ok(true)
+            Ok(Promotion::Promoted)
         })
     }
 
@@ -1131,18 +1229,38 @@ impl Store {
         })
     }
 
-    /// Sets the canary share of candidate `version`; returns its status (`None`: no such
-    /// version), so nothing changes unless it is a candidate.
-    pub fn set_canary(&self, version: &str, percent: u8) -> Result<Option<ModelStatus>, StoreError> {
+    /// Sets the canary share of `version` when it is the candidate under evaluation of its name
+    /// (the newest candidate of a name served in production), or ends it (0) whatever it is.
+    pub fn set_canary(&self, version: &str, percent: u8) -> Result<CanaryChange, StoreError> {
         self.write_announced(|tx| {
-            let status = Self::status_of(tx, version)?;
-            if status == Some(ModelStatus::Candidate) {
-                tx.execute(
-                    "UPDATE models SET canary_percent = ?2 WHERE version = ?1",
-                    params![version, i64::from(percent)],
-                )?;
+            let Some(row) = tx.query_opt("SELECT name, status FROM models WHERE version = ?1", params![version])?
+            else {
+                return Ok(CanaryChange::NotFound);
+            };
+            let (name, status) = (row.text(0)?, row.named(1, &ModelStatus::ALL, ModelStatus::as_str)?);
+            if percent > 0 {
+                if status != ModelStatus::Candidate {
+                    return Ok(CanaryChange::NotCandidate(status));
+                }
+                let sql = "SELECT version FROM models m WHERE name = ?1 AND status = ?2 AND EXISTS
+                     (SELECT 1 FROM models p WHERE p.name = m.name AND p.status = ?3)
+                     ORDER BY created_at DESC, version DESC LIMIT 1";
+                let evaluated = tx
+                    .query_opt(
+                        sql,
+                        params![&name, ModelStatus::Candidate.as_str(), ModelStatus::Production.as_str()],
+                    )?
+                    .map(|r| r.text(0))
+                    .transpose()?;
+                if evaluated.as_deref() != Some(version) {
+                    return Ok(CanaryChange::NotEvaluated { name, evaluated });
+                }
             }
-            Ok(status)
+            tx.execute(
+                "UPDATE models SET canary_percent = ?2 WHERE version = ?1",
+                params![version, i64::from(percent)],
+            )?;
+            Ok(CanaryChange::Set { name })
         })
     }
 
@@ -1218,9 +1336,10 @@ impl Store {
             kind: r.text(2)?,
             pipeline: r.text(3)?,
             path: r.text(4)?,
-            params: json(r.opt_text(5)?),
-            metrics: json(r.opt_text(6)?),
-            tuning: json(r.opt_text(7)?),
+            // Written by this version or an earlier one: what no longer fits is left out.
+            params: serde_json::from_value(json(r.opt_text(5)?)).ok(),
+            metrics: typed_entries(&json(r.opt_text(6)?)),
+            tuning: serde_json::from_value(json(r.opt_text(7)?)).ok(),
             accuracy: r.opt_real(8)?,
             run_id: r.opt_text(9)?,
             status: r.named(10, &ModelStatus::ALL, ModelStatus::as_str)?,
@@ -1307,7 +1426,7 @@ impl Store {
                 let until = last
                     .as_deref()
                     .and_then(parse_time)
-                    .and_then(|t| chrono::Duration::from_std(cooldown).ok().map(|c| t + c));
+                    .and_then(|t| t.checked_add_signed(chrono::Duration::from_std(cooldown).ok()?));
                 if let Some(until) = until.filter(|u| *u > chrono::Utc::now()) {
                     return Ok(NewRun::Cooling(time_text(until)));
                 }
@@ -1562,21 +1681,19 @@ impl Store {
                 )?
                 .iter()
                 .map(|e| {
-                    Ok(serde_json::json!({
-                        "stage": e.text(0)?,
-                        "state": e.text(1)?,
-                        "duration_ms": e.opt_int(2)?,
-                        "metrics": json(e.opt_text(3)?),
-                        "error": e.opt_text(4)?,
-                        "at": e.text(5)?,
-                    }))
+                    Ok(RunEvent {
+                        stage: e.text(0)?,
+                        state: e.text(1)?,
+                        duration_ms: e.opt_int(2)?.unwrap_or(0).max(0) as u64,
+                        metrics: typed_entries(&json(e.opt_text(3)?)),
+                        error: e.opt_text(4)?,
+                    })
                 })
                 .collect::<Result<_, StoreError>>()?;
             Ok(Some(RunRow {
                 id: r.text(0)?,
                 pipeline: r.text(1)?,
-                params: json(r.opt_text(2)?),
-                stages: json(r.opt_text(3)?),
+                params: serde_json::from_value(json(r.opt_text(2)?)).unwrap_or_default(),
                 status: r.named(4, &RunStatus::ALL, RunStatus::as_str)?,
                 trigger: r.named(8, &Trigger::ALL, Trigger::as_str)?,
                 error: r.opt_text(5)?,
@@ -1626,9 +1743,9 @@ mod tests {
             kind: "tfidf".into(),
             pipeline: "demo".into(),
             path: "/m".into(),
-            params: Value::Null,
-            metrics: Value::Null,
-            tuning: Value::Null,
+            params: None,
+            metrics: Figures::new(),
+            tuning: None,
             accuracy: None,
             run_id: None,
             status: ModelStatus::Candidate,
@@ -1675,7 +1792,7 @@ mod tests {
         );
         let run = store.run("r1").unwrap().unwrap();
         assert_eq!(run.status, RunStatus::Succeeded);
-        assert_eq!(run.events[1]["state"], "ran");
+        assert_eq!(run.events[1].state, "ran");
 
         assert_eq!(
             store
