@@ -1,0 +1,26 @@
+//! `sentiflow serve`: settles the server's settings (flags, environment, config file sections)
+//! and serves predictions, the model registry and training over HTTP.
+
+use super::{exit, Globals};
+
+pub(super) fn serve(global: &Globals, mut config: crate::serve::Config) -> anyhow::Result<i32> {
+    let sections = match global.config.as_deref().map(crate::serve::policy::Sections::load) {
+        Some(Ok(sections)) => sections,
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            return Ok(exit::INVALID);
+        }
+        None => Default::default(),
+    };
+    if let Err(e) = crate::serve::policy::settle(&mut config, sections) {
+        eprintln!("error: {e}");
+        return Ok(exit::INVALID);
+    }
+    let cache_dir = global.cache_dir.clone().unwrap_or_else(|| config.root().join("cache"));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let app = crate::serve::App::new(config, cache_dir, global.output_dirs.clone())?;
+        crate::serve::serve(app).await
+    })?;
+    Ok(exit::OK)
+}
