@@ -185,15 +185,22 @@ fn a_corrupt_remote_object_is_refused_and_the_stage_runs_again() {
 fn a_rewritten_run_entry_is_refused_when_entries_are_signed() {
     let s3 = S3::start();
     let url = s3.url("signed");
-    let secret = ["--remote-cache-secret", "team secret"];
+    let signed = |p: &Project| {
+        let args = [
+            "run",
+            QUICKSTART,
+            "--json",
+            "--remote-cache",
+            &url,
+            "--remote-cache-secret",
+            "team secret",
+        ];
+        let r = sentiflow(p, &s3, &args);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        r
+    };
     let a = quickstart();
-    let r = sentiflow(
-        &a,
-        &s3,
-        &[&["run", QUICKSTART, "--json", "--remote-cache", &url][..], &secret].concat(),
-    );
-    assert_eq!(r.code, 0, "{}", r.stderr);
-    let report = r.json();
+    let report = signed(&a).json();
 
     // `clean`'s entry, rewritten to name `load`'s output as its own.
     let key = stage(&report, "clean")["key"].as_str().unwrap().to_string();
@@ -206,12 +213,7 @@ fn a_rewritten_run_entry_is_refused_when_entries_are_signed() {
     s3.put(&entry_name, &serde_json::to_vec(&entry).unwrap());
 
     let b = quickstart();
-    let r = sentiflow(
-        &b,
-        &s3,
-        &[&["run", QUICKSTART, "--json", "--remote-cache", &url][..], &secret].concat(),
-    );
-    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = signed(&b);
     let mut want = all("fetched");
     // `clean` runs again; what follows it has the same key and is fetched.
     want.insert("clean".into(), "ran".into());
@@ -227,11 +229,7 @@ fn a_rewritten_run_entry_is_refused_when_entries_are_signed() {
     entry.as_object_mut().unwrap().remove("mac");
     s3.put(&entry_name, &serde_json::to_vec(&entry).unwrap());
     let c = quickstart();
-    let r = sentiflow(
-        &c,
-        &s3,
-        &[&["run", QUICKSTART, "--json", "--remote-cache", &url][..], &secret].concat(),
-    );
+    let r = signed(&c);
     assert_eq!(stage(&r.json(), "clean")["state"], "ran", "{}", r.stderr);
     assert!(
         r.stderr.contains("it is not signed with the team's secret"),
