@@ -278,10 +278,15 @@ thread_local! {
 
 /// Runs `f`, a request's work, with its database waits bounded by [`REQUEST_WAIT`].
 pub fn with_request_wait<T>(f: impl FnOnce() -> T) -> T {
-    let before = WAIT.replace(Some(REQUEST_WAIT));
-    let out = f();
-    WAIT.set(before);
-    out
+    /// Puts the thread's wait back however `f` ends: tokio reuses its blocking threads.
+    struct Restore(Option<Duration>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            WAIT.set(self.0);
+        }
+    }
+    let _restore = Restore(WAIT.replace(Some(REQUEST_WAIT)));
+    f()
 }
 
 /// A connection from the pool, waited for as long as the work on this thread may.
