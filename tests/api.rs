@@ -223,11 +223,18 @@ const GENERATED_CLIENT_CHECK: &str = r#"
 import sys
 from client import AuthenticatedClient
 from client.api.default import get_best_model_parameter, get_models, get_training_id, post_prediction
-from client.models import BestModelParameter, ModelEntry, PredictionResponse, TfidfParameters, TrainingRun
+from client.models import (
+    BestModelParameter,
+    ModelEntry,
+    PredictionRequest,
+    PredictionResponse,
+    TfidfParameters,
+    TrainingRun,
+)
 
 base, key, run_id, text = sys.argv[1:]
 c = AuthenticatedClient(base_url=base, token=key)
-answer = post_prediction.sync(client=c, body={"text": text})
+answer = post_prediction.sync(client=c, body=PredictionRequest(text=text))
 assert isinstance(answer, PredictionResponse), answer
 best = get_best_model_parameter.sync(client=c)
 assert isinstance(best, BestModelParameter) and isinstance(best.parameters, TfidfParameters), best

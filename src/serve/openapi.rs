@@ -179,5 +179,10 @@ fn limit_texts(schemas: &mut Map<String, Value>, config: &Config) {
     request["properties"]["text"] = text.clone();
     request["properties"]["texts"] =
         json!({"type": "array", "items": text, "minItems": 1, "maxItems": config.max_batch});
-    request["oneOf"] = json!([{"required": ["text"]}, {"required": ["texts"]}]);
+    // Exactly one of `text` and `texts`, said without `oneOf`, which generators (openapi-python-client)
+    // read as a union of untyped bodies: `texts` unless `text`, and not both.
+    let object = request.as_object_mut().expect("a struct's schema is an object");
+    object.insert("if".into(), json!({"required": ["text"]}));
+    object.insert("else".into(), json!({"required": ["texts"]}));
+    object.insert("not".into(), json!({"required": ["text", "texts"]}));
 }
