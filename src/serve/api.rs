@@ -31,10 +31,11 @@ pub struct PredictionRequest {
     pub texts: Option<Vec<String>>,
     /// The served model to use.
     #[serde(default, deserialize_with = "present")]
-    #[schemars(default = "default_model")]
+    #[schemars(default = "default_model", with = "String")]
     pub model: Option<String>,
     /// Add each text's most influential terms (TF-IDF models).
     #[serde(default, deserialize_with = "present")]
+    #[schemars(with = "bool")]
     pub explain: Option<bool>,
 }
 
