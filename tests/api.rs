@@ -688,7 +688,7 @@ fn head_bodyless_posts_and_security_headers() {
     // The page may run its own inline script and nothing else, and never in a frame.
     let page = http(&s.addr, "GET", "/", &[], b"");
     let csp = page.header("content-security-policy").expect("the page has a CSP");
-    let ui = include_str!("../src/serve/ui.html");
+    let ui = include_str!("../src/serve/http/ui.html");
     let script = ui.split_once("<script>").unwrap().1.split_once("</script>").unwrap().0;
     let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(script));
     assert!(csp.contains(&format!("script-src 'sha256-{hash}';")), "{csp}");

@@ -12,7 +12,7 @@ pub(super) fn serve(global: &Globals, mut config: crate::serve::Config) -> anyho
         }
         None => Default::default(),
     };
-    if let Err(e) = crate::serve::policy::settle(&mut config, sections) {
+    if let Err(e) = crate::serve::settle(&mut config, sections) {
         eprintln!("error: {e}");
         return Ok(exit::INVALID);
     }

@@ -1,9 +1,10 @@
 //! The server's settings: every flag is also an environment variable.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use super::policy::{PromotionGate, RetrainOn, RetrainPolicy, Span};
+use super::policy::{default_cooldown, PolicyError, PromotionGate, RetrainOn, RetrainPolicy, Sections, Span};
 use crate::models::bert::{Device, Runtime};
 use crate::objects::{is_url, Objects, ObjectsError};
 use crate::registry::Registry;
@@ -272,4 +273,43 @@ fn project_root(pipelines: &Path) -> PathBuf {
 pub fn db_location(db: Option<&str>, pipelines: &Path) -> Location {
     db.map(Location::parse)
         .unwrap_or_else(|| Location::Sqlite(project_root(pipelines).join("sentiflow.db")))
+}
+
+/// Settles the policy and the gate of `config` from the file's `sections` and the flags.
+pub fn settle(config: &mut Config, sections: Sections) -> Result<(), PolicyError> {
+    let mut retrain = sections.retrain;
+    if let Some(pipeline) = &config.retrain_pipeline {
+        retrain
+            .get_or_insert_with(|| RetrainPolicy {
+                pipeline: pipeline.clone(),
+                params: BTreeMap::new(),
+                on: Vec::new(),
+                every: None,
+                cooldown: default_cooldown(),
+            })
+            .pipeline = pipeline.clone();
+    }
+    match &mut retrain {
+        Some(r) => {
+            if !config.retrain_on.is_empty() {
+                r.on = config.retrain_on.clone();
+            }
+            if let Some(every) = config.retrain_every {
+                r.every = Some(every);
+            }
+            if let Some(cooldown) = config.retrain_cooldown {
+                r.cooldown = cooldown;
+            }
+        }
+        None if !config.retrain_on.is_empty()
+            || config.retrain_every.is_some()
+            || config.retrain_cooldown.is_some() =>
+        {
+            return Err(PolicyError::NoPipeline)
+        }
+        None => {}
+    }
+    config.retrain = retrain;
+    config.promotion = config.promotion_over(sections.promotion);
+    Ok(())
 }

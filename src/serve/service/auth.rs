@@ -193,15 +193,6 @@ pub struct Quota {
     pub retry_after: u64,
 }
 
-impl Quota {
-    /// Adds the rate-limit headers to a response.
-    pub fn annotate(&self, r: &mut warp::reply::Response) {
-        let h = r.headers_mut();
-        h.insert("x-ratelimit-limit", self.limit.into());
-        h.insert("x-ratelimit-remaining", self.remaining.into());
-    }
-}
-
 impl Limiter {
     pub fn new() -> Limiter {
         Limiter {

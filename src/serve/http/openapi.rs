@@ -5,8 +5,9 @@
 use serde_json::{json, Map, Value};
 
 use super::api::PredictionRequest;
-use super::config::Config;
-use super::routes::{error_schema, Access, Spec, ROUTES};
+use super::error::error_schema;
+use super::spec::{Access, Spec, ROUTES};
+use crate::serve::service::config::Config;
 
 /// Why each error status is answered.
 fn describe(status: u16) -> &'static str {

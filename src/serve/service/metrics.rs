@@ -9,8 +9,6 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use super::listener::Timeout;
-
 /// The `Content-Type` of what [`Metrics::render`] writes.
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 
@@ -64,6 +62,24 @@ struct TimeoutLabels {
 }
 
 type LatencyFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
+
+/// Which timeout closed a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Timeout {
+    /// A request's headers took too long.
+    Header,
+    /// Nothing was sent either way for too long.
+    Idle,
+}
+
+impl Timeout {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Timeout::Header => "header",
+            Timeout::Idle => "idle",
+        }
+    }
+}
 
 pub struct Metrics {
     registry: Registry,

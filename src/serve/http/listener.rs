@@ -23,7 +23,9 @@ use warp::hyper::server::conn::Http;
 use warp::hyper::service::{service_fn, Service};
 use warp::hyper::{Body, Request, Response};
 
-use super::App;
+use super::error::overloaded;
+use crate::serve::service::app::App;
+use crate::serve::service::metrics::Timeout;
 
 /// The address a request came from, in its extensions.
 #[derive(Debug, Clone, Copy)]
@@ -88,7 +90,7 @@ where
 async fn refuse(app: Arc<App>, stream: TcpStream, _permit: OwnedSemaphorePermit) {
     let answer = service_fn(|_| {
         let app = app.clone();
-        async move { Ok::<_, Infallible>(app.overloaded()) }
+        async move { Ok::<_, Infallible>(overloaded(&app)) }
     });
     let conn = Http::new()
         .http1_only(true)
@@ -170,24 +172,6 @@ impl Conn {
 impl Drop for Conn {
     fn drop(&mut self) {
         self.app.metrics.connection_closed();
-    }
-}
-
-/// Which timeout closed a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Timeout {
-    /// A request's headers took too long.
-    Header,
-    /// Nothing was sent either way for too long.
-    Idle,
-}
-
-impl Timeout {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Timeout::Header => "header",
-            Timeout::Idle => "idle",
-        }
     }
 }
 

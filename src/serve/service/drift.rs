@@ -4,8 +4,7 @@
 //! together with the predictions made since the last one.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Mutex;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -15,9 +14,8 @@ use schemars::JsonSchema;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::App;
-use crate::drift::{evaluate, Sample, Status, Thresholds, WindowReport};
-use crate::store::{DriftRecord, PredictionRow, Retention};
+use crate::drift::{Sample, Status, WindowReport};
+use crate::store::{DriftRecord, PredictionRow};
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -26,7 +24,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// The rolling window of one served model.
 pub struct Monitor {
     window: Mutex<(VecDeque<Sample>, VecDeque<bool>)>,
-    size: usize,
+    pub size: usize,
 }
 
 impl Monitor {
@@ -55,7 +53,7 @@ impl Monitor {
         w.1.push_back(correct);
     }
 
-    fn snapshot(&self) -> (Vec<Sample>, Vec<bool>) {
+    pub fn snapshot(&self) -> (Vec<Sample>, Vec<bool>) {
         let w = lock(&self.window);
         (w.0.iter().copied().collect(), w.1.iter().copied().collect())
     }
@@ -79,7 +77,7 @@ pub struct Journal {
 
 /// How many predictions `POST /feedback` finds without the database, and how many one period
 /// stores at most.
-const RECENT: usize = 100_000;
+pub const RECENT: usize = 100_000;
 
 impl Journal {
     pub fn add(&self, id: String, made: Made, sample: &Sample, text: &str, keep_text: bool) {
@@ -116,7 +114,7 @@ impl Journal {
     }
 
     /// The rows to store, and how many predictions were past the bound.
-    fn take_unsaved(&self) -> (Vec<PredictionRow>, u64) {
+    pub fn take_unsaved(&self) -> (Vec<PredictionRow>, u64) {
         std::mem::take(&mut *lock(&self.unsaved))
     }
 }
@@ -148,39 +146,6 @@ pub struct DriftOverview {
     /// The latest stored evaluations, newest first (with `?history=1`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub history: Option<Vec<DriftRecord>>,
-}
-
-/// The drift report of every served model.
-pub fn report(app: &App) -> DriftOverview {
-    let thresholds = Thresholds::default();
-    let mut models = BTreeMap::new();
-    for name in app.model_names() {
-        let Some(serving) = app.serving(&name) else { continue };
-        let version = serving.row.version.clone();
-        let Some(reference) = &serving.bundle.drift else {
-            let note = "the bundle has no drift reference (exported by an older version)".to_string();
-            models.insert(
-                name,
-                ModelDrift::NoReference(NoReference {
-                    version,
-                    status: Status::Ok,
-                    judged: false,
-                    note,
-                }),
-            );
-            continue;
-        };
-        let (samples, feedback) = serving.monitor.snapshot();
-        let report = evaluate(reference, &samples, &feedback, &thresholds);
-        let window = serving.monitor.size;
-        let report = WindowReport {
-            report,
-            version,
-            window,
-        };
-        models.insert(name, ModelDrift::Window(Box::new(report)));
-    }
-    DriftOverview { models, history: None }
 }
 
 /// The drift report as Prometheus gauges, computed at scrape time: each statistic's value and
@@ -237,77 +202,6 @@ impl Collector for Gauges {
         }
         Ok(())
     }
-}
-
-/// Every `period`: writes the predictions made since the last time, stores an evaluation of each
-/// model, and logs it to MLflow when `MLFLOW_TRACKING_URI` is set.
-pub async fn watch(app: Arc<App>, period: Duration) {
-    let mut tick = tokio::time::interval(period);
-    tick.tick().await;
-    let mut mlflow_runs: HashMap<String, String> = HashMap::new();
-    let mut step = 0i64;
-    loop {
-        tick.tick().await;
-        step += 1;
-        let app2 = app.clone();
-        let runs = std::mem::take(&mut mlflow_runs);
-        mlflow_runs = tokio::task::spawn_blocking(move || evaluate_once(&app2, runs, step))
-            .await
-            .unwrap_or_default();
-    }
-}
-
-fn evaluate_once(app: &Arc<App>, mut mlflow_runs: HashMap<String, String>, step: i64) -> HashMap<String, String> {
-    let (rows, skipped) = app.journal.take_unsaved();
-    if skipped > 0 {
-        tracing::warn!("{skipped} predictions of this period were not stored (at most {RECENT} a period)");
-    }
-    if let Err(e) = app.store.add_predictions(&rows) {
-        tracing::error!("saving {} predictions: {e}", rows.len());
-        app.metrics.store_failure("predictions");
-    }
-    let keep = Retention {
-        rows: app.config.keep_predictions,
-        days: app.config.keep_days,
-    };
-    match app.store.prune(keep) {
-        Ok(n) => app.metrics.stored_predictions(n),
-        Err(e) => {
-            tracing::error!("pruning stored predictions: {e}");
-            app.metrics.store_failure("prune");
-        }
-    }
-    let report = report(app);
-    for (model, drift) in &report.models {
-        let ModelDrift::Window(w) = drift else { continue };
-        if w.report.samples == 0 {
-            continue;
-        }
-        let version = &w.version;
-        if let Err(e) = app.store.add_drift(model, &app.replica, w) {
-            tracing::error!("saving the drift evaluation of {model}: {e}");
-            app.metrics.store_failure("drift_evaluation");
-        }
-        if let Some(t) = &app.tracker {
-            let key = format!("{model} {version}");
-            match t.log_drift(mlflow_runs.get(&key).cloned(), model, version, &w.report, step) {
-                Ok(run) => {
-                    mlflow_runs.insert(key, run);
-                }
-                Err(e) => tracing::warn!("drift of {model} not sent to MLflow: {e}"),
-            }
-        }
-    }
-    let alerts: Vec<&str> = report
-        .models
-        .iter()
-        .filter(|(_, d)| matches!(d, ModelDrift::Window(w) if w.report.samples > 0 && w.report.status == Status::Alert))
-        .map(|(m, _)| m.as_str())
-        .collect();
-    if !alerts.is_empty() {
-        super::policy::drift_alert(app, &alerts);
-    }
-    mlflow_runs
 }
 
 #[cfg(test)]

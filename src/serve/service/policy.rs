@@ -5,19 +5,15 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
 
-use super::api::TrainingRequest;
-use super::config::Config;
-use super::{training, App};
 use crate::pipeline::yaml::{self, child_path, Document};
 use crate::pipeline::ParamValue;
-use crate::store::{ShadowFigures, Trigger};
+use crate::store::ShadowFigures;
 
 /// The keys of the config file that are sections the server reads itself; the file's other keys
 /// are flat settings, one per `SENTIFLOW_<NAME>` variable.
@@ -111,7 +107,7 @@ pub struct RetrainPolicy {
     pub cooldown: Span,
 }
 
-fn default_cooldown() -> Span {
+pub fn default_cooldown() -> Span {
     Span(Duration::from_secs(6 * 3600))
 }
 
@@ -317,127 +313,6 @@ fn section<T: DeserializeOwned>(file: &str, doc: &Document, name: &str) -> Resul
                 message: format!("`{path}`: {message}"),
             }
         })
-}
-
-/// Settles the policy and the gate of `config` from the file's `sections` and the flags.
-pub fn settle(config: &mut Config, sections: Sections) -> Result<(), PolicyError> {
-    let mut retrain = sections.retrain;
-    if let Some(pipeline) = &config.retrain_pipeline {
-        retrain
-            .get_or_insert_with(|| RetrainPolicy {
-                pipeline: pipeline.clone(),
-                params: BTreeMap::new(),
-                on: Vec::new(),
-                every: None,
-                cooldown: default_cooldown(),
-            })
-            .pipeline = pipeline.clone();
-    }
-    match &mut retrain {
-        Some(r) => {
-            if !config.retrain_on.is_empty() {
-                r.on = config.retrain_on.clone();
-            }
-            if let Some(every) = config.retrain_every {
-                r.every = Some(every);
-            }
-            if let Some(cooldown) = config.retrain_cooldown {
-                r.cooldown = cooldown;
-            }
-        }
-        None if !config.retrain_on.is_empty()
-            || config.retrain_every.is_some()
-            || config.retrain_cooldown.is_some() =>
-        {
-            return Err(PolicyError::NoPipeline)
-        }
-        None => {}
-    }
-    config.retrain = retrain;
-    config.promotion = config.promotion_over(sections.promotion);
-    Ok(())
-}
-
-/// Starts a run of the policy's pipeline for `trigger` exactly as `POST /training` does, unless
-/// the pipeline is being trained or an automatic run of it started within the cooldown (the
-/// database decides both, so replicas agree and a restart forgets nothing); logs and counts
-/// the decision.
-fn retrain(app: &Arc<App>, policy: &RetrainPolicy, trigger: Trigger) {
-    let request = TrainingRequest {
-        pipeline: policy.pipeline.clone(),
-        params: policy.params.clone(),
-        stages: Vec::new(),
-    };
-    let (pipeline, on) = (&policy.pipeline, trigger.as_str());
-    let outcome = match training::start(app, request, trigger, Some(policy.cooldown.0)) {
-        Ok(started) => {
-            tracing::info!("retraining {pipeline} on {on}: started run {}", started.id);
-            "started"
-        }
-        Err(e) if e.code == training::COOLING_DOWN => {
-            tracing::info!("retraining {pipeline} on {on}: skipped: {}", e.message);
-            "cooldown"
-        }
-        Err(e) if e.code == training::ALREADY_RUNNING => {
-            tracing::info!("retraining {pipeline} on {on}: skipped: busy ({})", e.message);
-            "busy"
-        }
-        Err(e) => {
-            tracing::warn!("retraining {pipeline} on {on}: cannot start: {}", e.message);
-            "failed"
-        }
-    };
-    app.metrics.retrain(on, outcome);
-}
-
-/// A drift evaluation found `models` in alert: retrains when the policy says so.
-pub fn drift_alert(app: &Arc<App>, models: &[&str]) {
-    let Some(policy) = app
-        .config
-        .retrain
-        .as_ref()
-        .filter(|p| p.on.contains(&RetrainOn::DriftAlert))
-    else {
-        return;
-    };
-    tracing::info!("drift alert of {models:?}");
-    retrain(app, policy, Trigger::Drift);
-}
-
-/// With `every` in the policy: a scheduled run once `every` has passed since the last scheduled
-/// run of the pipeline in the database (or since this server started, when there is none).
-pub async fn schedule(app: Arc<App>) {
-    let Some(policy) = app.config.retrain.clone() else {
-        return;
-    };
-    let Some(every) = policy.every else {
-        return;
-    };
-    let since_start = chrono::Utc::now();
-    let every_chrono = chrono::Duration::from_std(every.0).unwrap_or(chrono::Duration::MAX);
-    let mut tick = tokio::time::interval((every.0 / 10).clamp(Duration::from_secs(1), Duration::from_secs(60)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    loop {
-        tick.tick().await;
-        let (app, policy) = (app.clone(), policy.clone());
-        let work = tokio::task::spawn_blocking(move || {
-            let last = match app.store.last_run_at(&policy.pipeline, Trigger::Schedule) {
-                Ok(last) => last
-                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
-                    .map_or(since_start, |t| t.with_timezone(&chrono::Utc)),
-                Err(e) => return tracing::warn!("reading the last scheduled run of {}: {e}", policy.pipeline),
-            };
-            if last
-                .checked_add_signed(every_chrono)
-                .is_some_and(|due| chrono::Utc::now() >= due)
-            {
-                retrain(&app, &policy, Trigger::Schedule);
-            }
-        });
-        if let Err(e) = work.await {
-            tracing::error!("the retraining schedule: {e}");
-        }
-    }
 }
 
 #[cfg(test)]

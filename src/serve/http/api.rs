@@ -7,9 +7,10 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
-use super::policy::GateVerdict;
 use crate::models::bundle::{Explanation, Figures, Parameters};
 use crate::pipeline::ParamValue;
+use crate::serve::service::policy::GateVerdict;
+pub use crate::serve::service::runs::TrainingRequest;
 use crate::store::{ModelRow, RunStatus, RunSummary, ShadowFigures, Trigger};
 
 /// A field that may be left out but, when sent, holds a value (`null` is refused, not read as
@@ -287,25 +288,6 @@ pub struct StageInfo {
     pub name: String,
     pub kind: String,
     pub needs: Vec<String>,
-}
-
-/// The body of `POST /training`.
-#[derive(Debug, Deserialize, JsonSchema)]
-#[serde(deny_unknown_fields)]
-#[schemars(example = example_training_request())]
-pub struct TrainingRequest {
-    /// A pipeline of `GET /pipelines`.
-    pub pipeline: String,
-    /// Parameter overrides, as typed JSON scalars (never parsed as YAML).
-    #[serde(default)]
-    pub params: BTreeMap<String, ParamValue>,
-    /// Stages to run, with what they need (all when empty).
-    #[serde(default)]
-    pub stages: Vec<String>,
-}
-
-fn example_training_request() -> Value {
-    serde_json::json!({"pipeline": "imdb", "params": {"seed": 7}})
 }
 
 #[derive(Debug, Serialize, JsonSchema)]

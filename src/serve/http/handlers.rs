@@ -7,11 +7,17 @@ use warp::http::{HeaderValue, StatusCode};
 use warp::hyper::body::Bytes;
 
 use super::api::*;
+use super::context::{Answer, Ctx, Reply};
 use super::error::ApiError;
-use super::routes::{Answer, Ctx, Reply};
-use super::{drift, shadow, training, App, Serving};
 use crate::models::bundle::{Explanation, Model, Prediction};
-use crate::store::{CanaryChange, ModelStatus, PromotedBy, PromotionReason, Trigger};
+use crate::pipeline::Pipeline;
+use crate::serve::service::app::App;
+use crate::serve::service::drift::{DriftOverview, Gauges, Made};
+use crate::serve::service::metrics::CONTENT_TYPE;
+use crate::serve::service::runs::{self, no_run};
+use crate::serve::service::serving::Serving;
+use crate::serve::service::training::{available, find_pipeline};
+use crate::store::{CanaryChange, ModelStatus, PromotedBy, PromotionReason, RunFilter, RunStatus, Trigger};
 
 /// The web interface: one self-contained page (HTML, CSS and JavaScript, no build step) that
 /// talks to this API.
@@ -81,12 +87,9 @@ pub async fn docs(ctx: &Ctx) -> Answer {
 pub async fn metrics(ctx: &Ctx) -> Answer {
     // The drift gauges evaluate every model's window: not on a connection's thread.
     let text = ctx
-        .blocking(|app| app.metrics.render(drift::Gauges(drift::report(app))))
+        .blocking(|app| app.metrics.render(Gauges(app.drift_overview())))
         .await?;
-    Ok(Reply::with_type(
-        HeaderValue::from_static(super::metrics::CONTENT_TYPE),
-        text,
-    ))
+    Ok(Reply::with_type(HeaderValue::from_static(CONTENT_TYPE), text))
 }
 
 pub async fn health(ctx: &Ctx) -> Answer {
@@ -107,11 +110,10 @@ pub async fn ready(ctx: &Ctx) -> Answer {
     Ok(Reply::json(&Ready { ready, models }).status(status))
 }
 
-pub async fn openapi(ctx: &Ctx) -> Answer {
-    Ok(Reply::with_type(
-        HeaderValue::from_static("application/json"),
-        ctx.app.openapi.clone(),
-    ))
+/// `document` is built once, when the routes are: it depends only on them, the types and the
+/// settings.
+pub async fn openapi(_: &Ctx, document: Bytes) -> Answer {
+    Ok(Reply::with_type(HeaderValue::from_static("application/json"), document))
 }
 
 pub async fn best_model_parameter(ctx: &Ctx, query: String) -> Answer {
@@ -211,7 +213,7 @@ pub async fn prediction(ctx: &Ctx, body: Bytes) -> Answer {
         let p = Prediction::from_score(s.score);
         let id = format!("{}-{i}", ctx.id);
         app.metrics.prediction(&name, &version, p.label);
-        let made = drift::Made {
+        let made = Made {
             model: name.clone(),
             version: version.clone(),
             label: p.label,
@@ -230,7 +232,8 @@ pub async fn prediction(ctx: &Ctx, body: Bytes) -> Answer {
     }
     if let (Some(candidate), false) = (candidate, canary) {
         let ids = predictions.iter().map(|p| p.id.clone()).collect();
-        app.shadow.offer(app, candidate, texts, ids, samples);
+        app.shadow
+            .offer(app.config.shadow_percent, &app.metrics, candidate, texts, ids, samples);
     }
     let answer = if single {
         PredictionResponse {
@@ -304,15 +307,15 @@ fn record_feedback(app: &App, request: FeedbackRequest) -> Result<FeedbackRespon
 }
 
 pub async fn pipelines(ctx: &Ctx) -> Answer {
-    let answer = ctx.blocking(training::list).await?;
+    let answer = ctx.blocking(list_pipelines).await?;
     Ok(Reply::json(&answer))
 }
 
 pub async fn drift(ctx: &Ctx, query: String) -> Answer {
     let q: DriftQuery = ctx.query(&query)?;
     let answer = ctx
-        .blocking(move |app| -> Result<drift::DriftOverview, ApiError> {
-            let mut report = drift::report(app);
+        .blocking(move |app| -> Result<DriftOverview, ApiError> {
+            let mut report = app.drift_overview();
             if let Some(HistoryFlag::Yes) = q.history {
                 report.history = Some(app.store.drift_history(100)?);
             }
@@ -331,7 +334,7 @@ pub async fn models(ctx: &Ctx) -> Answer {
                 .into_iter()
                 .map(|row| -> Result<ModelEntry, ApiError> {
                     let gate = match (&gate, row.status) {
-                        (Some(g), ModelStatus::Candidate) => Some(g.check(&shadow::figures(app, &row)?)),
+                        (Some(g), ModelStatus::Candidate) => Some(g.check(&app.shadow_figures(&row)?)),
                         _ => None,
                     };
                     Ok(ModelEntry { row, gate })
@@ -372,7 +375,19 @@ fn not_candidate(version: &str, status: ModelStatus, action: &str) -> ApiError {
 
 pub async fn shadow_report(ctx: &Ctx) -> Answer {
     let version = ctx.param(0).to_string();
-    let report = ctx.blocking(move |app| shadow::report(app, &version)).await??;
+    let report = ctx
+        .blocking(move |app| -> Result<ShadowReport, ApiError> {
+            let row = app.store.model(&version)?.ok_or_else(|| no_version(&version))?;
+            let figures = app.shadow_figures(&row)?;
+            Ok(ShadowReport {
+                gate: app.config.promotion.as_ref().map(|g| g.check(&figures)),
+                version: row.version,
+                model: row.name,
+                canary_percent: row.canary_percent,
+                figures,
+            })
+        })
+        .await??;
     Ok(Reply::json(&report))
 }
 
@@ -452,10 +467,16 @@ async fn set_canary(ctx: &Ctx, percent: u8) -> Answer {
 pub async fn training(ctx: &Ctx, body: Bytes) -> Answer {
     let request: TrainingRequest = ctx.json(&body)?;
     let app = ctx.app.clone();
-    let started = ctx
-        .blocking(move |_| training::start(&app, request, Trigger::Api, None))
+    let pipeline = request.pipeline.clone();
+    let id = ctx
+        .blocking(move |_| runs::start(&app, request, Trigger::Api, None))
         .await??;
-    let location = format!("/training/{}", started.id);
+    let location = format!("/training/{id}");
+    let started = TrainingStarted {
+        id,
+        pipeline,
+        status: RunStatus::Running,
+    };
     Ok(Reply::json(&started)
         .status(StatusCode::ACCEPTED)
         .header("location", location))
@@ -463,24 +484,146 @@ pub async fn training(ctx: &Ctx, body: Bytes) -> Answer {
 
 pub async fn training_status(ctx: &Ctx) -> Answer {
     let id = ctx.param(0).to_string();
-    let run = ctx.blocking(move |app| training::status(app, &id)).await??;
+    let run = ctx.blocking(move |app| run_status(app, &id)).await??;
     Ok(Reply::json(&run))
 }
 
 pub async fn training_logs(ctx: &Ctx) -> Answer {
     let id = ctx.param(0).to_string();
-    let logs = ctx.blocking(move |app| training::logs(app, &id)).await??;
+    let logs = ctx.blocking(move |app| run_logs(app, &id)).await??;
     Ok(Reply::json(&logs))
 }
 
 pub async fn training_list(ctx: &Ctx, query: String) -> Answer {
     let q: TrainingQuery = ctx.query(&query)?;
-    let runs = ctx.blocking(move |app| training::list_runs(app, q)).await??;
+    let runs = ctx.blocking(move |app| list_runs(app, q)).await??;
     Ok(Reply::json(&runs))
 }
 
 pub async fn training_cancel(ctx: &Ctx) -> Answer {
     let id = ctx.param(0).to_string();
-    let cancelled = ctx.blocking(move |app| training::cancel(app, &id)).await??;
-    Ok(Reply::json(&cancelled))
+    ctx.blocking({
+        let id = id.clone();
+        move |app| runs::cancel(app, &id)
+    })
+    .await??;
+    Ok(Reply::json(&TrainingCancelled {
+        id,
+        status: RunStatus::Cancelled,
+    }))
+}
+
+/// `GET /pipelines`: each pipeline the server may run, with its parameters and its stages.
+fn list_pipelines(app: &App) -> Pipelines {
+    let dir = &app.config.pipelines;
+    let pipelines = available(dir)
+        .into_iter()
+        .filter_map(|name| {
+            let file = find_pipeline(dir, &name)?;
+            Some(match Pipeline::load(&file, &[]) {
+                Ok(p) => PipelineInfo {
+                    name,
+                    params: Some(
+                        p.params
+                            .into_iter()
+                            .filter_map(|(k, v)| Some((k, serde_json::from_value(v).ok()?)))
+                            .collect(),
+                    ),
+                    stages: Some(
+                        p.stages
+                            .iter()
+                            .map(|s| StageInfo {
+                                name: s.name.clone(),
+                                kind: s.kind.name().to_string(),
+                                needs: s.needs.clone(),
+                            })
+                            .collect(),
+                    ),
+                    error: None,
+                },
+                Err(d) => PipelineInfo {
+                    name,
+                    params: None,
+                    stages: None,
+                    error: Some(d.to_string()),
+                },
+            })
+        })
+        .collect();
+    Pipelines { pipelines }
+}
+
+/// `GET /training/{id}`: the run and each stage's last state.
+fn run_status(app: &App, id: &str) -> Result<TrainingRun, ApiError> {
+    let run = app.store.run(id)?.ok_or_else(|| no_run(id))?;
+    let mut stages = std::collections::BTreeMap::new();
+    for e in run.events {
+        let outcome = StageOutcome {
+            state: e.state,
+            duration_ms: e.duration_ms,
+            metrics: e.metrics,
+            error: e.error,
+        };
+        stages.insert(e.stage, outcome);
+    }
+    Ok(TrainingRun {
+        id: run.id,
+        pipeline: run.pipeline,
+        status: run.status,
+        trigger: run.trigger,
+        error: run.error,
+        params: run.params,
+        stages,
+        created_at: run.created_at,
+        finished_at: run.finished_at,
+        mlflow_run_id: run.mlflow_run_id,
+    })
+}
+
+/// Most runs one `GET /training` answer lists.
+pub const MAX_LIMIT: u32 = 100;
+
+/// `GET /training`: the runs the query selects, newest first.
+fn list_runs(app: &App, query: TrainingQuery) -> Result<TrainingRuns, ApiError> {
+    if !(1..=MAX_LIMIT).contains(&query.limit) {
+        return Err(ApiError::field(
+            "limit",
+            format!(
+                "{} is out of range: list 1 to {MAX_LIMIT} runs a page, with `offset` for the next",
+                query.limit
+            ),
+        ));
+    }
+    let filter = RunFilter {
+        pipeline: query.pipeline,
+        status: query.status,
+        trigger: query.trigger,
+        limit: query.limit,
+        offset: query.offset,
+    };
+    let (runs, total) = app.store.runs(&filter)?;
+    Ok(TrainingRuns {
+        runs,
+        total,
+        limit: filter.limit,
+        offset: filter.offset,
+        mlflow_ui: app.tracker.as_ref().map(|t| t.base().to_string()),
+    })
+}
+
+/// `GET /training/{id}/logs`.
+fn run_logs(app: &App, id: &str) -> Result<TrainingLogs, ApiError> {
+    if app.store.run(id)?.is_none() {
+        return Err(no_run(id).into());
+    }
+    let lines = app
+        .store
+        .logs(id)?
+        .into_iter()
+        .filter_map(|l| serde_json::from_value::<LogLine>(l).ok())
+        .collect();
+    Ok(TrainingLogs {
+        id: id.to_string(),
+        lines,
+    })
 }
