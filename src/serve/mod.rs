@@ -6,6 +6,7 @@ mod service;
 
 use std::sync::Arc;
 
+pub use http::routes::routes;
 pub use service::app::App;
 pub use service::auth::{create_key, KeyError, Role};
 pub use service::config::{db_location, settle, Config};

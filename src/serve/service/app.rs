@@ -21,6 +21,8 @@ use crate::models::bundle::{Bundle, Model};
 use crate::registry::Registry;
 use crate::store::{ModelRow, ModelStatus, PromotedBy, PromotionReason, ShadowFigures, Store};
 
+/// The parts of a server, each a component of its own: the routes and the background work reach
+/// for the ones they need.
 pub struct App {
     pub config: Config,
     pub cache_dir: std::path::PathBuf,
@@ -28,24 +30,24 @@ pub struct App {
     pub output_dirs: Vec<std::path::PathBuf>,
     pub store: Store,
     pub registry: Registry,
-    pub models: RwLock<HashMap<String, Arc<Serving>>>,
-    pub keys: Keys,
-    pub limiter: Limiter,
-    pub lockout: Lockout,
+    models: RwLock<HashMap<String, Arc<Serving>>>,
+    keys: Keys,
+    limiter: Limiter,
+    lockout: Lockout,
     pub metrics: Arc<Metrics>,
     pub journal: Journal,
     pub training: Trainer,
     /// Candidates under evaluation, their shadow traffic and canaries.
     pub shadow: Shadow,
-    pub request_seq: AtomicU64,
+    request_seq: AtomicU64,
     /// Tells this process's request ids from those of every other server, including one that
     /// started in the same second on another host.
-    pub id_tag: String,
+    id_tag: String,
     pub started: u64,
     /// This server's name in the database ([`Config::replica`]).
     pub replica: String,
     /// Production versions that failed to load here, reported once each.
-    pub unloadable: Mutex<HashSet<String>>,
+    unloadable: Mutex<HashSet<String>>,
     /// The MLflow server of `MLFLOW_TRACKING_URI`, read once at start-up.
     pub tracker: Option<crate::tracking::Tracker>,
 }
