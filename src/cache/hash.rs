@@ -12,25 +12,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::CacheError;
-
-/// The hash of a file, or of a directory as the sorted list of its files' hashes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Artifact {
-    /// Path relative to the project root, with `/` separators.
-    pub path: String,
-    pub hash: String,
-    pub size: u64,
-    /// For a directory: each file's path relative to it, and its hash and size.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub files: Option<BTreeMap<String, FileEntry>>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileEntry {
-    pub hash: String,
-    pub size: u64,
-}
+use super::entry::{Artifact, FileEntry};
+use super::error::CacheError;
+use super::files::write_atomic;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct Stamp {
@@ -95,7 +79,7 @@ impl Hasher {
             return Ok(());
         }
         let bytes = serde_json::to_vec(&*self.memo.lock().unwrap()).expect("memo serializes");
-        super::write_atomic(&self.file, &bytes)?;
+        write_atomic(&self.file, &bytes)?;
         *dirty = false;
         Ok(())
     }

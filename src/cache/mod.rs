@@ -15,92 +15,29 @@
 //! A cache may have a [`Remote`] copy with the same layout: [`Cache::fetch`] copies an entry from
 //! it, [`Cache::push`] copies one to it.
 
+mod entry;
+mod error;
+mod files;
 mod hash;
 pub mod remote;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde::Serialize;
 
-pub use hash::{hash_reader, sha256_hex, special_kind, Artifact, FileEntry, Hasher};
+use entry::is_hash;
+pub use entry::{Artifact, FileEntry, Metrics, RunEntry};
+pub use error::CacheError;
+use files::persist;
+pub use files::write_atomic;
+pub use hash::{hash_reader, sha256_hex, special_kind, Hasher};
 pub use remote::{Remote, RemoteError, Transfer};
-
-/// Numbers a stage run reports (accuracy, row counts, …), kept in its run entry and the lock file.
-pub type Metrics = Map<String, Value>;
-
-#[derive(Debug, thiserror::Error)]
-pub enum CacheError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("corrupt cache entry {what}: {reason}")]
-    Corrupt { what: String, reason: String },
-    #[error(
-        "{path} is a {kind}, not a regular file: reading it could block or never end, so it cannot be \
-         hashed or cached; point the pipeline at a regular file or a directory of them"
-    )]
-    NotRegular { path: PathBuf, kind: &'static str },
-    #[error(transparent)]
-    Remote(#[from] RemoteError),
-}
-
-impl CacheError {
-    pub fn io(path: &Path, source: std::io::Error) -> Self {
-        CacheError::Io {
-            path: path.to_path_buf(),
-            source,
-        }
-    }
-}
-
-/// What one stage run produced, stored under its key.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunEntry {
-    pub stage: String,
-    pub kind: String,
-    pub outs: Vec<Artifact>,
-    pub metrics: Metrics,
-    pub duration_ms: u64,
-}
-
-impl RunEntry {
-    /// The hash and size of every object its outputs are made of.
-    pub fn objects(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.outs.iter().flat_map(|out| match &out.files {
-            Some(files) => files.values().map(|f| (f.hash.as_str(), f.size)).collect::<Vec<_>>(),
-            None => vec![(out.hash.as_str(), out.size)],
-        })
-    }
-
-    /// Why an entry from elsewhere (a remote) must not be restored: object names that are not
-    /// hashes, or output paths that could lead out of the project.
-    fn check_foreign(&self) -> Result<(), String> {
-        if let Some((bad, _)) = self.objects().find(|(h, _)| !is_hash(h)) {
-            return Err(format!("object name `{bad}` is not a SHA-256"));
-        }
-        let escapes = |p: &str| p.is_empty() || p.starts_with('/') || p.split('/').any(|c| c == "..");
-        let names = self.outs.iter().flat_map(|out| {
-            std::iter::once(out.path.as_str()).chain(out.files.iter().flat_map(|f| f.keys().map(String::as_str)))
-        });
-        for name in names {
-            if escapes(name) {
-                return Err(format!("output path `{name}` is not inside the project"));
-            }
-        }
-        Ok(())
-    }
-}
 
 /// Space a garbage collection freed.
 #[derive(Debug, Default, Serialize)]
@@ -483,11 +420,6 @@ impl Cache {
     }
 }
 
-/// Whether `name` is a SHA-256 in hex, as object names and cache keys are.
-fn is_hash(name: &str) -> bool {
-    name.len() == 64 && name.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
 /// Where the entry of run `key` lives, relative to a cache's root (local or remote).
 fn run_name(key: &str) -> String {
     format!("runs/{}/{key}.json", &key[..2])
@@ -549,26 +481,6 @@ fn remove_path(path: &Path) -> Result<(), CacheError> {
 /// Removes the outputs a stage is about to write, so stale files never pass for new ones.
 pub fn clear_outputs(root: &Path, outs: &[String]) -> Result<(), CacheError> {
     outs.iter().try_for_each(|rel| remove_path(&root.join(rel)))
-}
-
-fn persist(mut tmp: tempfile::NamedTempFile, dest: &Path) -> Result<(), CacheError> {
-    tmp.as_file_mut()
-        .sync_all()
-        .map_err(|e| CacheError::io(tmp.path(), e))?;
-    if let Some(parent) = dest.parent() {
-        fs::create_dir_all(parent).map_err(|e| CacheError::io(parent, e))?;
-    }
-    tmp.persist(dest).map_err(|e| CacheError::io(dest, e.error))?;
-    Ok(())
-}
-
-/// Writes `bytes` to `dest` through a synced temporary file in the same directory.
-pub fn write_atomic(dest: &Path, bytes: &[u8]) -> Result<(), CacheError> {
-    let parent = dest.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).map_err(|e| CacheError::io(parent, e))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(parent).map_err(|e| CacheError::io(parent, e))?;
-    tmp.write_all(bytes).map_err(|e| CacheError::io(dest, e))?;
-    persist(tmp, dest)
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 
-use super::RunEntry;
+use super::entry::{is_hash, RunEntry};
 use crate::objects::{Objects, ObjectsError};
 
 /// A run entry as the remote keeps it: with its MAC when the team has a secret.
@@ -178,7 +178,7 @@ impl Remote {
             .list("runs")?
             .iter()
             .filter_map(|name| name.strip_suffix(".json").map(str::to_string))
-            .filter(|k| super::is_hash(k))
+            .filter(|k| is_hash(k))
             .collect())
     }
 }

@@ -4,7 +4,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
-use super::{exit, load, open_cache, Globals};
+use super::exit;
+use super::project::{load, open_cache, Globals};
 use crate::cache::{Cache, Remote, Transfer};
 use crate::pipeline::lock;
 

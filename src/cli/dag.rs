@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use super::{exit, load};
+use super::exit;
+use super::project::load;
 use crate::pipeline::graph::DagFormat;
 
 pub(super) fn dag(file: PathBuf, format: DagFormat) -> anyhow::Result<i32> {

@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use super::{exit, Globals};
+use super::exit;
+use super::project::Globals;
 
 /// The database the server keeps its keys in, found as `sentiflow serve` finds it.
 #[derive(clap::Args)]

@@ -6,8 +6,10 @@ mod completions;
 mod console;
 mod dag;
 mod drift;
+pub mod exit;
 mod keys;
 mod predict;
+mod project;
 mod run;
 mod serve;
 mod status;
@@ -21,23 +23,12 @@ use clap::{ArgAction, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use anyhow::Context as _;
 
-use crate::cache::Cache;
 use crate::models::bert::Device;
 use crate::pipeline::graph::DagFormat;
-use crate::pipeline::{Override, Pipeline};
+use crate::pipeline::Override;
 use cache::{Direction, RemoteCache};
 use keys::KeyDatabase;
-
-/// Exit codes: what a script calling sentiflow can rely on.
-pub mod exit {
-    pub const OK: i32 = 0;
-    /// A stage failed, or something the command needs (ONNX Runtime) is missing.
-    pub const FAILED: i32 = 1;
-    /// The pipeline or the command line is invalid.
-    pub const INVALID: i32 = 2;
-    /// Interrupted by a signal.
-    pub const INTERRUPTED: i32 = 130;
-}
+use project::Globals;
 
 #[derive(Parser)]
 #[command(
@@ -430,26 +421,6 @@ fn apply_config_file(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load(file: &Path, set: &[Override]) -> Result<Pipeline, i32> {
-    Pipeline::load(file, set).map_err(|d| {
-        eprint!("{}", d.render());
-        exit::INVALID
-    })
-}
-
-fn open_cache(cli_dir: &Option<PathBuf>, root: &Path) -> anyhow::Result<Cache> {
-    let dir = cli_dir.clone().unwrap_or_else(|| root.join("cache"));
-    Cache::open(&dir).map_err(|e| anyhow::anyhow!("opening the cache at {}: {e}", dir.display()))
-}
-
-/// The options given before or after the verb that a verb's function reads.
-struct Globals {
-    config: Option<PathBuf>,
-    cache_dir: Option<PathBuf>,
-    output_dirs: Vec<PathBuf>,
-    quiet: bool,
-}
-
 fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let global = Globals {
         config: cli.config,
@@ -492,7 +463,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Keys {
             command: KeysCommand::Revoke { key, db },
         } => keys::revoke(&global, key, db),
-        Command::Completions { shell } => completions::completions(shell),
+        Command::Completions { shell } => completions::completions(shell, Cli::command()),
         Command::Schema => validate::schema(),
         Command::Drift { model, input, chart } => drift::drift(&model, &input, chart.as_deref()),
         Command::Tracking {

@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use super::cache::RemoteCache;
 use super::console::Console;
-use super::{exit, load, open_cache, Globals};
+use super::exit;
+use super::project::{load, open_cache, Globals};
 use crate::pipeline::exec::{self, Options};
 use crate::pipeline::report::State;
 use crate::pipeline::Override;

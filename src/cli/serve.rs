@@ -1,7 +1,8 @@
 //! `sentiflow serve`: settles the server's settings (flags, environment, config file sections)
 //! and serves predictions, the model registry and training over HTTP.
 
-use super::{exit, Globals};
+use super::exit;
+use super::project::Globals;
 
 pub(super) fn serve(global: &Globals, mut config: crate::serve::Config) -> anyhow::Result<i32> {
     let sections = match global.config.as_deref().map(crate::serve::policy::Sections::load) {

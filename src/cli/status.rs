@@ -4,7 +4,8 @@
 use std::path::PathBuf;
 
 use super::cache::RemoteCache;
-use super::{exit, load, open_cache, Globals};
+use super::exit;
+use super::project::{load, open_cache, Globals};
 use crate::cache::Cache;
 use crate::pipeline::{lock, Override, Pipeline};
 

@@ -1,6 +1,7 @@
 //! `sentiflow tracking sync`: sends the runs queued in the cache to MLflow.
 
-use super::{exit, open_cache, Globals};
+use super::exit;
+use super::project::{open_cache, Globals};
 
 pub(super) fn sync(global: &Globals, uri: Option<String>) -> anyhow::Result<i32> {
     let cwd = std::env::current_dir()?;

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use polars::prelude::*;
 
-use super::{DataError, Reviews};
+use super::reviews::{DataError, Reviews};
 
 /// Why records were not loaded, with counts.
 pub type Rejected = BTreeMap<&'static str, usize>;
@@ -423,6 +423,19 @@ pub fn parquet(path: &Path, columns: &Columns) -> Result<(Reviews, Rejected), Da
         }
     }
     Ok((c.reviews, c.rejected))
+}
+
+impl Reviews {
+    /// Reads a table written by [`Reviews::write_parquet`].
+    pub fn read_parquet(path: &Path) -> Result<Reviews, DataError> {
+        let columns = Columns {
+            text: "text",
+            label: "label",
+            id: Some("id"),
+            group: Some("movie"),
+        };
+        parquet(path, &columns).map(|(r, _)| r)
+    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::{Dfs, EdgeRef, Reversed};
 use petgraph::Direction;
 
-use super::Stage;
+use super::stage::Stage;
 
 #[derive(Debug)]
 pub struct Dag {

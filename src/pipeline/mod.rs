@@ -10,6 +10,7 @@ pub mod lock;
 pub mod param;
 pub mod report;
 pub mod spec;
+mod stage;
 pub mod yaml;
 
 use std::collections::{BTreeSet, HashMap};
@@ -21,27 +22,11 @@ use serde_json::{Map, Value};
 pub use diag::{Diagnostic, Diagnostics};
 pub use graph::Dag;
 pub use param::{Override, ParamValue};
+pub use stage::{ParamUse, Stage};
 
 use crate::stages::StageKind;
 use spec::{PipelineFile, RawStage};
 use yaml::{child_path, Document};
-
-/// One stage of a validated pipeline.
-#[derive(Debug, Clone)]
-pub struct Stage {
-    pub name: String,
-    pub needs: Vec<String>,
-    pub kind: StageKind,
-    /// The parameters its settings refer to through `${params.NAME}`.
-    pub param_uses: BTreeSet<ParamUse>,
-}
-
-/// A `${params.NAME}` in a stage's settings: the parameter, and the field of `with` that holds it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ParamUse {
-    pub field: String,
-    pub param: String,
-}
 
 /// A validated pipeline: every name resolved, every parameter typed, the graph acyclic.
 #[derive(Debug)]

@@ -14,7 +14,8 @@ use serde_json::{json, Value};
 
 use super::command::run_process;
 use super::export::publish;
-use super::{read_json, write_json, Context, Metrics, Stage, StageError};
+use super::stage::{read_json, write_json, Context, Stage, StageError};
+use crate::cache::Metrics;
 use crate::data::Reviews;
 use crate::drift::{Reference, Sample};
 use crate::models::bert::{BertModel, Runtime, Truncation};

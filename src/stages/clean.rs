@@ -6,7 +6,8 @@ use rustc_hash::FxHashSet;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Context, Metrics, Stage, StageError};
+use super::stage::{Context, Stage, StageError};
+use crate::cache::Metrics;
 use crate::data::Reviews;
 use crate::text::normalize;
 

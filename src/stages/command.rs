@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Context, Metrics, Stage, StageError};
+use super::stage::{Context, Stage, StageError};
+use crate::cache::Metrics;
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -8,7 +8,8 @@ use serde_json::Value;
 
 use std::path::Path;
 
-use super::{read_json, Context, Metrics, Stage, StageError};
+use super::stage::{read_json, Context, Stage, StageError};
+use crate::cache::Metrics;
 use crate::models::bundle::{file_hashes, Family, Manifest, TfidfModel, FORMAT, LABELS};
 use crate::models::pyfunc;
 

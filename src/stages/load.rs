@@ -7,7 +7,8 @@ use std::path::Path;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Context, Metrics, Stage, StageError};
+use super::stage::{Context, Stage, StageError};
+use crate::cache::Metrics;
 use crate::data::read::{self, Columns, Rejected};
 
 #[derive(Debug, Clone, Serialize, Deserialize, JsonSchema)]

@@ -4,7 +4,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Context, Metrics, Stage, StageError};
+use super::stage::{Context, Stage, StageError};
+use crate::cache::Metrics;
 use crate::data::partition::{self, Grouping};
 use crate::data::Reviews;
 

@@ -8,8 +8,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::stage::{read_json, write_json, Context, Stage, StageError};
 use super::vectorize::Features;
-use super::{read_json, write_json, Context, Metrics, Stage, StageError};
+use crate::cache::Metrics;
 use crate::data::Reviews;
 use crate::drift::{Reference, Sample};
 use crate::models::bundle::Tuning;

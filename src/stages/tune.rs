@@ -8,8 +8,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use super::stage::{write_json, Context, Stage, StageError};
 use super::vectorize::Features;
-use super::{write_json, Context, Metrics, Stage, StageError};
+use crate::cache::Metrics;
 use crate::data::partition::{self, Grouping};
 use crate::models::bundle::Tuning;
 use crate::models::linear::{LinearModel, ModelSpec};

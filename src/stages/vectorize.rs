@@ -6,7 +6,8 @@ use std::path::Path;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{read_json, write_json, Context, Metrics, Stage, StageError};
+use super::stage::{read_json, write_json, Context, Stage, StageError};
+use crate::cache::Metrics;
 use crate::data::Reviews;
 use crate::models::sparse::Csr;
 use crate::models::tfidf::{Tfidf, TfidfConfig};

@@ -4,8 +4,9 @@ use schemars::JsonSchema;
 use serde::Serialize;
 use serde_json::Value;
 
+use super::db::{json, now_text, Store};
+use super::error::StoreError;
 use super::sql::params;
-use super::{json, now_text, Store, StoreError};
 use crate::drift::{Status, WindowReport};
 
 /// A stored drift evaluation.

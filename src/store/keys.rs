@@ -6,8 +6,9 @@ use std::sync::atomic::Ordering;
 use schemars::JsonSchema;
 use serde::Serialize;
 
+use super::db::{live, now_text, Engine, Store};
+use super::error::StoreError;
 use super::sql::{params, PgTx, SqliteTx, Tx};
-use super::{live, now_text, Engine, Store, StoreError};
 use crate::blocking::off_runtime;
 
 /// An API key as `sentiflow keys list` shows it: never the key, nor its hash.

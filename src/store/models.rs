@@ -4,9 +4,10 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::db::{json, now_text, Store};
+use super::error::StoreError;
 use super::shadow::ShadowFigures;
 use super::sql::{params, Row, Tx};
-use super::{json, now_text, Store, StoreError};
 use crate::models::bundle::{typed_entries, Figures, Parameters, Tuning};
 
 /// Where a registered model version is in its life.

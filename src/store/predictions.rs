@@ -1,7 +1,8 @@
 //! Stored predictions and their feedback, and the retention that prunes them.
 
+use super::db::{days_ago_text, now_text, Store};
+use super::error::StoreError;
 use super::sql::{params, Param};
-use super::{days_ago_text, now_text, Store, StoreError};
 
 /// How long stored predictions are kept: the newest `rows` of them, none older than `days`.
 #[derive(Debug, Clone, Copy)]

@@ -8,8 +8,9 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::db::{json, now_ms, now_text, parse_time, time_text, Engine, Store};
+use super::error::StoreError;
 use super::sql::{params, Param, Tx};
-use super::{json, now_ms, now_text, parse_time, time_text, Engine, Store, StoreError};
 use crate::models::bundle::{typed_entries, Figures};
 use crate::pipeline::report::State;
 use crate::pipeline::ParamValue;

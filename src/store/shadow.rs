@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::db::Store;
+use super::error::StoreError;
 use super::sql::params;
-use super::{Store, StoreError};
 use crate::drift::{psi, SCORE_BINS};
 
 /// What a candidate's shadow traffic shows so far, over every server of the database; null

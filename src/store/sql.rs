@@ -13,7 +13,7 @@ use postgres::types::{IsNull, ToSql as PgToSql, Type};
 use r2d2_postgres::PostgresConnectionManager;
 use rusqlite::types::{ToSqlOutput, Value as SqliteValue, ValueRef};
 
-use super::StoreError;
+use super::error::StoreError;
 
 /// Where the database is: a SQLite file, or a PostgreSQL server.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,62 +16,27 @@
 //! sends it later, resuming where it stopped.
 
 pub mod api;
+mod error;
+mod fields;
 mod plan;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::pipeline::report::Report;
 use crate::pipeline::Pipeline;
+use fields::{key, now_ms};
 use plan::Event;
 
-#[derive(Debug, thiserror::Error)]
-pub enum TrackingError {
-    #[error("MLflow at {url}: {message}")]
-    Http { url: String, message: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: std::io::Error,
-    },
-}
+pub use error::TrackingError;
 
 pub struct Tracker {
     base: String,
     agent: ureq::Agent,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// MLflow keys allow letters, digits, `_`, `-`, `.`, ` ` and `/`.
-fn key(text: &str) -> String {
-    text.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "_-. /".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
-/// `{"a": {"b": 1}}` → `[("a.b", 1)]`; lists and strings become parameter strings.
-fn flatten(prefix: &str, value: &Value, out: &mut Vec<(String, Value)>) {
-    match value {
-        Value::Object(m) => m.iter().for_each(|(k, v)| flatten(&format!("{prefix}.{k}"), v, out)),
-        other => out.push((key(prefix), other.clone())),
-    }
 }
 
 impl Tracker {

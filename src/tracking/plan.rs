@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::api::{Dataset, DatasetInput, Tag};
-use super::{flatten, key, now_ms, TrackingError};
+use super::error::TrackingError;
+use super::fields::{flatten, key, now_ms};
 use crate::models::bundle::Manifest;
 use crate::pipeline::report::{Report, StageReport};
 use crate::pipeline::Pipeline;

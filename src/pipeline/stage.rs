@@ -1,0 +1,22 @@
+//! A stage of a validated pipeline, as the graph and the engine see it.
+
+use std::collections::BTreeSet;
+
+use crate::stages::StageKind;
+
+/// One stage of a validated pipeline.
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub name: String,
+    pub needs: Vec<String>,
+    pub kind: StageKind,
+    /// The parameters its settings refer to through `${params.NAME}`.
+    pub param_uses: BTreeSet<ParamUse>,
+}
+
+/// A `${params.NAME}` in a stage's settings: the parameter, and the field of `with` that holds it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ParamUse {
+    pub field: String,
+    pub param: String,
+}
