@@ -57,6 +57,10 @@ pub(super) fn read_reviews(path: &Path) -> Result<Vec<(usize, serde_json::Value)
     Ok(rows)
 }
 
+/// Reviews scored together: enough to share among every core, few enough that answers start
+/// coming out at once.
+const CHUNK: usize = 4096;
+
 pub(super) fn predict(model: &Path, input: Option<&Path>, texts: &[String], device: Device) -> anyhow::Result<i32> {
     use std::io::Write;
     let bundle = match load_bundle(model, device) {
@@ -87,10 +91,10 @@ pub(super) fn predict(model: &Path, input: Option<&Path>, texts: &[String], devi
         return Ok(exit::INVALID);
     }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    // In chunks, so that the first answers come out while the rest are scored.
-    for chunk in rows.chunks(32) {
+    // In chunks, so that the first answers come out while the rest are scored, each on every core.
+    for chunk in rows.chunks(CHUNK) {
         let texts: Vec<&str> = chunk.iter().map(|(_, t)| t.as_str()).collect();
-        let predictions = bundle.model.predict(&texts)?;
+        let predictions = bundle.model.predict_many(&texts)?;
         for ((id, _), s) in chunk.iter().zip(predictions) {
             let p = Prediction::from_score(s.score);
             let line = serde_json::json!({"id": id, "label": p.label, "score": p.score});

@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::Path;
 
+use rayon::prelude::*;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -325,7 +326,26 @@ impl Model {
             Model::Bert(m) => m.predict_batch(texts)?,
         })
     }
+
+    /// Scores of many `texts`, in order, on every core: TF-IDF texts each on rayon's threads,
+    /// BERT texts in batches of [`BERT_BATCH`] (ONNX Runtime spreads each over the cores).
+    pub fn predict_many(&self, texts: &[&str]) -> Result<Vec<Sample>, BundleError> {
+        match self {
+            Model::Tfidf(m) => Ok(texts.par_iter().map(|t| m.predict(t)).collect()),
+            Model::Bert(m) => {
+                let mut samples = Vec::with_capacity(texts.len());
+                for batch in texts.chunks(BERT_BATCH) {
+                    samples.extend(m.predict_batch(batch)?);
+                }
+                Ok(samples)
+            }
+        }
+    }
 }
+
+/// Texts a BERT model scores at once in [`Model::predict_many`]: enough to keep the cores busy,
+/// few enough that padding to the longest text in a batch wastes little.
+pub const BERT_BATCH: usize = 32;
 
 impl Prediction {
     pub fn from_score(score: f64) -> Prediction {
