@@ -80,7 +80,7 @@ def main():
 
     split = os.path.join(ROOT, "data", "imdb", "split")
     texts = []
-    for part in ("train", "validation"):
+    for part in ("train", "valid"):
         texts += pq.read_table(os.path.join(split, f"{part}.parquet"), columns=["text"]).column("text").to_pylist()
     with tempfile.TemporaryDirectory() as tmp:
         reviews = os.path.join(tmp, "reviews.jsonl")
