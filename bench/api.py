@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """POST /prediction under load: sentiflow against a FastAPI + uvicorn (2 workers) service wrapping
-the equivalent scikit-learn pipeline, in one run, with wrk (Debian package `wrk`).
+the equivalent scikit-learn pipeline, in one run, with wrk (Debian package `wrk`); and nginx
+answering the same POST with a constant JSON body, which is what HTTP alone costs on the machine
+(the ceiling: every ratio to it says how much of the machine's HTTP capacity a server keeps).
 
 sentiflow serves models/tfidf (pipelines/imdb.yaml: binary TF-IDF of 1-3-grams of words and
 punctuation, NB-SVM); FastAPI a scikit-learn TfidfVectorizer with the same n-grams, tokens and
@@ -11,7 +13,8 @@ percentiles and RSS, and the ratios.
 Usage: bench/api.py [--connections 32] [--duration 15] [--rounds 3] [--baseline OTHER_SENTIFLOW]
 The servers run side by side and take turns, round after round, so a noisy machine weighs on all
 of them alike.
-Needs: models/tfidf (run pipelines/imdb.yaml first, e.g. ./quickstart.sh ARCHIVE), wrk, and
+Needs: models/tfidf (run pipelines/imdb.yaml first, e.g. ./quickstart.sh ARCHIVE), wrk, nginx
+(Debian `nginx-light`; or $SENTIFLOW_NGINX), and
 `.venv/bin/pip install fastapi uvicorn scikit-learn pyarrow psutil`.
 """
 
@@ -68,6 +71,19 @@ def wait_http(url, timeout=60):
         except Exception:
             time.sleep(0.2)
     sys.exit(f"{url} did not come up")
+
+
+def wait_tcp(port, timeout=30):
+    import socket
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"nothing listens on port {port} after {timeout} s")
 
 
 def tree_rss(pid):
@@ -161,6 +177,8 @@ def main():
             )
             servers["fastapi"] = (fa, "http://127.0.0.1:18081", write_lua(os.path.join(tmp, "fastapi.lua"), "none"))
             wait_http("http://127.0.0.1:18081/docs")
+            servers["nginx"] = (start_nginx(tmp, 18091), "http://127.0.0.1:18091", servers["sentiflow"][2])
+            wait_tcp(18091)
 
             names = list(servers)
             for name in names:  # warm-up
@@ -183,6 +201,7 @@ def main():
         "sentiflow": "sentiflow",
         "baseline": f"sentiflow baseline ({args.baseline})",
         "fastapi": "FastAPI + uvicorn (2 workers) + scikit-learn",
+        "nginx": "nginx answering a constant JSON (the HTTP ceiling)",
     }
     print(
         f"cores: {os.cpu_count()}; {args.connections} connections, {args.rounds} rounds x {args.duration} s, "
@@ -202,12 +221,64 @@ def main():
         f"\nthroughput ratio to FastAPI per round: {', '.join(f'{x:.1f}x' for x in per_round)}; "
         f"median {median(per_round):.1f}x"
     )
+    per_round = [s[0] / n[0] for s, n in zip(runs["sentiflow"], runs["nginx"], strict=True)]
+    print(
+        f"share of the nginx ceiling per round: {', '.join(f'{x:.1%}' for x in per_round)}; "
+        f"median {median(per_round):.1%}"
+    )
     if "baseline" in runs:
         per_round = [s[0] / b[0] for s, b in zip(runs["sentiflow"], runs["baseline"], strict=True)]
         print(
             f"throughput ratio to the baseline per round: {', '.join(f'{x:.2f}x' for x in per_round)}; "
             f"median {median(per_round):.2f}x"
         )
+
+
+NGINX_CONF = """
+worker_processes {workers};
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+events {{ worker_connections 1024; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        location = /prediction {{
+            default_type application/json;
+            return 200 '{answer}';
+        }}
+    }}
+}}
+"""
+
+# The size of sentiflow's answer, so that both write as much.
+CONSTANT_ANSWER = json.dumps(
+    {
+        "id": "00000000-0",
+        "label": "positive",
+        "score": 0.97,
+        "probabilities": {"negative": 0.03, "positive": 0.97},
+        "model": "tfidf",
+        "version": "a3c7ba570907",
+    }
+)
+
+
+def start_nginx(tmp, port):
+    nginx = os.environ.get("SENTIFLOW_NGINX", "/usr/sbin/nginx")
+    if not os.path.exists(nginx):
+        sys.exit(f"{nginx} is missing: apt-get install nginx-light, or set SENTIFLOW_NGINX")
+    conf = os.path.join(tmp, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(NGINX_CONF.format(workers=os.cpu_count(), tmp=tmp, port=port, answer=CONSTANT_ANSWER))
+    # In the foreground, so that its process is ours to stop like the others'.
+    return subprocess.Popen([nginx, "-c", conf, "-p", tmp, "-g", "daemon off;"])
 
 
 def write_lua(path, key):
