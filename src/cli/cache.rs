@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use super::exit;
 use super::project::{load, open_cache, Globals};
 use crate::cache::{Cache, Remote, Transfer};
-use crate::pipeline::lock;
+use crate::pipeline::{lock, Override, Pipeline};
 
 /// A remote copy of the cache, shared by machines.
 #[derive(clap::Args)]
@@ -30,6 +30,23 @@ pub(super) struct RemoteCache {
 }
 
 impl RemoteCache {
+    /// The pipeline of `file` with `set` applied, and its cache with this remote attached; `Err`
+    /// holds the exit code of a failure already reported.
+    pub(super) fn open_pipeline(
+        &self,
+        global: &Globals,
+        file: &Path,
+        set: &[Override],
+    ) -> anyhow::Result<Result<(Pipeline, Cache), i32>> {
+        let p = match load(file, set) {
+            Ok(p) => p,
+            Err(code) => return Ok(Err(code)),
+        };
+        Ok(self
+            .attach(open_cache(&global.cache_dir, &p.root)?)
+            .map(|cache| (p, cache)))
+    }
+
     /// `cache` with this remote, if one is given; a URL that cannot be used is the caller's
     /// mistake.
     pub(super) fn attach(&self, cache: Cache) -> Result<Cache, i32> {

@@ -9,7 +9,7 @@ use std::time::Instant;
 use super::cache::RemoteCache;
 use super::console::Console;
 use super::exit;
-use super::project::{load, open_cache, Globals};
+use super::project::Globals;
 use crate::pipeline::exec::{self, Options};
 use crate::pipeline::report::State;
 use crate::pipeline::Override;
@@ -29,12 +29,8 @@ pub(super) fn run(
     json: bool,
     remote: RemoteCache,
 ) -> anyhow::Result<i32> {
-    let p = match load(&file, &set) {
-        Ok(p) => p,
-        Err(code) => return Ok(code),
-    };
-    let cache = match remote.attach(open_cache(&global.cache_dir, &p.root)?) {
-        Ok(cache) => cache,
+    let (p, cache) = match remote.open_pipeline(global, &file, &set)? {
+        Ok(opened) => opened,
         Err(code) => return Ok(code),
     };
     ctrlc::set_handler(|| {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::cache::RemoteCache;
 use super::exit;
-use super::project::{load, open_cache, Globals};
+use super::project::Globals;
 use crate::cache::Cache;
 use crate::pipeline::{lock, Override, Pipeline};
 
@@ -17,12 +17,8 @@ pub(super) fn status(
     check: bool,
     remote: RemoteCache,
 ) -> anyhow::Result<i32> {
-    let p = match load(&file, &set) {
-        Ok(p) => p,
-        Err(code) => return Ok(code),
-    };
-    let cache = match remote.attach(open_cache(&global.cache_dir, &p.root)?) {
-        Ok(cache) => cache,
+    let (p, cache) = match remote.open_pipeline(global, &file, &set)? {
+        Ok(opened) => opened,
         Err(code) => return Ok(code),
     };
     let status = lock::status(&p, &cache.hasher);
