@@ -23,11 +23,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from api import TRAIN_SKLEARN, median  # noqa: E402
+from measure import run_or_exit  # noqa: E402
 
 SCORE_SKLEARN = r"""
 import json, sys, joblib
@@ -43,30 +43,6 @@ with open(sys.argv[3], "w") as out:
     for i, p in zip(ids, proba):
         out.write(json.dumps({"id": i, "label": "positive" if p > 0.5 else "negative", "score": float(p)}) + "\n")
 """
-
-
-def run_measured(cmd, stdout):
-    """Runs cmd; returns (wall seconds, CPU seconds of its process tree, peak RSS bytes)."""
-    import psutil
-
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.PIPE)
-    ps = psutil.Process(proc.pid)
-    peak, cpu = 0, 0.0
-    while proc.poll() is None:
-        try:
-            tree = [ps, *ps.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree))
-            times = ps.cpu_times()
-            cpu = max(cpu, times.user + times.system + times.children_user + times.children_system)
-        except psutil.Error:
-            pass
-        time.sleep(0.02)
-    _, err = proc.communicate()
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err.decode()[-4000:]}")
-    return wall, cpu, peak
 
 
 def main():
@@ -111,7 +87,7 @@ def main():
         for r in range(args.rounds):
             for name, cmd in sides.items():
                 with open(outputs[name] if name == "sentiflow predict" else os.devnull, "w") as out:
-                    wall, cpu, peak = run_measured(cmd, out)
+                    wall, cpu, peak, _, _ = run_or_exit(cmd, stdout=out)
                 results[name].append((wall, cpu, peak))
                 print(f"round {r + 1}: {name}: {args.reviews / wall:,.0f} reviews/s, {cpu / wall:.2f} cores busy")
                 with open(outputs[name]) as written:

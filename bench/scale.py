@@ -23,7 +23,6 @@ Needs: `.venv/bin/pip install scikit-learn psutil matplotlib`.
 """
 
 import argparse
-import contextlib
 import json
 import os
 import random
@@ -32,9 +31,11 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import run_measured  # noqa: E402
+
 STAGES = ["load", "clean", "split", "vectorize", "tune", "train"]
 PIPELINE = r"""name: scale
 stages:
@@ -120,30 +121,6 @@ def make_corpus(reviews, n, seed, out):
             f.write(json.dumps({"text": text, "label": label, "movie": movie}) + "\n")
 
 
-def measured(cmd, cwd, max_rss):
-    """Runs cmd; returns (seconds, peak RSS bytes of its process tree, outcome)."""
-    import psutil
-
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ps = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        with contextlib.suppress(psutil.Error):
-            peak = max(peak, sum(p.memory_info().rss for p in [ps, *ps.children(recursive=True)]))
-        if peak > max_rss:
-            for p in [*ps.children(recursive=True), ps]:
-                p.kill()
-            proc.wait()
-            return time.perf_counter() - start, peak, f"stopped past --max-rss ({max_rss / 2**30:.1f} GiB)"
-        time.sleep(0.05)
-    out, err = proc.communicate()
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        return seconds, peak, f"failed ({proc.returncode}): {err.strip()[-300:]}"
-    return seconds, peak, out.strip()
-
-
 def main():
     import psutil
 
@@ -165,7 +142,7 @@ def main():
     max_rss = args.max_rss * 2**30
     sizes = [int(s) for s in args.sizes.split(",")]
     reviews = archive_reviews(args.archive)
-    results = {}  # size -> {"stages": {stage: (s, rss, outcome)}, "sklearn": (s, rss, outcome) or None}
+    results = {}  # size -> {"stages": {stage: Measured}, "sklearn": Measured or None}
     with tempfile.TemporaryDirectory(prefix="sentiflow-bench-scale-") as tmp:
         script = os.path.join(tmp, "sklearn_scale.py")
         with open(script, "w") as f:
@@ -181,16 +158,15 @@ def main():
             stages = {}
             for stage in STAGES:
                 cmd = [args.sentiflow, "--quiet", "run", "pipelines/scale.yaml", "--stage", stage]
-                stages[stage] = measured(cmd, project, max_rss)
-                s, rss, outcome = stages[stage]
-                print(f"{n:>9,} {stage:<10} {s:8.1f} s {rss / 2**30:6.2f} GiB", file=sys.stderr)
-                if outcome.startswith(("failed", "stopped")):
-                    print(f"          {outcome}", file=sys.stderr)
+                m = stages[stage] = run_measured(cmd, cwd=project, max_rss=max_rss)
+                print(f"{n:>9,} {stage:<10} {m.seconds:8.1f} s {m.peak_rss / 2**30:6.2f} GiB", file=sys.stderr)
+                if m.failure:
+                    print(f"          {m.failure}", file=sys.stderr)
                     break
             sk = None
             if n <= args.sklearn_max:
-                sk = measured([args.python, script, corpus], project, max_rss)
-                print(f"{n:>9,} scikit-learn {sk[0]:8.1f} s {sk[1] / 2**30:6.2f} GiB", file=sys.stderr)
+                sk = run_measured([args.python, script, corpus], cwd=project, max_rss=max_rss)
+                print(f"{n:>9,} scikit-learn {sk.seconds:8.1f} s {sk.peak_rss / 2**30:6.2f} GiB", file=sys.stderr)
             results[n] = {"stages": stages, "sklearn": sk}
             subprocess.run(["rm", "-rf", project])
 
@@ -198,14 +174,15 @@ def main():
     print("| reviews | " + " | ".join(STAGES) + " | sentiflow total | peak RSS | scikit-learn | its peak RSS |")
     print("|---:|" + "---:|" * (len(STAGES) + 4))
     for n, r in results.items():
-        cells = [f"{r['stages'][s][0]:.1f} s" if s in r["stages"] else "" for s in STAGES]
-        done = all(not r["stages"].get(s, (0, 0, "failed"))[2].startswith(("failed", "stopped")) for s in STAGES)
-        total = sum(v[0] for v in r["stages"].values())
-        peak = max(v[1] for v in r["stages"].values())
+        ran = r["stages"]
+        cells = [f"{ran[s].seconds:.1f} s" if s in ran else "" for s in STAGES]
+        done = all(s in ran and not ran[s].failure for s in STAGES)
+        total = sum(m.seconds for m in ran.values())
+        peak = max(m.peak_rss for m in ran.values())
         sk = r["sklearn"]
-        sk_cells = ["", ""] if sk is None else [f"{sk[0]:.1f} s", f"{sk[1] / 2**30:.2f} GiB"]
-        if sk is not None and sk[2].startswith(("failed", "stopped")):
-            sk_cells[0] = sk[2].split(":")[0]
+        sk_cells = ["", ""] if sk is None else [f"{sk.seconds:.1f} s", f"{sk.peak_rss / 2**30:.2f} GiB"]
+        if sk is not None and sk.failure:
+            sk_cells[0] = "did not finish"
         print(
             f"| {n:,} | "
             + " | ".join(cells)
@@ -226,11 +203,11 @@ def plot(results, path):
     sizes = list(results)
     for stage in STAGES:
         xs = [n for n in sizes if stage in results[n]["stages"]]
-        t_ax.plot(xs, [results[n]["stages"][stage][0] for n in xs], marker="o", label=stage)
-        m_ax.plot(xs, [results[n]["stages"][stage][1] / 2**30 for n in xs], marker="o", label=stage)
+        t_ax.plot(xs, [results[n]["stages"][stage].seconds for n in xs], marker="o", label=stage)
+        m_ax.plot(xs, [results[n]["stages"][stage].peak_rss / 2**30 for n in xs], marker="o", label=stage)
     sk = [n for n in sizes if results[n]["sklearn"] is not None]
-    t_ax.plot(sk, [results[n]["sklearn"][0] for n in sk], "k--", marker="s", label="scikit-learn (all)")
-    m_ax.plot(sk, [results[n]["sklearn"][1] / 2**30 for n in sk], "k--", marker="s", label="scikit-learn (all)")
+    t_ax.plot(sk, [results[n]["sklearn"].seconds for n in sk], "k--", marker="s", label="scikit-learn (all)")
+    m_ax.plot(sk, [results[n]["sklearn"].peak_rss / 2**30 for n in sk], "k--", marker="s", label="scikit-learn (all)")
     t_ax.set_yscale("log")
     for ax, title in ((t_ax, "seconds per stage"), (m_ax, "peak RSS per stage, GiB")):
         ax.set_xscale("log")

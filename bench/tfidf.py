@@ -23,29 +23,8 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_measured(cmd, **kw):
-    """Runs cmd, sampling the RSS of its whole process tree; returns (seconds, peak bytes, stdout)."""
-    import psutil
-
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
-    ps = psutil.Process(proc.pid)
-    peak = 0
-    while proc.poll() is None:
-        try:
-            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-            peak = max(peak, rss)
-        except psutil.Error:
-            pass
-        time.sleep(0.05)
-    out, err = proc.communicate()
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-4000:]}")
-    return elapsed, peak, out
-
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import run_or_exit  # noqa: E402
 
 SKLEARN_SCRIPT = r"""
 import html, io, json, re, sys, tarfile, time
@@ -123,7 +102,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="sentiflow-bench-") as tmp:
         env = dict(os.environ, SENTIFLOW_CACHE_DIR=os.path.join(tmp, "cache"))
         tfidf = ["--stage", "export_tfidf", "--set", f"data={data}"]
-        sf_s, sf_rss, out = run_measured([args.sentiflow, "run", pipeline, "--force", "--json", *tfidf], env=env)
+        sf_s, _, sf_rss, out, _ = run_or_exit([args.sentiflow, "run", pipeline, "--force", "--json", *tfidf], env=env)
         report = json.loads(out)
         stages = {s["name"]: s for s in report["stages"]}
         noop = []
@@ -133,7 +112,7 @@ def main():
             noop.append(time.perf_counter() - t)
         noop_s = sorted(noop)[len(noop) // 2]
         # The vectorizer alone, with both cores to itself (in the pipeline it shares them).
-        _, _, out = run_measured(
+        out = run_or_exit(
             [
                 args.sentiflow,
                 "run",
@@ -148,7 +127,7 @@ def main():
                 f"data={data}",
             ],
             env=env,
-        )
+        ).out
         vec = {s["name"]: s for s in json.loads(out)["stages"]}["vectorize"]["metrics"]
         vec_s = vec["fit_transform_seconds"]
 
@@ -156,7 +135,9 @@ def main():
         script = os.path.join(tmp, "sk.py")
         with open(script, "w") as f:
             f.write(SKLEARN_SCRIPT)
-        sk_s, sk_rss, sk_out = run_measured([args.python, script, data, split_dir, os.path.join(tmp, "model.joblib")])
+        sk_s, _, sk_rss, sk_out, _ = run_or_exit(
+            [args.python, script, data, split_dir, os.path.join(tmp, "model.joblib")]
+        )
         sk = json.loads(sk_out.strip().splitlines()[-1])
         extra = os.path.join(tmp, "extra.py")
         with open(extra, "w") as f:
