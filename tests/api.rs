@@ -498,6 +498,7 @@ fn rate_limits_answer_429_with_retry_after() {
     assert_error(limited, 429, "rate_limited");
     assert!(limited.header("retry-after").unwrap().parse::<u64>().unwrap() >= 1);
     assert_eq!(limited.header("x-ratelimit-limit"), Some("5"));
+    assert_eq!(limited.header("x-ratelimit-remaining"), Some("0"));
     assert_eq!(
         http(&s.addr, "GET", "/health", &[], b"").status,
         200,
@@ -723,6 +724,7 @@ fn one_run_per_pipeline_and_state_survives_restarts() {
     let r = post(&s, "/training", &admin, &json!({"pipeline": "slow"}));
     assert_error(&r, 409, "already_running");
     assert!(r.json()["error"]["message"].as_str().unwrap().contains(&id));
+    assert_eq!(r.header("location"), Some(format!("/training/{id}").as_str()));
 
     // SIGTERM while training: the server stops promptly and records the run as interrupted.
     let clock = Instant::now();
