@@ -78,6 +78,11 @@ pub struct BertFinetune {
     /// Data-parallel processes (`torchrun --nproc_per_node`): gloo on CPU, one per GPU with nccl.
     #[serde(default = "one")]
     pub processes: usize,
+    /// CPU threads per process (`OMP_NUM_THREADS`). PyTorch's sums on CPU depend on the thread
+    /// count, so it is a setting, never the machine's core count: the weights are the same
+    /// bytes on a laptop, a CI runner or a cluster node.
+    #[serde(default = "one")]
+    pub threads: usize,
     /// The training program.
     #[serde(default = "default_finetune_script")]
     pub script: String,
@@ -184,6 +189,9 @@ impl Stage for BertFinetune {
         if self.subset == 1 {
             return bad("subset", "must be 0 (all) or at least 2 (one review per class)");
         }
+        if self.threads == 0 {
+            return bad("threads", "must be at least 1");
+        }
         Ok(())
     }
 
@@ -193,6 +201,7 @@ impl Stage for BertFinetune {
         fresh_dir(&out)?;
         let mut command = python_command(ctx);
         command
+            .env("OMP_NUM_THREADS", self.threads.to_string())
             .args(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node"])
             .arg(self.processes.to_string())
             .arg(ctx.path(&self.script))
