@@ -39,10 +39,7 @@ pub struct RunEntry {
 impl RunEntry {
     /// The hash and size of every object its outputs are made of.
     pub fn objects(&self) -> impl Iterator<Item = (&str, u64)> {
-        self.outs.iter().flat_map(|out| match &out.files {
-            Some(files) => files.values().map(|f| (f.hash.as_str(), f.size)).collect::<Vec<_>>(),
-            None => vec![(out.hash.as_str(), out.size)],
-        })
+        objects(&self.outs)
     }
 
     /// Why an entry from elsewhere (a remote) must not be restored: object names that are not
@@ -62,6 +59,14 @@ impl RunEntry {
         }
         Ok(())
     }
+}
+
+/// The hash and size of every object that `outs` are made of.
+pub fn objects(outs: &[Artifact]) -> impl Iterator<Item = (&str, u64)> {
+    outs.iter().flat_map(|out| match &out.files {
+        Some(files) => files.values().map(|f| (f.hash.as_str(), f.size)).collect::<Vec<_>>(),
+        None => vec![(out.hash.as_str(), out.size)],
+    })
 }
 
 /// Whether `name` is a SHA-256 in hex, as object names and cache keys are.

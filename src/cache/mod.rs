@@ -121,30 +121,8 @@ impl Cache {
         };
         let entry = remote.unseal(&name, key, &bytes)?;
         entry.check_foreign().map_err(|reason| remote.corrupt(&name, reason))?;
-        let mut transfer = Transfer {
-            runs: 1,
-            ..Transfer::default()
-        };
-        let tmp_dir = self.dir.join("tmp");
-        for (hash, size) in entry.objects() {
-            let dest = self.object_path(hash);
-            if dest.exists() {
-                continue;
-            }
-            let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(|e| CacheError::io(&tmp_dir, e))?;
-            let found = remote.download(&object_name(hash), hash, &mut tmp).inspect_err(|e| {
-                // The entry names a damaged object: the next push of this key replaces it.
-                if matches!(e, RemoteError::Corrupt { .. }) {
-                    remote.distrust(&name);
-                }
-            })?;
-            if !found {
-                return Err(remote.corrupt(&name, format!("its object {hash} is missing")).into());
-            }
-            persist(tmp, &dest)?;
-            transfer.objects += 1;
-            transfer.bytes += size;
-        }
+        let mut transfer = self.download(remote, entry.objects(), &name)?;
+        transfer.runs = 1;
         write_atomic(
             &self.run_path(key),
             &serde_json::to_vec_pretty(&entry).expect("run entries serialize"),
@@ -156,16 +134,60 @@ impl Cache {
     /// so no reader finds an entry whose objects are not all there. Anything the remote has
     /// already is not sent again.
     pub fn push(&self, key: &str, entry: &RunEntry) -> Result<Transfer, CacheError> {
-        let mut transfer = Transfer::default();
         let Some(remote) = &self.remote else {
-            return Ok(transfer);
+            return Ok(Transfer::default());
         };
         let name = run_name(key);
         if remote.has(&name)? {
-            return Ok(transfer);
+            return Ok(Transfer::default());
         }
+        let mut transfer = self.upload(remote, entry.objects())?;
+        remote.put(&name, remote.seal(key, entry))?;
+        transfer.runs += 1;
+        Ok(transfer)
+    }
+
+    /// Copies the `objects` this cache lacks from the remote, each checked against its name; one
+    /// that is missing or damaged makes `entry` (the remote name that lists it) distrusted.
+    fn download<'a>(
+        &self,
+        remote: &Remote,
+        objects: impl Iterator<Item = (&'a str, u64)>,
+        entry: &str,
+    ) -> Result<Transfer, CacheError> {
+        let mut transfer = Transfer::default();
+        let tmp_dir = self.dir.join("tmp");
+        for (hash, size) in objects {
+            let dest = self.object_path(hash);
+            if dest.exists() {
+                continue;
+            }
+            let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(|e| CacheError::io(&tmp_dir, e))?;
+            let found = remote.download(&object_name(hash), hash, &mut tmp).inspect_err(|e| {
+                // The entry names a damaged object: the next push of this key replaces it.
+                if matches!(e, RemoteError::Corrupt { .. }) {
+                    remote.distrust(entry);
+                }
+            })?;
+            if !found {
+                return Err(remote.corrupt(entry, format!("its object {hash} is missing")).into());
+            }
+            persist(tmp, &dest)?;
+            transfer.objects += 1;
+            transfer.bytes += size;
+        }
+        Ok(transfer)
+    }
+
+    /// Copies the `objects` the remote lacks to it.
+    fn upload<'a>(
+        &self,
+        remote: &Remote,
+        objects: impl Iterator<Item = (&'a str, u64)>,
+    ) -> Result<Transfer, CacheError> {
+        let mut transfer = Transfer::default();
         let mut sent = BTreeSet::new();
-        for (hash, size) in entry.objects() {
+        for (hash, size) in objects {
             let object = object_name(hash);
             if !sent.insert(hash) || remote.has(&object)? {
                 continue;
@@ -183,9 +205,42 @@ impl Cache {
             transfer.objects += 1;
             transfer.bytes += size;
         }
-        remote.put(&name, remote.seal(key, entry))?;
-        transfer.runs += 1;
         Ok(transfer)
+    }
+
+    /// Sends the objects of `outs` (artifacts stored in this cache) to the remote: the inputs of
+    /// a stage that runs elsewhere.
+    pub fn push_artifacts(&self, outs: &[Artifact]) -> Result<Transfer, CacheError> {
+        match &self.remote {
+            Some(remote) => self.upload(remote, entry::objects(outs)),
+            None => Ok(Transfer::default()),
+        }
+    }
+
+    /// Copies the objects of `outs` from the remote into this cache, so they can be restored;
+    /// `task` names the remote task that lists them, for errors.
+    pub fn fetch_artifacts(&self, outs: &[Artifact], task: &str) -> Result<Transfer, CacheError> {
+        match &self.remote {
+            Some(remote) => self.download(remote, entry::objects(outs), &task_name(task)),
+            None => Ok(Transfer::default()),
+        }
+    }
+
+    /// Stores the description of the stage whose key is `key` in the remote, for a worker to run
+    /// it. Like a run entry, it is named by what determined it, so it never changes.
+    pub fn put_task(&self, key: &str, bytes: Vec<u8>) -> Result<(), CacheError> {
+        match &self.remote {
+            Some(remote) => Ok(remote.put(&task_name(key), bytes)?),
+            None => Ok(()),
+        }
+    }
+
+    /// The description of the stage whose key is `key`, from the remote.
+    pub fn task(&self, key: &str) -> Result<Option<Vec<u8>>, CacheError> {
+        match &self.remote {
+            Some(remote) => Ok(remote.get(&task_name(key))?),
+            None => Ok(None),
+        }
     }
 
     /// The entry stored under `key`, if any. An unreadable entry is removed and reported.
@@ -423,6 +478,11 @@ impl Cache {
 /// Where the entry of run `key` lives, relative to a cache's root (local or remote).
 fn run_name(key: &str) -> String {
     format!("runs/{}/{key}.json", &key[..2])
+}
+
+/// Where the description of the stage with key `key` lives in a remote cache.
+fn task_name(key: &str) -> String {
+    format!("tasks/{}/{key}.json", &key[..2])
 }
 
 /// Where the object named `hash` lives, relative to a cache's root (local or remote).

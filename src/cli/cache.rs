@@ -30,6 +30,10 @@ pub(super) struct RemoteCache {
 }
 
 impl RemoteCache {
+    pub(super) fn given(&self) -> bool {
+        self.url.is_some()
+    }
+
     /// The pipeline of `file` with `set` applied, and its cache with this remote attached; `Err`
     /// holds the exit code of a failure already reported.
     pub(super) fn open_pipeline(

@@ -12,6 +12,7 @@ mod predict;
 mod project;
 mod run;
 mod serve;
+mod stage;
 mod status;
 mod tracking;
 mod validate;
@@ -137,6 +138,9 @@ enum Command {
         /// Print the run report as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Run every stage here, whatever its `runs_on` and the settings file's `executors:`.
+        #[arg(long)]
+        local: bool,
         #[command(flatten)]
         remote: RemoteCache,
     },
@@ -224,6 +228,11 @@ enum Command {
         #[command(subcommand)]
         command: TrackingCommand,
     },
+    /// Work on one stage.
+    Stage {
+        #[command(subcommand)]
+        command: StageCommand,
+    },
     /// Print a shell completion script: `sentiflow completions bash > ~/.local/share/bash-completion/completions/sentiflow`.
     Completions {
         /// The shell to complete in.
@@ -282,6 +291,25 @@ enum CacheCommand {
         /// Fetch the entries of this pipeline's stages as its lock file records them [default:
         /// every entry of the remote cache].
         file: Option<PathBuf>,
+        #[command(flatten)]
+        remote: RemoteCache,
+    },
+}
+
+#[derive(Subcommand)]
+enum StageCommand {
+    /// Run the stage stored under KEY in the remote cache, and put its result there: the command
+    /// an executor's job (Ray, Slurm) runs on the machine it chose.
+    Exec {
+        /// The stage's cache key.
+        key: String,
+        /// The sentiflow version of the client that sent the stage; a worker of another version
+        /// refuses it.
+        #[arg(long, value_name = "VERSION")]
+        client_version: String,
+        /// Where the scratch project and cache go [default: the temporary directory].
+        #[arg(long, value_name = "DIR")]
+        scratch: Option<PathBuf>,
         #[command(flatten)]
         remote: RemoteCache,
     },
@@ -389,10 +417,11 @@ fn apply_config_file(path: &Path) -> anyhow::Result<()> {
         );
     };
     let known = self::settings();
-    // The server reads its sections (`retrain:`, `promotion:`) itself.
-    let settings = settings
-        .iter()
-        .filter(|(name, _)| !crate::serve::policy::SECTIONS.contains(&name.as_str()));
+    // The server reads its sections (`retrain:`, `promotion:`) itself, and `run` and `serve`
+    // the `executors:`.
+    let settings = settings.iter().filter(|(name, _)| {
+        !crate::serve::policy::SECTIONS.contains(&name.as_str()) && name.as_str() != crate::executors::SECTION
+    });
     for (name, _) in settings.clone() {
         let normal = name.to_ascii_lowercase().replace('-', "_");
         if !known.contains(&normal) {
@@ -436,8 +465,21 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             jobs,
             set,
             json,
+            local,
             remote,
-        } => run::run(&global, file, stages, force, jobs, set, json, remote),
+        } => run::run(
+            &global,
+            run::Args {
+                file,
+                stages,
+                force,
+                jobs,
+                set,
+                json,
+                local,
+            },
+            remote,
+        ),
         Command::Status {
             file,
             set,
@@ -446,7 +488,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             remote,
         } => status::status(&global, file, set, json, check, remote),
         Command::Dag { file, format } => dag::dag(file, format),
-        Command::Validate { files, json } => validate::validate(files, json),
+        Command::Validate { files, json } => validate::validate(&global, files, json),
         Command::Predict {
             model,
             input,
@@ -463,6 +505,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Keys {
             command: KeysCommand::Revoke { key, db },
         } => keys::revoke(&global, key, db),
+        Command::Stage {
+            command:
+                StageCommand::Exec {
+                    key,
+                    client_version,
+                    scratch,
+                    remote,
+                },
+        } => stage::exec(&key, &client_version, scratch, remote),
         Command::Completions { shell } => completions::completions(shell, Cli::command()),
         Command::Schema => validate::schema(),
         Command::Drift { model, input, chart } => drift::drift(&model, &input, chart.as_deref()),

@@ -10,6 +10,7 @@ use super::cache::RemoteCache;
 use super::console::Console;
 use super::exit;
 use super::project::Globals;
+use crate::executors::Executors;
 use crate::pipeline::exec::{self, Options};
 use crate::pipeline::report::State;
 use crate::pipeline::Override;
@@ -17,22 +18,45 @@ use crate::tracking::Delivery;
 
 static CANCEL: AtomicBool = AtomicBool::new(false);
 
-// The fields of `Command::Run`, one by one.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn run(
-    global: &Globals,
-    file: PathBuf,
-    stages: Vec<String>,
-    force: bool,
-    jobs: Option<usize>,
-    set: Vec<Override>,
-    json: bool,
-    remote: RemoteCache,
-) -> anyhow::Result<i32> {
+/// The options of `Command::Run`.
+pub(super) struct Args {
+    pub file: PathBuf,
+    pub stages: Vec<String>,
+    pub force: bool,
+    pub jobs: Option<usize>,
+    pub set: Vec<Override>,
+    pub json: bool,
+    pub local: bool,
+}
+
+pub(super) fn run(global: &Globals, args: Args, remote: RemoteCache) -> anyhow::Result<i32> {
+    let Args {
+        file,
+        stages,
+        force,
+        jobs,
+        set,
+        json,
+        local,
+    } = args;
     let (p, cache) = match remote.open_pipeline(global, &file, &set)? {
         Ok(opened) => opened,
         Err(code) => return Ok(code),
     };
+    let executors = match (&global.config, local) {
+        (Some(config), false) => match Executors::load(config) {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return Ok(exit::INVALID);
+            }
+        },
+        _ => Executors::default(),
+    };
+    if let Err(d) = p.check_placement(&executors, cache.remote().is_some()) {
+        eprint!("{}", d.render());
+        return Ok(exit::INVALID);
+    }
     ctrlc::set_handler(|| {
         if CANCEL.swap(true, Ordering::SeqCst) {
             std::process::exit(exit::INTERRUPTED);
@@ -43,6 +67,7 @@ pub(super) fn run(
         force,
         targets: stages,
         output_dirs: global.output_dirs.clone(),
+        executors,
     };
     let console = Console::new(p.stages.len(), !json && std::io::stderr().is_terminal(), global.quiet);
     let clock = Instant::now();

@@ -11,9 +11,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use super::key::{cache_key, stage_inputs};
 use super::report::{Report, StageReport, State};
-use super::{lock, real_path, Pipeline};
+use super::task::{Needed, Task};
+use super::{lock, real_path, Pipeline, Stage};
 use crate::cache::{clear_outputs, Artifact, Cache, CacheError, Metrics, RemoteError, RunEntry};
-use crate::stages::{Context, StageError, Upstream};
+use crate::executors::{ExecutorError, ExecutorSpec, Executors, Job, Placement, Watcher};
+use crate::stages::{Context, StageError, StageKind, Upstream};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -26,6 +28,9 @@ pub struct Options {
     /// Directories outside the project root that outputs may reach through a symbolic link in
     /// the project (a container links `data/` to its volume); every other output stays inside.
     pub output_dirs: Vec<PathBuf>,
+    /// The settings file's executors: a stage whose `runs_on` names one runs there. Empty: every
+    /// stage runs here.
+    pub executors: Executors,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +99,7 @@ pub fn run(
         force: opts.force,
         cancel,
         obs,
+        executors: &opts.executors,
         remote_down: AtomicBool::new(false),
     };
     let shared = &shared;
@@ -196,6 +202,7 @@ fn report_of(p: &Pipeline, i: usize, state: State, error: Option<String>) -> Sta
         started_at: t,
         finished_at: t,
         error,
+        placement: None,
     }
 }
 
@@ -207,11 +214,18 @@ struct Shared<'a> {
     force: bool,
     cancel: &'a AtomicBool,
     obs: &'a dyn Observer,
+    executors: &'a Executors,
     /// Set when the remote cache failed once: the run carries on with the local cache alone.
     remote_down: AtomicBool,
 }
 
 impl Shared<'_> {
+    /// The executor that runs `stage`, with its name; `None` when it runs here.
+    fn executor<'s>(&'s self, stage: &'s Stage) -> Option<(&'s str, &'s ExecutorSpec)> {
+        let (name, _) = stage.runs_on.as_ref()?;
+        Some((name.as_str(), self.executors.get(name)?))
+    }
+
     /// The entry `key` of stage `stage` from the remote cache, copied into the local one; `None`
     /// when there is no remote, it lacks the entry or the entry is damaged (the stage then runs).
     fn fetch(&self, stage: &str, key: &str) -> Option<RunEntry> {
@@ -362,8 +376,8 @@ fn run_stage(shared: &Shared, i: usize, upstream: &BTreeMap<String, Vec<Artifact
         }
     }
 
-    if let Err(e) = prepare_outputs(p, &outs) {
-        return fail(report, State::Failed, format!("preparing outputs: {e}"));
+    if let Some((name, spec)) = shared.executor(stage) {
+        return run_remote(shared, i, (name, spec), &key, upstream, report);
     }
     let needed: Vec<Upstream> = p
         .dag
@@ -377,34 +391,20 @@ fn run_stage(shared: &Shared, i: usize, upstream: &BTreeMap<String, Vec<Artifact
             }
         })
         .collect();
-    let ctx = Context {
+    let work = Work {
         root: &p.root,
         pipeline: &p.name,
         stage: &stage.name,
+        kind: &stage.kind,
         upstream: &needed,
         inputs: &report.inputs,
-        cancel,
-        log: &log,
     };
-    let clock = Instant::now();
-    let result = stage.kind.stage().run(&ctx);
-    report.duration_ms = clock.elapsed().as_millis() as u64;
-    let metrics = match result {
-        Ok(m) => m,
-        Err(StageError::Cancelled) => return fail(report, State::Interrupted, "interrupted".into()),
-        Err(e) => return fail(report, State::Failed, e.to_string()),
+    let (artifacts, metrics, duration_ms) = match work.perform(cache, cancel, &log) {
+        Ok(done) => done,
+        Err(Unfinished::Interrupted) => return fail(report, State::Interrupted, "interrupted".into()),
+        Err(Unfinished::Failed(e)) => return fail(report, State::Failed, e),
     };
-    if let Some(missing) = outs.iter().find(|o| !p.root.join(o).exists()) {
-        return fail(
-            report,
-            State::Failed,
-            format!("the stage finished without writing its output `{missing}`"),
-        );
-    }
-    let artifacts = match cache.store(&p.root, &outs) {
-        Ok(a) => a,
-        Err(e) => return fail(report, State::Failed, format!("caching outputs: {e}")),
-    };
+    report.duration_ms = duration_ms;
     let entry = RunEntry {
         stage: stage.name.clone(),
         kind: stage.kind.name().to_string(),
@@ -418,6 +418,193 @@ fn run_stage(shared: &Shared, i: usize, upstream: &BTreeMap<String, Vec<Artifact
     shared.push(&stage.name, &key, &entry);
     report.outs = entry.outs;
     report.metrics = entry.metrics;
+    report.finished_at = now();
+    report
+}
+
+/// Why a stage did not finish.
+pub enum Unfinished {
+    Interrupted,
+    Failed(String),
+}
+
+/// A stage whose inputs are in place under `root`, ready to run, here or on a worker.
+pub struct Work<'a> {
+    pub root: &'a Path,
+    pub pipeline: &'a str,
+    pub stage: &'a str,
+    pub kind: &'a StageKind,
+    pub upstream: &'a [Upstream],
+    pub inputs: &'a BTreeMap<String, String>,
+}
+
+impl Work<'_> {
+    /// Runs the stage and stores its outputs in `cache`: their artifacts, its metrics and how
+    /// long it ran (ms).
+    pub fn perform(
+        &self,
+        cache: &Cache,
+        cancel: &AtomicBool,
+        log: &(dyn Fn(&str) + Sync),
+    ) -> Result<(Vec<Artifact>, Metrics, u64), Unfinished> {
+        let outs = self.kind.stage().outs();
+        prepare_outputs(self.root, &outs).map_err(|e| Unfinished::Failed(format!("preparing outputs: {e}")))?;
+        let ctx = Context {
+            root: self.root,
+            pipeline: self.pipeline,
+            stage: self.stage,
+            upstream: self.upstream,
+            inputs: self.inputs,
+            cancel,
+            log,
+        };
+        let clock = Instant::now();
+        let result = self.kind.stage().run(&ctx);
+        let duration_ms = clock.elapsed().as_millis() as u64;
+        let metrics = match result {
+            Ok(m) => m,
+            Err(StageError::Cancelled) => return Err(Unfinished::Interrupted),
+            Err(e) => return Err(Unfinished::Failed(e.to_string())),
+        };
+        if let Some(missing) = outs.iter().find(|o| !self.root.join(o).exists()) {
+            return Err(Unfinished::Failed(format!(
+                "the stage finished without writing its output `{missing}`"
+            )));
+        }
+        let artifacts = cache
+            .store(self.root, &outs)
+            .map_err(|e| Unfinished::Failed(format!("caching outputs: {e}")))?;
+        Ok((artifacts, metrics, duration_ms))
+    }
+}
+
+/// Stage `i` on an executor: its description and inputs go to the remote cache, the engine runs
+/// `sentiflow stage exec` on one of its machines, and the result comes back through the remote
+/// cache, as a fetch would bring it.
+fn run_remote(
+    shared: &Shared,
+    i: usize,
+    (executor, spec): (&str, &ExecutorSpec),
+    key: &str,
+    upstream: &BTreeMap<String, Vec<Artifact>>,
+    mut report: StageReport,
+) -> StageReport {
+    let &Shared {
+        p, cache, cancel, obs, ..
+    } = shared;
+    let stage = &p.stages[i];
+    let fail = |mut r: StageReport, state: State, error: String| {
+        r.state = state;
+        r.error = Some(error);
+        r.finished_at = now();
+        r
+    };
+    let Some(remote) = cache.remote() else {
+        return fail(
+            report,
+            State::Failed,
+            format!(
+                "stage `{}` runs on executor `{executor}`, which needs a remote cache",
+                stage.name
+            ),
+        );
+    };
+    let deps = stage.kind.stage().deps();
+    if let Some(outside) = deps
+        .iter()
+        .find(|d| d.starts_with('/') || d.split('/').any(|c| c == ".."))
+    {
+        return fail(
+            report,
+            State::Failed,
+            format!(
+                "stage `{}` reads `{outside}`, outside the project, and a stage on an executor gets its inputs \
+                 through the remote cache: copy it into the project, or run the stage here (no `runs_on`)",
+                stage.name
+            ),
+        );
+    }
+    let needs: Vec<Needed> = p
+        .dag
+        .needs(i)
+        .map(|n| {
+            let s = &p.stages[n];
+            Needed {
+                name: s.name.clone(),
+                kind: s.kind.name().to_string(),
+                outs: upstream[&s.name].clone(),
+            }
+        })
+        .collect();
+    let sent = cache.store(&p.root, &deps).and_then(|deps| {
+        cache.push_artifacts(&deps)?;
+        for n in &needs {
+            cache.push_artifacts(&n.outs)?;
+        }
+        let task = Task {
+            pipeline: p.name.clone(),
+            stage: stage.name.clone(),
+            kind: stage.kind.clone(),
+            needs,
+            deps,
+        };
+        cache.put_task(key, serde_json::to_vec_pretty(&task).expect("tasks serialize"))
+    });
+    if let Err(e) = sent {
+        return fail(
+            report,
+            State::Failed,
+            format!("sending the stage's inputs to the remote cache: {e}"),
+        );
+    }
+    let job = Job {
+        executor,
+        stage: &stage.name,
+        key,
+        resources: &stage.resources,
+        remote_cache: remote.url(),
+        env: BTreeMap::new(),
+        state_dir: std::path::absolute(cache.dir().join("jobs")).unwrap_or_else(|_| cache.dir().join("jobs")),
+    };
+    let placement = std::sync::Mutex::new(None);
+    let placed = |at: &Placement| {
+        let mut seen = placement.lock().unwrap();
+        if seen.as_ref() != Some(at) {
+            let node = at.node.as_deref().map(|n| format!(" on node {n}")).unwrap_or_default();
+            obs.log(&stage.name, &format!("{} job {}{node} ({executor})", at.engine, at.job));
+            *seen = Some(at.clone());
+        }
+    };
+    let log = |line: &str| obs.log(&stage.name, line);
+    let watcher = Watcher {
+        cancel,
+        placed: &placed,
+        log: &log,
+    };
+    let result = spec.run(&job, &watcher);
+    report.placement = placement.into_inner().unwrap();
+    match result {
+        Ok(_) => {}
+        Err(ExecutorError::Cancelled) => return fail(report, State::Interrupted, "interrupted".into()),
+        Err(e) => return fail(report, State::Failed, format!("executor `{executor}`: {e}")),
+    }
+    let entry = match cache.fetch(key) {
+        Ok(Some((entry, _))) => entry,
+        Ok(None) => {
+            return fail(
+                report,
+                State::Failed,
+                format!("executor `{executor}`: the job ended, but the remote cache has no result for key {key}"),
+            )
+        }
+        Err(e) => return fail(report, State::Failed, format!("fetching the job's result: {e}")),
+    };
+    if let Err(e) = cache.restore(&p.root, &entry.outs) {
+        return fail(report, State::Failed, format!("restoring outputs: {e}"));
+    }
+    report.outs = entry.outs;
+    report.metrics = entry.metrics;
+    report.duration_ms = entry.duration_ms;
     report.finished_at = now();
     report
 }
@@ -482,10 +669,10 @@ impl Guards {
 }
 
 /// Removes old outputs and makes their parent directories.
-fn prepare_outputs(p: &Pipeline, outs: &[String]) -> Result<(), CacheError> {
-    clear_outputs(&p.root, outs)?;
+fn prepare_outputs(root: &Path, outs: &[String]) -> Result<(), CacheError> {
+    clear_outputs(root, outs)?;
     for o in outs {
-        if let Some(parent) = p.root.join(o).parent() {
+        if let Some(parent) = root.join(o).parent() {
             std::fs::create_dir_all(parent).map_err(|e| CacheError::io(parent, e))?;
         }
     }

@@ -11,6 +11,8 @@ pub mod param;
 pub mod report;
 pub mod spec;
 mod stage;
+pub mod task;
+pub mod worker;
 pub mod yaml;
 
 use std::collections::{BTreeSet, HashMap};
@@ -24,6 +26,7 @@ pub use graph::Dag;
 pub use param::{Override, ParamValue};
 pub use stage::{ParamUse, Stage};
 
+use crate::executors::Executors;
 use crate::stages::StageKind;
 use spec::{PipelineFile, RawStage};
 use yaml::{child_path, Document};
@@ -192,6 +195,56 @@ impl Pipeline {
             stages,
             dag,
         })
+    }
+}
+
+impl Pipeline {
+    /// Checks where its stages run against the settings file's `executors` (none: every stage
+    /// runs here): each `runs_on` names one of them, and a remote stage has a remote cache to
+    /// take its inputs from and put its outputs in.
+    pub fn check_placement(&self, executors: &Executors, remote_cache: bool) -> Result<(), Diagnostics> {
+        if executors.is_empty() {
+            return Ok(());
+        }
+        let mut diags = Vec::new();
+        for s in &self.stages {
+            let Some((name, at)) = &s.runs_on else { continue };
+            if executors.get(name).is_none() {
+                let known: Vec<&str> = executors.names().collect();
+                diags.push(
+                    Diagnostic::new(
+                        &self.file,
+                        *at,
+                        format!("stage `{}` runs on unknown executor `{name}`", s.name),
+                    )
+                    .hint(format!(
+                        "{}executors of the settings file: {}",
+                        diag::did_you_mean(name, known.iter().copied()),
+                        known.join(", ")
+                    )),
+                );
+            } else if !remote_cache {
+                diags.push(
+                    Diagnostic::new(
+                        &self.file,
+                        *at,
+                        format!(
+                            "stage `{}` runs on executor `{name}`, which takes its inputs from and puts its outputs in a remote cache, and there is none",
+                            s.name
+                        ),
+                    )
+                    .hint("set `remote_cache: s3://BUCKET/PREFIX` beside `executors:` in the settings file (or --remote-cache), or run with --local"),
+                );
+            }
+        }
+        if diags.is_empty() {
+            Ok(())
+        } else {
+            Err(Diagnostics {
+                items: diags,
+                text: std::fs::read_to_string(&self.file).ok(),
+            })
+        }
     }
 }
 
@@ -382,11 +435,21 @@ impl Checker<'_> {
         kind.stage()
             .check()
             .map_err(|e| Diagnostic::new(self.file, self.doc.key_pos(&with_path), format!("stage `{name}`: {e}")))?;
+        raw.resources.check().map_err(|e| {
+            Diagnostic::new(
+                self.file,
+                self.doc.value_pos(&child_path(path, "resources")),
+                format!("stage `{name}`: {e}"),
+            )
+        })?;
+        let runs_on_at = self.doc.value_pos(&child_path(path, "runs_on"));
         Ok(Stage {
             name: name.to_string(),
             needs: raw.needs,
             kind,
             param_uses,
+            resources: raw.resources,
+            runs_on: raw.runs_on.map(|e| (e, runs_on_at)),
         })
     }
 
@@ -575,5 +638,44 @@ mod tests {
         );
         assert_eq!(real_path(&p.join("new/../../escape")), root.join("escape"));
         assert_eq!(real_path(&p.join("./a//b")), p.join("a/b"));
+    }
+
+    #[test]
+    fn placement_is_checked_against_the_executors_at_its_position() {
+        use crate::executors::{ExecutorSpec, Executors};
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("p.yaml");
+        let source = "name: p\nstages:\n  big:\n    uses: command\n    runs_on: gpus\n    resources: {gpus: 1, memory: 2G, timeout: 1h}\n    with: {run: 'true', outs: [o]}\n";
+        std::fs::write(&file, source).unwrap();
+        let p = Pipeline::parse(&file, source, &[], &|_| None).unwrap();
+        assert_eq!(p.stages[0].resources.describe(), "memory: 2G, gpus: 1, timeout: 1h");
+        // Without executors every stage runs here.
+        p.check_placement(&Executors::default(), false).unwrap();
+        let spec: ExecutorSpec =
+            serde_json::from_value(serde_json::json!({"engine": "ray", "address": "http://h:8265"})).unwrap();
+        let executors = Executors([("gpu".to_string(), spec)].into());
+        let err = p.check_placement(&executors, true).unwrap_err().render();
+        assert!(
+            err.contains("p.yaml:5:14") && err.contains("unknown executor `gpus`"),
+            "{err}"
+        );
+        assert!(err.contains("did you mean `gpu`"), "{err}");
+        let ok = source.replace("runs_on: gpus", "runs_on: gpu");
+        std::fs::write(&file, &ok).unwrap();
+        let p = Pipeline::parse(&file, &ok, &[], &|_| None).unwrap();
+        p.check_placement(&executors, true).unwrap();
+        let err = p.check_placement(&executors, false).unwrap_err().render();
+        assert!(err.contains("p.yaml:5:14") && err.contains("remote cache"), "{err}");
+
+        for (bad, says) in [
+            ("{cpus: 0}", "`resources.cpus` must be at least 1"),
+            ("{memory: 2GB}", "is not an amount of memory"),
+            ("{timeout: 1.5h}", "is not a duration"),
+            ("{gpu: 1}", "unknown field `gpu`"),
+        ] {
+            let text = ok.replace("{gpus: 1, memory: 2G, timeout: 1h}", bad);
+            let err = Pipeline::parse(&file, &text, &[], &|_| None).unwrap_err().render();
+            assert!(err.contains("p.yaml:6:") && err.contains(says), "{bad}: {err}");
+        }
     }
 }

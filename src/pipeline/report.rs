@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::cache::{Artifact, Metrics};
+use crate::executors::Placement;
 
 /// How a stage ended in one run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -62,6 +63,9 @@ pub struct StageReport {
     pub finished_at: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Where it ran, when an executor ran it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
 }
 
 /// A whole run: every selected stage, in the order they finished.

@@ -7,6 +7,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use crate::executors::Resources;
 use crate::stages::StageKind;
 
 /// A pipeline file: named parameters and a DAG of stages.
@@ -39,6 +40,10 @@ pub struct RawStage {
     pub description: Option<String>,
     #[serde(default)]
     pub with: Value,
+    #[serde(default)]
+    pub resources: Resources,
+    #[serde(default)]
+    pub runs_on: Option<String>,
 }
 
 /// A stage: its kind (`uses`), the kind's parameters (`with`) and the stages it needs.
@@ -51,6 +56,15 @@ pub struct StageSchema {
     /// Free text; not part of the cache key.
     #[serde(default)]
     description: Option<String>,
+    /// What the stage needs from the machine it runs on; an executor asks its engine for it,
+    /// a local run ignores it. Not part of the cache key.
+    #[serde(default)]
+    resources: Option<Resources>,
+    /// The executor that runs the stage, by its name in the settings file's `executors:`
+    /// (e.g. `gpu`); without that section, or with `run --local`, the stage runs here. Not
+    /// part of the cache key.
+    #[serde(default)]
+    runs_on: Option<String>,
     #[serde(flatten)]
     kind: StageKind,
 }

@@ -2,6 +2,8 @@
 
 use std::collections::BTreeSet;
 
+use super::yaml::Pos;
+use crate::executors::Resources;
 use crate::stages::StageKind;
 
 /// One stage of a validated pipeline.
@@ -12,6 +14,9 @@ pub struct Stage {
     pub kind: StageKind,
     /// The parameters its settings refer to through `${params.NAME}`.
     pub param_uses: BTreeSet<ParamUse>,
+    pub resources: Resources,
+    /// The executor it runs on, and where the file names it.
+    pub runs_on: Option<(String, Pos)>,
 }
 
 /// A `${params.NAME}` in a stage's settings: the parameter, and the field of `with` that holds it.

@@ -397,6 +397,34 @@ fn to_yaml_node(value: &Value) -> Yaml {
     }
 }
 
+/// Section `name` of a settings file's `doc` as `T` (`None` when the file has none), or what is
+/// wrong with it and where: the pipeline's `file:line:col` reporting, for config files.
+pub fn section<T: serde::de::DeserializeOwned>(doc: &Document, name: &str) -> Result<Option<T>, (Pos, String)> {
+    let Some(value) = doc.value.get(name) else {
+        return Ok(None);
+    };
+    serde_path_to_error::deserialize(value.clone())
+        .map(Some)
+        .map_err(|err| {
+            let path = error_path(name, err.path());
+            let message = err.into_inner().to_string();
+            let pos = match message
+                .strip_prefix("unknown field `")
+                .and_then(|r| r.split('`').next())
+            {
+                // The error's path may already end at the unknown key.
+                Some(key) => {
+                    let parent = path
+                        .strip_suffix(key)
+                        .map_or(path.as_str(), |p| p.trim_end_matches('.'));
+                    doc.key_pos(&child_path(parent, key))
+                }
+                None => doc.value_pos(&path),
+            };
+            (pos, format!("`{path}`: {message}"))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,9 @@
 pub mod nginx;
 pub mod postgres;
 pub mod prometheus;
+pub mod ray;
 pub mod s3;
+pub mod slurm;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -269,6 +269,7 @@ fn run(app: &App, id: &str, pipeline: &Pipeline, stages: Vec<String>, stop: &Ato
             force: false,
             targets: stages,
             output_dirs: app.output_dirs.clone(),
+            executors: Default::default(),
         };
         let report = exec::run(pipeline, &cache, &opts, stop, &recorder).map_err(|e| e.to_string())?;
         if let Some(tracker) = &app.tracker {
