@@ -328,6 +328,43 @@ fn stages_run_on_a_ray_cluster_and_come_back_identical() {
     assert_eq!(sentiflow_jobs(&ray).len(), before + 1, "one job for both clients");
     assert_eq!(k.read("out/done.txt"), "reattached\n");
 
+    // A training started through the API on a server with executors uses them, and its status
+    // says where each stage runs, with a link to the job in Ray's dashboard.
+    let a = project(&slow("cluster", 1, "served"));
+    settings(&a, &s3, "ray", &executors);
+    let admin = common::key(&a, "admin");
+    let env: Vec<(&str, String)> = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = common::Server::start_env(&a, &["--config", "settings.yaml"], &env);
+    let started = common::post(&server, "/training", &admin, &serde_json::json!({"pipeline": "p"}));
+    assert_eq!(started.status, 202, "{}", started.body);
+    let id = started.json()["id"].as_str().unwrap().to_string();
+    let auth = format!("Bearer {admin}");
+    let mut run = Value::Null;
+    wait_for(120, "the API's training to end", || {
+        run = common::http(
+            &server.addr,
+            "GET",
+            &format!("/training/{id}"),
+            &[("Authorization", &auth)],
+            b"",
+        )
+        .json();
+        !matches!(run["status"].as_str(), Some("queued" | "running"))
+    });
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let at = &run["stages"]["wait"]["placement"];
+    assert_eq!(at["engine"], "ray", "{run}");
+    assert!(
+        at["url"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}/#/jobs/sentiflow-", ray.address)),
+        "{at}"
+    );
+    assert_eq!(a.read("out/done.txt"), "served\n");
+    drop(server);
+
     // A worker of another version refuses the task.
     let w = Run::from(
         std::process::Command::new(BIN)

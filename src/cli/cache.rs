@@ -34,6 +34,11 @@ impl RemoteCache {
         self.url.is_some()
     }
 
+    /// The URL and the secret, for a server that opens the remote for each training.
+    pub(super) fn parts(&self) -> Option<(String, Option<String>)> {
+        Some((self.url.clone()?, self.secret.clone()))
+    }
+
     /// The pipeline of `file` with `set` applied, and its cache with this remote attached; `Err`
     /// holds the exit code of a failure already reported.
     pub(super) fn open_pipeline(

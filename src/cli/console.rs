@@ -81,6 +81,9 @@ impl Observer for Console {
         self.update();
     }
 
+    // The console prints the placement as a log line already.
+    fn placed(&self, _stage: &str, _placement: &crate::executors::Placement) {}
+
     fn log(&self, stage: &str, line: &str) {
         if !self.quiet {
             self.line(&format!("[{stage}] {line}"));

@@ -184,6 +184,9 @@ enum Command {
     Serve {
         #[command(flatten)]
         config: crate::serve::Config,
+        /// Trainings fetch stages from it and push them to it; stages on executors need it.
+        #[command(flatten)]
+        remote: RemoteCache,
     },
     /// Manage API keys.
     Keys {
@@ -495,7 +498,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             texts,
             device,
         } => predict::predict(&model, input.as_deref(), &texts, device),
-        Command::Serve { config } => serve::serve(&global, config),
+        Command::Serve { config, remote } => serve::serve(&global, config, remote),
         Command::Keys {
             command: KeysCommand::Create { role, label, db },
         } => keys::create(&global, role, label, db),

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use serde::Serialize;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 
 use super::resources::Resources;
 
@@ -38,12 +39,12 @@ pub enum ExecutorError {
 }
 
 /// Where a stage ran: which engine, which of its jobs, on which node, and the engine's page of it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Placement {
     /// The executor's name in the settings file.
     pub executor: String,
     /// `ray` or `slurm`.
-    pub engine: &'static str,
+    pub engine: String,
     /// The engine's id of the job: Ray's submission id, Slurm's job id.
     pub job: String,
     /// The node the job ran on, as the engine names it.

@@ -289,7 +289,7 @@ pub(super) fn run(spec: &RaySpec, job: &Job, watch: &dyn Watch) -> Result<Placem
     };
     let mut placement = Placement {
         executor: job.executor.to_string(),
-        engine: "ray",
+        engine: "ray".into(),
         job: id.clone(),
         node: None,
         url: Some(format!("{}/#/jobs/{id}", client.base)),

@@ -122,7 +122,7 @@ pub(super) fn run(spec: &SlurmSpec, job: &Job, watch: &dyn Watch) -> Result<Plac
     let log_file = log_dir.join(format!("{name}-{id}.out"));
     let mut placement = Placement {
         executor: job.executor.to_string(),
-        engine: "slurm",
+        engine: "slurm".into(),
         job: id.clone(),
         node: None,
         url: None,

@@ -44,6 +44,8 @@ pub enum ExecError {
 /// What the engine tells its caller while it runs (progress bars, log lines, API events).
 pub trait Observer: Sync {
     fn started(&self, stage: &str);
+    /// An executor took the stage: where it runs (said again when the node is known).
+    fn placed(&self, stage: &str, placement: &Placement);
     fn finished(&self, report: &StageReport);
     fn log(&self, stage: &str, line: &str);
     fn warn(&self, message: &str);
@@ -572,6 +574,7 @@ fn run_remote(
         if seen.as_ref() != Some(at) {
             let node = at.node.as_deref().map(|n| format!(" on node {n}")).unwrap_or_default();
             obs.log(&stage.name, &format!("{} job {}{node} ({executor})", at.engine, at.job));
+            obs.placed(&stage.name, at);
             *seen = Some(at.clone());
         }
     };

@@ -11,6 +11,7 @@ pub use service::app::App;
 pub use service::auth::{create_key, KeyError, Role};
 pub use service::config::{db_location, settle, Config};
 pub use service::policy;
+pub use service::training::Offload;
 
 /// Runs the server until SIGINT or SIGTERM, then lets requests in flight finish and records a
 /// running training as interrupted.

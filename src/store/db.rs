@@ -137,6 +137,10 @@ CREATE TABLE shadow_counts (
     PRIMARY KEY (version, counter)
 );
 "#,
+    // Where an executor ran a stage (JSON: engine, job, node, the engine's page).
+    r#"
+ALTER TABLE run_events ADD COLUMN placement TEXT;
+"#,
 ];
 
 /// The current time as the database's timestamps spell it (UTC, RFC 3339, milliseconds).

@@ -96,10 +96,10 @@ mod tests {
             .unwrap();
         assert_eq!(store.run("r1").unwrap().unwrap().status, RunStatus::Running);
         store
-            .add_event("r1", "load", EventState::Running, 0, &Value::Null, None)
+            .add_event("r1", "load", EventState::Running, 0, &Value::Null, None, None)
             .unwrap();
         store
-            .add_event("r1", "load", State::Ran.into(), 5, &Value::Null, None)
+            .add_event("r1", "load", State::Ran.into(), 5, &Value::Null, None, None)
             .unwrap();
         store.finish_run("r1", RunStatus::Succeeded, None).unwrap();
         assert_eq!(text(&store, "SELECT status FROM runs"), ["succeeded"]);

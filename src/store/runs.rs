@@ -11,6 +11,7 @@ use serde_json::Value;
 use super::db::{json, now_ms, now_text, parse_time, time_text, Engine, Store};
 use super::error::StoreError;
 use super::sql::{params, Param, Tx};
+use crate::executors::Placement;
 use crate::models::bundle::{typed_entries, Figures};
 use crate::pipeline::report::State;
 use crate::pipeline::ParamValue;
@@ -118,6 +119,7 @@ pub struct RunEvent {
     pub duration_ms: u64,
     pub metrics: Figures,
     pub error: Option<String>,
+    pub placement: Option<Placement>,
 }
 
 /// A training run as `GET /training` lists it.
@@ -392,6 +394,8 @@ impl Store {
         })
     }
 
+    // One argument per column of the event.
+    #[allow(clippy::too_many_arguments)]
     pub fn add_event(
         &self,
         run: &str,
@@ -400,11 +404,13 @@ impl Store {
         duration_ms: u64,
         metrics: &Value,
         error: Option<&str>,
+        placement: Option<&Placement>,
     ) -> Result<(), StoreError> {
+        let placement = placement.map(|p| serde_json::to_string(p).expect("placements serialize"));
         self.write(|tx| {
             tx.execute(
-                "INSERT INTO run_events (run_id, seq, stage, state, duration_ms, metrics, error, at)
-                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM run_events WHERE run_id = ?1), ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO run_events (run_id, seq, stage, state, duration_ms, metrics, error, at, placement)
+                 VALUES (?1, (SELECT COALESCE(MAX(seq), 0) + 1 FROM run_events WHERE run_id = ?1), ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     run,
                     stage,
@@ -412,7 +418,8 @@ impl Store {
                     duration_ms as i64,
                     &metrics.to_string(),
                     error,
-                    &now_text()
+                    &now_text(),
+                    placement.as_deref()
                 ],
             )
             .map(drop)
@@ -447,7 +454,7 @@ impl Store {
             };
             let events = tx
                 .query(
-                    "SELECT stage, state, duration_ms, metrics, error, at FROM run_events WHERE run_id = ?1 ORDER BY seq",
+                    "SELECT stage, state, duration_ms, metrics, error, at, placement FROM run_events WHERE run_id = ?1 ORDER BY seq",
                     params![id],
                 )?
                 .iter()
@@ -458,6 +465,7 @@ impl Store {
                         duration_ms: e.opt_int(2)?.unwrap_or(0).max(0) as u64,
                         metrics: typed_entries(&json(e.opt_text(3)?)),
                         error: e.opt_text(4)?,
+                        placement: e.opt_text(6)?.and_then(|p| serde_json::from_str(&p).ok()),
                     })
                 })
                 .collect::<Result<_, StoreError>>()?;

@@ -1,6 +1,7 @@
 //! The API's request and response bodies: what handlers read and write, and what the OpenAPI
 //! document describes (both come from these types).
 
+use crate::executors::Placement;
 use std::collections::BTreeMap;
 
 use schemars::JsonSchema;
@@ -366,6 +367,9 @@ pub struct StageOutcome {
     pub duration_ms: u64,
     pub metrics: Figures,
     pub error: Option<String>,
+    /// Where an executor runs or ran it: engine, job, node and the engine's page of the job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]

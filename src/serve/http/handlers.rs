@@ -558,11 +558,15 @@ fn run_status(app: &App, id: &str) -> Result<TrainingRun, ApiError> {
     let run = app.store.run(id)?.ok_or_else(|| no_run(id))?;
     let mut stages = std::collections::BTreeMap::new();
     for e in run.events {
+        // A placement holds for the rest of the stage's events.
+        let placed: Option<&StageOutcome> = stages.get(&e.stage);
+        let placement = e.placement.or_else(|| placed.and_then(|s| s.placement.clone()));
         let outcome = StageOutcome {
             state: e.state,
             duration_ms: e.duration_ms,
             metrics: e.metrics,
             error: e.error,
+            placement,
         };
         stages.insert(e.stage, outcome);
     }

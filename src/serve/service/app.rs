@@ -15,7 +15,7 @@ use super::error::{Failure, Kind};
 use super::metrics::Metrics;
 use super::serving::Serving;
 use super::shadow::{Candidate, Shadow};
-use super::training::{check_policy, Trainer};
+use super::training::{check_policy, Offload, Trainer};
 use crate::drift::{evaluate, Status, Thresholds, WindowReport};
 use crate::models::bundle::{Bundle, Model};
 use crate::registry::Registry;
@@ -28,6 +28,8 @@ pub struct App {
     pub cache_dir: std::path::PathBuf,
     /// Where trainings' outputs may reach outside the project root (`--output-dirs`).
     pub output_dirs: Vec<std::path::PathBuf>,
+    /// Executors and the remote cache for trainings' stages.
+    pub offload: Offload,
     pub store: Store,
     pub registry: Registry,
     models: RwLock<HashMap<String, Arc<Serving>>>,
@@ -57,6 +59,7 @@ impl App {
         config: Config,
         cache_dir: std::path::PathBuf,
         output_dirs: Vec<std::path::PathBuf>,
+        offload: Offload,
     ) -> anyhow::Result<Arc<App>> {
         let store = Store::open(&config.db(), config.db_pool)?;
         let interrupted = store.interrupt_unfinished(&config.replica())?;
@@ -70,6 +73,7 @@ impl App {
         let app = Arc::new(App {
             cache_dir,
             output_dirs,
+            offload,
             store,
             registry,
             models: RwLock::new(HashMap::new()),

@@ -14,6 +14,7 @@ use super::app::App;
 use super::error::{Failure, Kind};
 use super::training::{available, check_reads, find_pipeline, shell_safe, Running, ALREADY_RUNNING, COOLING_DOWN};
 use crate::cache::Cache;
+use crate::executors::Placement;
 use crate::pipeline::exec::{self, Observer, Options};
 use crate::pipeline::report::{StageReport, State};
 use crate::pipeline::{Override, ParamValue, Pipeline, Stage};
@@ -112,6 +113,9 @@ pub fn start(
         }
     }
     check_reads(&app.config, &app.output_dirs, &pipeline)?;
+    pipeline
+        .check_placement(&app.offload.executors, app.offload.remote_cache.is_some())
+        .map_err(|d| Failure::new(Kind::Unprocessable, "invalid_pipeline", d.to_string()))?;
     let stages = request.stages;
     let mut running = app.training.runs();
     let id = format!(
@@ -226,7 +230,20 @@ impl Observer for Recorder<'_> {
         let r = self
             .app
             .store
-            .add_event(self.id, stage, EventState::Running, 0, &Value::Null, None);
+            .add_event(self.id, stage, EventState::Running, 0, &Value::Null, None, None);
+        self.keep("run_event", r);
+    }
+
+    fn placed(&self, stage: &str, placement: &Placement) {
+        let r = self.app.store.add_event(
+            self.id,
+            stage,
+            EventState::Running,
+            0,
+            &Value::Null,
+            None,
+            Some(placement),
+        );
         self.keep("run_event", r);
     }
 
@@ -239,6 +256,7 @@ impl Observer for Recorder<'_> {
             r.duration_ms,
             &Value::Object(r.metrics.clone()),
             r.error.as_deref(),
+            r.placement.as_ref(),
         );
         self.keep("run_event", written);
         // The run's log tells the whole story: a failed stage's error is in it too.
@@ -263,13 +281,15 @@ impl Observer for Recorder<'_> {
 fn run(app: &App, id: &str, pipeline: &Pipeline, stages: Vec<String>, stop: &AtomicBool, cancelled: &AtomicBool) {
     let recorder = Recorder { app, id };
     let outcome = (|| -> Result<(RunStatus, Option<String>), String> {
-        let cache = Cache::open(&app.cache_dir).map_err(|e| e.to_string())?;
+        let cache = app
+            .offload
+            .attach(Cache::open(&app.cache_dir).map_err(|e| e.to_string())?)?;
         let opts = Options {
             jobs: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             force: false,
             targets: stages,
             output_dirs: app.output_dirs.clone(),
-            executors: Default::default(),
+            executors: app.offload.executors.clone(),
         };
         let report = exec::run(pipeline, &cache, &opts, stop, &recorder).map_err(|e| e.to_string())?;
         if let Some(tracker) = &app.tracker {

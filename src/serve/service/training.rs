@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use super::config::Config;
 use super::error::{Failure, Kind};
 use super::policy::RetrainPolicy;
+use crate::cache::{Cache, Remote};
+use crate::executors::Executors;
 use crate::pipeline::{real_path, Pipeline};
 use crate::store::{RunStatus, Store};
 
@@ -161,4 +163,25 @@ pub fn check_reads(config: &Config, output_dirs: &[PathBuf], pipeline: &Pipeline
         }
     }
     Ok(())
+}
+
+/// Where the server's training runs send stages: the settings file's executors, and the remote
+/// cache that carries their inputs and outputs.
+#[derive(Default)]
+pub struct Offload {
+    pub executors: Executors,
+    /// The remote cache's URL and the team's secret that signs its entries.
+    pub remote_cache: Option<(String, Option<String>)>,
+}
+
+impl Offload {
+    /// `cache` with the remote cache attached, when there is one.
+    pub fn attach(&self, cache: Cache) -> Result<Cache, String> {
+        match &self.remote_cache {
+            Some((url, secret)) => Remote::open(url, secret.as_deref())
+                .map(|r| cache.with_remote(r))
+                .map_err(|e| e.to_string()),
+            None => Ok(cache),
+        }
+    }
 }
