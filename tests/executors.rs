@@ -290,6 +290,18 @@ fn stages_run_on_a_ray_cluster_and_come_back_identical() {
     assert!(clock.elapsed() < Duration::from_secs(60));
     assert_eq!(sentiflow_jobs(&ray).len(), submitted, "nothing was submitted");
 
+    // A job that fails brings its log's tail back in the stage's error.
+    let failing = slow("cluster", 0, "never").replace(
+        "run: sleep 0 && mkdir -p out && echo never > out/done.txt",
+        "run: echo the-last-words && exit 3",
+    );
+    let e = project(&failing);
+    settings(&e, &s3, "ray", &executors);
+    let r = sentiflow(&e, &s3, &[], &["run", "pipelines/p.yaml", "--json"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let error = stage(&r.json(), "wait")["error"].as_str().unwrap().to_string();
+    assert!(error.contains("failed") && error.contains("the-last-words"), "{error}");
+
     // Ctrl-C stops the job, and the stage leaves no entry.
     let c = project(&slow("cluster", 60, "cancelled"));
     settings(&c, &s3, "ray", &executors);
@@ -364,6 +376,48 @@ fn stages_run_on_a_ray_cluster_and_come_back_identical() {
     );
     assert_eq!(a.read("out/done.txt"), "served\n");
     drop(server);
+
+    // A search whose trials are jobs, at most 2 at once, writes what a local search writes.
+    let search = PIPELINE
+        .replace(
+            "runs_on: cluster\n    resources: {cpus: 1, memory: 512M, timeout: 10m}",
+            "runs_on: cluster\n    max_parallel: 2\n    resources: {cpus: 1}",
+        )
+        .replace(
+            "- {model: logreg, C: [1, 10]}",
+            "- {model: logreg, C: [0.3, 1, 10]}\n        - {model: nbsvm, C: [0.1, 1]}",
+        );
+    assert!(search.contains("max_parallel: 2") && search.contains("nbsvm"));
+    let here = project(&search);
+    let r = here.sentiflow(&["run", "pipelines/p.yaml", "--stage", "tune"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let f = project(&search);
+    settings(&f, &s3, "ray", &executors);
+    let ids = |jobs: &[Value]| -> Vec<String> { jobs.iter().map(|j| j["submission_id"].to_string()).collect() };
+    let before = ids(&sentiflow_jobs(&ray));
+    let r = sentiflow(&f, &s3, &[], &["run", "pipelines/p.yaml", "--stage", "tune", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.contains("trial 4: ray job sentiflow-"), "{}", r.stderr);
+    assert_eq!(
+        files(&here, &["data/tune"]),
+        files(&f, &["data/tune"]),
+        "the gathered search is the local one"
+    );
+    let trials: Vec<Value> = sentiflow_jobs(&ray)
+        .into_iter()
+        .filter(|j| !before.contains(&j["submission_id"].to_string()))
+        .collect();
+    assert_eq!(trials.len(), 5, "one job a trial");
+    // Never more than 2 at once: at every job's start, fewer than 2 others were running.
+    let span = |j: &Value| (j["start_time"].as_u64().unwrap(), j["end_time"].as_u64().unwrap());
+    for j in &trials {
+        let (start, _) = span(j);
+        let running = trials.iter().filter(|o| {
+            let (s, e) = span(o);
+            s < start && start < e
+        });
+        assert!(running.count() < 2, "{trials:?}");
+    }
 
     // A worker of another version refuses the task.
     let w = Run::from(

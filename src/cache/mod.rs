@@ -243,6 +243,19 @@ impl Cache {
         }
     }
 
+    /// The content of the object named `hash`, checked against its name.
+    pub fn read_object(&self, hash: &str) -> Result<Vec<u8>, CacheError> {
+        let path = self.object_path(hash);
+        let bytes = fs::read(&path).map_err(|e| CacheError::io(&path, e))?;
+        if sha256_hex(&bytes) != hash {
+            return Err(CacheError::Corrupt {
+                what: path.display().to_string(),
+                reason: "its content no longer matches its name".into(),
+            });
+        }
+        Ok(bytes)
+    }
+
     /// The entry stored under `key`, if any. An unreadable entry is removed and reported.
     pub fn lookup(&self, key: &str) -> Result<Option<RunEntry>, CacheError> {
         let path = self.run_path(key);

@@ -306,6 +306,9 @@ enum StageCommand {
     Exec {
         /// The stage's cache key.
         key: String,
+        /// Run only this trial of the stage's search (a `tune` with `max_parallel`).
+        #[arg(long, value_name = "N")]
+        trial: Option<usize>,
         /// The sentiflow version of the client that sent the stage; a worker of another version
         /// refuses it.
         #[arg(long, value_name = "VERSION")]
@@ -512,11 +515,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             command:
                 StageCommand::Exec {
                     key,
+                    trial,
                     client_version,
                     scratch,
                     remote,
                 },
-        } => stage::exec(&key, &client_version, scratch, remote),
+        } => stage::exec(&key, trial, &client_version, scratch, remote),
         Command::Completions { shell } => completions::completions(shell, Cli::command()),
         Command::Schema => validate::schema(),
         Command::Drift { model, input, chart } => drift::drift(&model, &input, chart.as_deref()),

@@ -12,6 +12,7 @@ static CANCEL: AtomicBool = AtomicBool::new(false);
 
 pub(super) fn exec(
     key: &str,
+    trial: Option<usize>,
     client_version: &str,
     scratch: Option<PathBuf>,
     remote: RemoteCache,
@@ -34,7 +35,7 @@ pub(super) fn exec(
     std::fs::create_dir_all(&project)?;
     let log = |line: &str| println!("{line}");
     println!("sentiflow {} on {}: task {key}", env!("CARGO_PKG_VERSION"), hostname());
-    match worker::exec(&cache, key, client_version, &project, &CANCEL, &log) {
+    match worker::exec(&cache, key, trial, client_version, &project, &CANCEL, &log) {
         Ok(Done::Already) => Ok(exit::OK),
         Ok(Done::Ran { transfer }) => {
             println!(

@@ -60,9 +60,13 @@ pub struct Job<'a> {
     /// The executor's name in the settings file.
     pub executor: &'a str,
     pub stage: &'a str,
-    /// The stage's cache key: the worker finds its description and inputs under it, and the job's
-    /// name derives from it, so a client that runs again finds its job.
+    /// The key of the job's result: the stage's cache key, or a trial's. The job's name derives
+    /// from it, so a client that runs again finds its job.
     pub key: &'a str,
+    /// The stage's cache key, under which the worker finds its description and inputs.
+    pub task: &'a str,
+    /// The trial of the stage's search the job runs; `None`: the whole stage.
+    pub trial: Option<usize>,
     pub resources: &'a Resources,
     /// The remote cache URL the worker reads and writes.
     pub remote_cache: &'a str,
@@ -81,15 +85,19 @@ impl Job<'_> {
 
     /// The worker's command line, after the program.
     pub fn worker_args(&self) -> Vec<String> {
-        vec![
+        let mut args: Vec<String> = vec![
             "stage".into(),
             "exec".into(),
             "--remote-cache".into(),
             self.remote_cache.into(),
             "--client-version".into(),
             env!("CARGO_PKG_VERSION").into(),
-            self.key.into(),
-        ]
+        ];
+        if let Some(i) = self.trial {
+            args.extend(["--trial".into(), i.to_string()]);
+        }
+        args.push(self.task.into());
+        args
     }
 }
 

@@ -11,11 +11,11 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use super::key::{cache_key, stage_inputs};
 use super::report::{Report, StageReport, State};
-use super::task::{Needed, Task};
+use super::task::{trial_key, Needed, Task};
 use super::{lock, real_path, Pipeline, Stage};
 use crate::cache::{clear_outputs, Artifact, Cache, CacheError, Metrics, RemoteError, RunEntry};
 use crate::executors::{ExecutorError, ExecutorSpec, Executors, Job, Placement, Watcher};
-use crate::stages::{Context, StageError, StageKind, Upstream};
+use crate::stages::{Context, StageError, StageKind, Trials, Upstream};
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -378,8 +378,22 @@ fn run_stage(shared: &Shared, i: usize, upstream: &BTreeMap<String, Vec<Artifact
         }
     }
 
+    let mut fanned = None;
     if let Some((name, spec)) = shared.executor(stage) {
-        return run_remote(shared, i, (name, spec), &key, upstream, report);
+        let Some(max_parallel) = stage.max_parallel else {
+            return run_remote(shared, i, (name, spec), &key, upstream, report);
+        };
+        // A search whose trials are jobs: it runs here, and sends each trial to the executor.
+        if let Err(e) = publish(shared, i, name, &key, upstream) {
+            return fail(report, State::Failed, e);
+        }
+        fanned = Some(Fanned {
+            shared,
+            stage,
+            executor: (name, spec),
+            key: &key,
+            max_parallel,
+        });
     }
     let needed: Vec<Upstream> = p
         .dag
@@ -400,6 +414,7 @@ fn run_stage(shared: &Shared, i: usize, upstream: &BTreeMap<String, Vec<Artifact
         kind: &stage.kind,
         upstream: &needed,
         inputs: &report.inputs,
+        trials: fanned.as_ref().map(|f| f as &dyn Trials),
     };
     let (artifacts, metrics, duration_ms) = match work.perform(cache, cancel, &log) {
         Ok(done) => done,
@@ -438,7 +453,12 @@ pub struct Work<'a> {
     pub kind: &'a StageKind,
     pub upstream: &'a [Upstream],
     pub inputs: &'a BTreeMap<String, String>,
+    /// Where its search's trials run, when they are jobs of an executor.
+    pub trials: Option<&'a dyn Trials>,
 }
+
+/// Where a worker writes the result of one trial, under its scratch project.
+const TRIAL_RESULT: &str = "trial.json";
 
 impl Work<'_> {
     /// Runs the stage and stores its outputs in `cache`: their artifacts, its metrics and how
@@ -451,15 +471,7 @@ impl Work<'_> {
     ) -> Result<(Vec<Artifact>, Metrics, u64), Unfinished> {
         let outs = self.kind.stage().outs();
         prepare_outputs(self.root, &outs).map_err(|e| Unfinished::Failed(format!("preparing outputs: {e}")))?;
-        let ctx = Context {
-            root: self.root,
-            pipeline: self.pipeline,
-            stage: self.stage,
-            upstream: self.upstream,
-            inputs: self.inputs,
-            cancel,
-            log,
-        };
+        let ctx = self.context(cancel, log);
         let clock = Instant::now();
         let result = self.kind.stage().run(&ctx);
         let duration_ms = clock.elapsed().as_millis() as u64;
@@ -477,6 +489,221 @@ impl Work<'_> {
             .store(self.root, &outs)
             .map_err(|e| Unfinished::Failed(format!("caching outputs: {e}")))?;
         Ok((artifacts, metrics, duration_ms))
+    }
+
+    /// Runs trial `i` of the stage's search alone and stores its result in `cache`: its artifact
+    /// and how long it ran (ms).
+    pub fn perform_trial(
+        &self,
+        cache: &Cache,
+        cancel: &AtomicBool,
+        log: &(dyn Fn(&str) + Sync),
+        i: usize,
+    ) -> Result<(Vec<Artifact>, u64), Unfinished> {
+        let ctx = self.context(cancel, log);
+        let clock = Instant::now();
+        let bytes = match self.kind.stage().run_trial(&ctx, i) {
+            Ok(b) => b,
+            Err(StageError::Cancelled) => return Err(Unfinished::Interrupted),
+            Err(e) => return Err(Unfinished::Failed(e.to_string())),
+        };
+        let duration_ms = clock.elapsed().as_millis() as u64;
+        let path = self.root.join(TRIAL_RESULT);
+        std::fs::write(&path, bytes).map_err(|e| Unfinished::Failed(format!("{}: {e}", path.display())))?;
+        let artifacts = cache
+            .store(self.root, &[TRIAL_RESULT.to_string()])
+            .map_err(|e| Unfinished::Failed(format!("caching the trial's result: {e}")))?;
+        Ok((artifacts, duration_ms))
+    }
+
+    fn context<'c>(&'c self, cancel: &'c AtomicBool, log: &'c (dyn Fn(&str) + Sync)) -> Context<'c> {
+        Context {
+            root: self.root,
+            pipeline: self.pipeline,
+            stage: self.stage,
+            upstream: self.upstream,
+            inputs: self.inputs,
+            cancel,
+            log,
+            trials: self.trials,
+        }
+    }
+}
+
+/// Stores stage `i`'s description in the remote cache under its key `key`, the objects of its
+/// inputs first, for `sentiflow stage exec` to run it (whole, or trial by trial).
+fn publish(
+    shared: &Shared,
+    i: usize,
+    executor: &str,
+    key: &str,
+    upstream: &BTreeMap<String, Vec<Artifact>>,
+) -> Result<(), String> {
+    let &Shared { p, cache, .. } = shared;
+    let stage = &p.stages[i];
+    if cache.remote().is_none() {
+        return Err(format!(
+            "stage `{}` runs on executor `{executor}`, which needs a remote cache",
+            stage.name
+        ));
+    }
+    let deps = stage.kind.stage().deps();
+    if let Some(outside) = deps
+        .iter()
+        .find(|d| d.starts_with('/') || d.split('/').any(|c| c == ".."))
+    {
+        return Err(format!(
+            "stage `{}` reads `{outside}`, outside the project, and a stage on an executor gets its inputs \
+             through the remote cache: copy it into the project, or run the stage here (no `runs_on`)",
+            stage.name
+        ));
+    }
+    let needs: Vec<Needed> = p
+        .dag
+        .needs(i)
+        .map(|n| {
+            let s = &p.stages[n];
+            Needed {
+                name: s.name.clone(),
+                kind: s.kind.name().to_string(),
+                outs: upstream[&s.name].clone(),
+            }
+        })
+        .collect();
+    cache
+        .store(&p.root, &deps)
+        .and_then(|deps| {
+            cache.push_artifacts(&deps)?;
+            for n in &needs {
+                cache.push_artifacts(&n.outs)?;
+            }
+            let task = Task {
+                pipeline: p.name.clone(),
+                stage: stage.name.clone(),
+                kind: stage.kind.clone(),
+                needs,
+                deps,
+            };
+            cache.put_task(key, serde_json::to_vec_pretty(&task).expect("tasks serialize"))
+        })
+        .map_err(|e| format!("sending the stage's inputs to the remote cache: {e}"))
+}
+
+/// A search on an executor: each trial a job, at most `max_parallel` at once.
+struct Fanned<'a> {
+    shared: &'a Shared<'a>,
+    stage: &'a Stage,
+    executor: (&'a str, &'a ExecutorSpec),
+    /// The stage's key, under which its description is published.
+    key: &'a str,
+    max_parallel: usize,
+}
+
+impl Trials for Fanned<'_> {
+    fn run(&self, n: usize) -> Result<Vec<Vec<u8>>, StageError> {
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        // Each trial's slot: empty until a thread has run it.
+        type Slot = std::sync::Mutex<Option<Result<Vec<u8>, StageError>>>;
+        let results: Vec<Slot> = (0..n).map(|_| Slot::new(None)).collect();
+        std::thread::scope(|scope| {
+            for _ in 0..self.max_parallel.min(n) {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    if i >= n || failed.load(Ordering::SeqCst) || self.shared.cancel.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let result = self.trial(i);
+                    if result.is_err() {
+                        failed.store(true, Ordering::SeqCst);
+                    }
+                    *results[i].lock().unwrap() = Some(result);
+                });
+            }
+        });
+        let mut out = Vec::with_capacity(n);
+        let mut first_error = None;
+        for r in results {
+            match r.into_inner().unwrap() {
+                Some(Ok(bytes)) => out.push(bytes),
+                Some(Err(e)) => {
+                    first_error.get_or_insert(e);
+                }
+                None => {
+                    first_error.get_or_insert(StageError::Cancelled);
+                }
+            }
+        }
+        match first_error {
+            // A failed trial says more than the ones it stopped.
+            Some(StageError::Cancelled) if !self.shared.cancel.load(Ordering::SeqCst) => {
+                Err(StageError::Invalid("a trial failed; the others were not sent".into()))
+            }
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+}
+
+impl Fanned<'_> {
+    /// Trial `i`'s result: from a cache when a job computed it before, else from a new job.
+    fn trial(&self, i: usize) -> Result<Vec<u8>, StageError> {
+        let &Shared { cache, obs, cancel, .. } = self.shared;
+        let (executor, spec) = self.executor;
+        let stage = &self.stage.name;
+        let key = trial_key(self.key, i);
+        let cached = cache.lookup(&key).ok().flatten();
+        let entry = match cached.or_else(|| self.shared.fetch(stage, &key)) {
+            Some(entry) => entry,
+            None => {
+                let job = Job {
+                    executor,
+                    stage,
+                    key: &key,
+                    task: self.key,
+                    trial: Some(i),
+                    resources: &self.stage.resources,
+                    remote_cache: cache.remote().map(|r| r.url()).unwrap_or_default(),
+                    env: BTreeMap::new(),
+                    state_dir: std::path::absolute(cache.dir().join("jobs"))
+                        .unwrap_or_else(|_| cache.dir().join("jobs")),
+                };
+                let placed = |at: &Placement| {
+                    let node = at.node.as_deref().map(|n| format!(" on node {n}")).unwrap_or_default();
+                    obs.log(
+                        stage,
+                        &format!("trial {i}: {} job {}{node} ({executor})", at.engine, at.job),
+                    );
+                };
+                let log = |line: &str| obs.log(stage, &format!("trial {i}: {line}"));
+                let watcher = Watcher {
+                    cancel,
+                    placed: &placed,
+                    log: &log,
+                };
+                match spec.run(&job, &watcher) {
+                    Ok(_) => {}
+                    Err(ExecutorError::Cancelled) => return Err(StageError::Cancelled),
+                    Err(e) => return Err(StageError::Invalid(format!("trial {i}: executor `{executor}`: {e}"))),
+                }
+                match cache.fetch(&key) {
+                    Ok(Some((entry, _))) => entry,
+                    Ok(None) => {
+                        return Err(StageError::Invalid(format!(
+                            "trial {i}: the job ended, but the remote cache has no result for it"
+                        )))
+                    }
+                    Err(e) => return Err(StageError::Invalid(format!("trial {i}: fetching its result: {e}"))),
+                }
+            }
+        };
+        let out = entry
+            .outs
+            .first()
+            .ok_or_else(|| StageError::Invalid(format!("trial {i}: its result has no file")))?;
+        cache
+            .read_object(&out.hash)
+            .map_err(|e| StageError::Invalid(format!("trial {i}: {e}")))
     }
 }
 
@@ -501,68 +728,16 @@ fn run_remote(
         r.finished_at = now();
         r
     };
-    let Some(remote) = cache.remote() else {
-        return fail(
-            report,
-            State::Failed,
-            format!(
-                "stage `{}` runs on executor `{executor}`, which needs a remote cache",
-                stage.name
-            ),
-        );
-    };
-    let deps = stage.kind.stage().deps();
-    if let Some(outside) = deps
-        .iter()
-        .find(|d| d.starts_with('/') || d.split('/').any(|c| c == ".."))
-    {
-        return fail(
-            report,
-            State::Failed,
-            format!(
-                "stage `{}` reads `{outside}`, outside the project, and a stage on an executor gets its inputs \
-                 through the remote cache: copy it into the project, or run the stage here (no `runs_on`)",
-                stage.name
-            ),
-        );
+    if let Err(e) = publish(shared, i, executor, key, upstream) {
+        return fail(report, State::Failed, e);
     }
-    let needs: Vec<Needed> = p
-        .dag
-        .needs(i)
-        .map(|n| {
-            let s = &p.stages[n];
-            Needed {
-                name: s.name.clone(),
-                kind: s.kind.name().to_string(),
-                outs: upstream[&s.name].clone(),
-            }
-        })
-        .collect();
-    let sent = cache.store(&p.root, &deps).and_then(|deps| {
-        cache.push_artifacts(&deps)?;
-        for n in &needs {
-            cache.push_artifacts(&n.outs)?;
-        }
-        let task = Task {
-            pipeline: p.name.clone(),
-            stage: stage.name.clone(),
-            kind: stage.kind.clone(),
-            needs,
-            deps,
-        };
-        cache.put_task(key, serde_json::to_vec_pretty(&task).expect("tasks serialize"))
-    });
-    if let Err(e) = sent {
-        return fail(
-            report,
-            State::Failed,
-            format!("sending the stage's inputs to the remote cache: {e}"),
-        );
-    }
+    let remote = cache.remote().expect("publish needs a remote cache");
     let job = Job {
         executor,
         stage: &stage.name,
         key,
+        task: key,
+        trial: None,
         resources: &stage.resources,
         remote_cache: remote.url(),
         env: BTreeMap::new(),

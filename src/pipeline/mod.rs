@@ -442,6 +442,28 @@ impl Checker<'_> {
                 format!("stage `{name}`: {e}"),
             )
         })?;
+        if let Some(n) = raw.max_parallel {
+            let at = self.doc.value_pos(&child_path(path, "max_parallel"));
+            let why = if n == 0 {
+                Some("must be at least 1".to_string())
+            } else if !kind.stage().has_trials() {
+                Some(format!(
+                    "applies to a search (`tune`), not to a `{}` stage",
+                    kind.name()
+                ))
+            } else if raw.runs_on.is_none() {
+                Some("needs `runs_on`: the trials run as jobs of that executor".to_string())
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(Diagnostic::new(
+                    self.file,
+                    at,
+                    format!("stage `{name}`: `max_parallel` {why}"),
+                ));
+            }
+        }
         let runs_on_at = self.doc.value_pos(&child_path(path, "runs_on"));
         Ok(Stage {
             name: name.to_string(),
@@ -450,6 +472,7 @@ impl Checker<'_> {
             param_uses,
             resources: raw.resources,
             runs_on: raw.runs_on.map(|e| (e, runs_on_at)),
+            max_parallel: raw.max_parallel,
         })
     }
 
@@ -677,5 +700,19 @@ mod tests {
             let err = Pipeline::parse(&file, &text, &[], &|_| None).unwrap_err().render();
             assert!(err.contains("p.yaml:6:") && err.contains(says), "{bad}: {err}");
         }
+
+        // Only a search fans out, and only onto an executor.
+        let command = ok.replace("runs_on: gpu", "runs_on: gpu\n    max_parallel: 2");
+        let err = Pipeline::parse(&file, &command, &[], &|_| None).unwrap_err().render();
+        assert!(
+            err.contains("p.yaml:6:19") && err.contains("not to a `command` stage"),
+            "{err}"
+        );
+        let search = "name: p\nstages:\n  v:\n    uses: vectorize\n    with: {out: v}\n  t:\n    uses: tune\n    needs: [v]\n    max_parallel: 4\n    with: {models: [{model: logreg, C: 1}], out: t}\n";
+        let err = Pipeline::parse(&file, search, &[], &|_| None).unwrap_err().render();
+        assert!(err.contains("p.yaml:9:19") && err.contains("needs `runs_on`"), "{err}");
+        let placed = search.replace("max_parallel: 4", "max_parallel: 4\n    runs_on: gpu");
+        let p = Pipeline::parse(&file, &placed, &[], &|_| None).unwrap();
+        assert_eq!(p.stage("t").unwrap().max_parallel, Some(4));
     }
 }

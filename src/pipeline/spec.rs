@@ -44,6 +44,8 @@ pub struct RawStage {
     pub resources: Resources,
     #[serde(default)]
     pub runs_on: Option<String>,
+    #[serde(default)]
+    pub max_parallel: Option<usize>,
 }
 
 /// A stage: its kind (`uses`), the kind's parameters (`with`) and the stages it needs.
@@ -65,6 +67,11 @@ pub struct StageSchema {
     /// part of the cache key.
     #[serde(default)]
     runs_on: Option<String>,
+    /// For a search (`tune`) on an executor: run each trial as a job of its own, at most this
+    /// many at once, instead of the whole stage as one job. Not part of the cache key.
+    #[serde(default)]
+    #[schemars(range(min = 1))]
+    max_parallel: Option<usize>,
     #[serde(flatten)]
     kind: StageKind,
 }

@@ -17,6 +17,8 @@ pub struct Stage {
     pub resources: Resources,
     /// The executor it runs on, and where the file names it.
     pub runs_on: Option<(String, Pos)>,
+    /// For a search on an executor: its trials are jobs, at most this many at once.
+    pub max_parallel: Option<usize>,
 }
 
 /// A `${params.NAME}` in a stage's settings: the parameter, and the field of `with` that holds it.

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::cache::Artifact;
+use crate::cache::{sha256_hex, Artifact};
 use crate::stages::StageKind;
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -24,4 +24,9 @@ pub struct Needed {
     pub name: String,
     pub kind: String,
     pub outs: Vec<Artifact>,
+}
+
+/// The key under which trial `i` of the search whose key is `key` keeps its result.
+pub fn trial_key(key: &str, i: usize) -> String {
+    sha256_hex(format!("{key}/trial/{i}").as_bytes())
 }

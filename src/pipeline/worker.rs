@@ -9,7 +9,7 @@ use std::sync::atomic::AtomicBool;
 
 use super::exec::{Unfinished, Work};
 use super::key::cache_key;
-use super::task::Task;
+use super::task::{trial_key, Task};
 use crate::cache::{Cache, CacheError, RunEntry, Transfer};
 use crate::stages::Upstream;
 
@@ -46,11 +46,13 @@ pub enum Done {
     Ran { transfer: Transfer },
 }
 
-/// Runs the task stored under `key` in `cache`'s remote, in a scratch project under `scratch`.
-/// `cache` is the worker's own (a scratch directory too): only the remote is shared.
+/// Runs the task stored under `key` in `cache`'s remote (only its trial `trial`, for a search
+/// whose trials are jobs), in a scratch project under `scratch`. `cache` is the worker's own (a
+/// scratch directory too): only the remote is shared.
 pub fn exec(
     cache: &Cache,
     key: &str,
+    trial: Option<usize>,
     client_version: &str,
     scratch: &Path,
     cancel: &AtomicBool,
@@ -63,8 +65,12 @@ pub fn exec(
             client: client_version.into(),
         });
     }
-    if cache.remote_has(key)? {
-        log(&format!("the remote cache has the result of {key} already"));
+    let result_key = match trial {
+        Some(i) => trial_key(key, i),
+        None => key.to_string(),
+    };
+    if cache.remote_has(&result_key)? {
+        log(&format!("the remote cache has the result of {result_key} already"));
         return Ok(Done::Already);
     }
     let url = cache.remote().map(|r| r.url().to_string()).unwrap_or_default();
@@ -123,8 +129,9 @@ pub fn exec(
             outs: n.outs.iter().map(|a| scratch.join(&a.path)).collect(),
         });
     }
+    let what = trial.map(|i| format!("trial {i} of ")).unwrap_or_default();
     log(&format!(
-        "running stage `{}` of pipeline `{}` ({})",
+        "running {what}stage `{}` of pipeline `{}` ({})",
         task.stage,
         task.pipeline,
         kind.name()
@@ -136,22 +143,38 @@ pub fn exec(
         kind,
         upstream: &upstream,
         inputs: &inputs,
+        trials: None,
     };
-    let (outs, metrics, duration_ms) = work.perform(cache, cancel, log).map_err(|e| match e {
+    let unfinished = |e| match e {
         Unfinished::Interrupted => WorkerError::Interrupted,
         Unfinished::Failed(message) => WorkerError::Stage {
             stage: task.stage.clone(),
             message,
         },
-    })?;
-    let entry = RunEntry {
-        stage: task.stage.clone(),
-        kind: kind.name().to_string(),
-        outs,
-        metrics,
-        duration_ms,
     };
-    cache.record(key, &entry)?;
-    let transfer = cache.push(key, &entry)?;
+    let entry = match trial {
+        Some(i) => {
+            let (outs, duration_ms) = work.perform_trial(cache, cancel, log, i).map_err(unfinished)?;
+            RunEntry {
+                stage: format!("{} trial {i}", task.stage),
+                kind: kind.name().to_string(),
+                outs,
+                metrics: Default::default(),
+                duration_ms,
+            }
+        }
+        None => {
+            let (outs, metrics, duration_ms) = work.perform(cache, cancel, log).map_err(unfinished)?;
+            RunEntry {
+                stage: task.stage.clone(),
+                kind: kind.name().to_string(),
+                outs,
+                metrics,
+                duration_ms,
+            }
+        }
+    };
+    cache.record(&result_key, &entry)?;
+    let transfer = cache.push(&result_key, &entry)?;
     Ok(Done::Ran { transfer })
 }

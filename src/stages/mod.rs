@@ -27,7 +27,7 @@ pub use tune::Tune;
 pub use vectorize::Vectorize;
 
 pub use crate::cache::Metrics;
-pub use stage::{read_json, write_json, Context, Stage, StageError, Upstream};
+pub use stage::{read_json, write_json, Context, Stage, StageError, Trials, Upstream};
 
 /// The names accepted by `uses:`.
 pub const KINDS: &[&str] = &[

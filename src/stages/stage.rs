@@ -32,6 +32,14 @@ pub struct Context<'a> {
     pub cancel: &'a AtomicBool,
     /// Writes one line to the stage's log.
     pub log: &'a (dyn Fn(&str) + Sync),
+    /// Where a search's trials run when they are jobs of an executor; `None`: here.
+    pub trials: Option<&'a dyn Trials>,
+}
+
+/// Runs a search's trials elsewhere, each as a job that runs [`Stage::run_trial`].
+pub trait Trials: Sync {
+    /// The results of trials `0..n`, in order.
+    fn run(&self, n: usize) -> Result<Vec<Vec<u8>>, StageError>;
 }
 
 impl Context<'_> {
@@ -141,6 +149,17 @@ pub trait Stage {
     }
     /// Does the work. Outputs must exist under `outs()` when it returns `Ok`.
     fn run(&self, ctx: &Context) -> Result<Metrics, StageError>;
+    /// Whether its work is trials that can run apart (a search), with [`Stage::run_trial`].
+    fn has_trials(&self) -> bool {
+        false
+    }
+    /// Runs trial `i` alone and gives its result, which [`Stage::run`] gathers through
+    /// [`Context::trials`].
+    fn run_trial(&self, _ctx: &Context, _i: usize) -> Result<Vec<u8>, StageError> {
+        Err(StageError::Invalid(
+            "this kind of stage has no trials to run apart".into(),
+        ))
+    }
 }
 
 /// Writes JSON to `path`, pretty-printed.

@@ -190,7 +190,102 @@ pub fn stratified_folds(labels: &[u8], groups: &[usize], k: usize, seed: u64) ->
 /// Most configurations a search may try: more would not finish, and would not fit in memory.
 const MAX_TRIALS: usize = 100_000;
 
+/// What every trial of a search shares: the features of each vectorizer, the labels, the folds,
+/// and the trials (a vectorizer and a model configuration each).
+struct Plan {
+    features: Vec<(String, Features)>,
+    fold: Vec<usize>,
+    trials: Vec<(usize, ModelSpec)>,
+}
+
+/// One trial's fold scores as a worker sends them back: every number as its bits, so the
+/// gathered table is the one a local run writes, byte for byte.
+#[derive(Serialize, Deserialize)]
+struct TrialScores {
+    folds: Vec<ScoreBits>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ScoreBits {
+    /// accuracy, precision, recall, f1, roc_auc, log_loss.
+    figures: [u64; 6],
+    confusion: [[u64; 2]; 2],
+}
+
+impl ScoreBits {
+    fn of(s: &Scores) -> ScoreBits {
+        ScoreBits {
+            figures: [s.accuracy, s.precision, s.recall, s.f1, s.roc_auc, s.log_loss].map(f64::to_bits),
+            confusion: s.confusion,
+        }
+    }
+
+    fn scores(&self) -> Scores {
+        let [accuracy, precision, recall, f1, roc_auc, log_loss] = self.figures.map(f64::from_bits);
+        Scores {
+            accuracy,
+            precision,
+            recall,
+            f1,
+            roc_auc,
+            log_loss,
+            confusion: self.confusion,
+        }
+    }
+}
+
 impl Tune {
+    fn plan(&self, ctx: &Context) -> Result<Plan, StageError> {
+        let configs = self.configs().map_err(StageError::Invalid)?;
+        let vectorizers = ctx.upstream_of(&["vectorize"]);
+        if vectorizers.is_empty() {
+            return Err(StageError::Invalid(format!(
+                "stage `{}` must need at least one `vectorize` stage",
+                ctx.stage
+            )));
+        }
+        let features: Vec<(String, Features)> = vectorizers
+            .iter()
+            .map(|u| Ok((u.name.clone(), Features::load(&u.outs[0])?)))
+            .collect::<Result<_, StageError>>()?;
+        let labels = &features[0].1.train_labels;
+        if features.iter().any(|(_, f)| &f.train_labels != labels) {
+            return Err(StageError::Invalid(
+                "the vectorize stages were fitted on different training rows".into(),
+            ));
+        }
+        let groups = self
+            .group
+            .groups(&features[0].1.train_movies)
+            .map_err(StageError::Invalid)?;
+        let fold = stratified_folds(labels, &groups, self.folds, self.seed).map_err(StageError::Invalid)?;
+        let trials = (0..features.len())
+            .flat_map(|v| configs.iter().map(move |c| (v, c.clone())))
+            .collect();
+        Ok(Plan { features, fold, trials })
+    }
+
+    /// The scores of trial `t` on fold `f`: fitted on the other folds.
+    fn fold(&self, ctx: &Context, plan: &Plan, t: usize, f: usize) -> Result<Scores, StageError> {
+        ctx.check_cancel()?;
+        let (v, spec) = &plan.trials[t];
+        let x = &plan.features[*v].1.train;
+        let labels = &plan.features[*v].1.train_labels;
+        let fold = &plan.fold;
+        let train_rows: Vec<usize> = (0..x.rows()).filter(|&i| fold[i] != f).collect();
+        let test_rows: Vec<usize> = (0..x.rows()).filter(|&i| fold[i] == f).collect();
+        let model = LinearModel::fit(spec, x, labels, &train_rows, self.seed + f as u64);
+        let p: Vec<f64> = test_rows
+            .iter()
+            .map(|&i| {
+                let (c, vals) = x.row(i);
+                model.proba_row(c, vals)
+            })
+            .collect();
+        let y: Vec<u8> = test_rows.iter().map(|&i| labels[i]).collect();
+        Ok(score(&p, &y))
+    }
+
     fn configs(&self) -> Result<Vec<ModelSpec>, String> {
         if self.models.is_empty() {
             return Err("`models` is empty: list at least one model family".into());
@@ -253,59 +348,60 @@ impl Stage for Tune {
         self.configs().map(|_| ())
     }
 
-    fn run(&self, ctx: &Context) -> Result<Metrics, StageError> {
-        let configs = self.configs().map_err(StageError::Invalid)?;
-        let vectorizers = ctx.upstream_of(&["vectorize"]);
-        if vectorizers.is_empty() {
+    fn has_trials(&self) -> bool {
+        true
+    }
+
+    fn run_trial(&self, ctx: &Context, i: usize) -> Result<Vec<u8>, StageError> {
+        let plan = self.plan(ctx)?;
+        if i >= plan.trials.len() {
             return Err(StageError::Invalid(format!(
-                "stage `{}` must need at least one `vectorize` stage",
-                ctx.stage
+                "trial {i} of a search of {} trials",
+                plan.trials.len()
             )));
         }
-        let features: Vec<(String, Features)> = vectorizers
-            .iter()
-            .map(|u| Ok((u.name.clone(), Features::load(&u.outs[0])?)))
-            .collect::<Result<_, StageError>>()?;
-        let labels = &features[0].1.train_labels;
-        if features.iter().any(|(_, f)| &f.train_labels != labels) {
-            return Err(StageError::Invalid(
-                "the vectorize stages were fitted on different training rows".into(),
-            ));
-        }
-        let groups = self
-            .group
-            .groups(&features[0].1.train_movies)
-            .map_err(StageError::Invalid)?;
-        let fold = stratified_folds(labels, &groups, self.folds, self.seed).map_err(StageError::Invalid)?;
-        let trials: Vec<(usize, &ModelSpec)> = (0..features.len())
-            .flat_map(|v| configs.iter().map(move |c| (v, c)))
-            .collect();
-        ctx.info(&format!("{} trials x {} folds", trials.len(), self.folds));
+        let folds: Vec<Scores> = (0..self.folds)
+            .into_par_iter()
+            .map(|f| self.fold(ctx, &plan, i, f))
+            .collect::<Result<_, _>>()?;
+        let bits = TrialScores {
+            folds: folds.iter().map(ScoreBits::of).collect(),
+        };
+        Ok(serde_json::to_vec(&bits).expect("scores serialize"))
+    }
 
-        let tasks: Vec<(usize, usize)> = (0..trials.len())
-            .flat_map(|t| (0..self.folds).map(move |f| (t, f)))
-            .collect();
-        let results: Vec<Result<Scores, StageError>> = tasks
-            .par_iter()
-            .map(|&(t, f)| {
-                ctx.check_cancel()?;
-                let (v, spec) = trials[t];
-                let x = &features[v].1.train;
-                let train_rows: Vec<usize> = (0..x.rows()).filter(|&i| fold[i] != f).collect();
-                let test_rows: Vec<usize> = (0..x.rows()).filter(|&i| fold[i] == f).collect();
-                let model = LinearModel::fit(spec, x, labels, &train_rows, self.seed + f as u64);
-                let p: Vec<f64> = test_rows
-                    .iter()
-                    .map(|&i| {
-                        let (c, vals) = x.row(i);
-                        model.proba_row(c, vals)
-                    })
+    fn run(&self, ctx: &Context) -> Result<Metrics, StageError> {
+        let plan = self.plan(ctx)?;
+        let Plan { features, trials, .. } = &plan;
+        ctx.info(&format!("{} trials x {} folds", trials.len(), self.folds));
+        let scores: Vec<Scores> = match ctx.trials {
+            // Each trial a job elsewhere: the same numbers, bit for bit, come back.
+            Some(remote) => {
+                let mut scores = Vec::new();
+                for (t, bytes) in remote.run(trials.len())?.iter().enumerate() {
+                    let got: TrialScores = serde_json::from_slice(bytes)
+                        .map_err(|e| StageError::Invalid(format!("the result of trial {t}: {e}")))?;
+                    if got.folds.len() != self.folds {
+                        return Err(StageError::Invalid(format!(
+                            "the result of trial {t} has {} folds, not {}",
+                            got.folds.len(),
+                            self.folds
+                        )));
+                    }
+                    scores.extend(got.folds.iter().map(ScoreBits::scores));
+                }
+                scores
+            }
+            None => {
+                let tasks: Vec<(usize, usize)> = (0..trials.len())
+                    .flat_map(|t| (0..self.folds).map(move |f| (t, f)))
                     .collect();
-                let y: Vec<u8> = test_rows.iter().map(|&i| labels[i]).collect();
-                Ok(score(&p, &y))
-            })
-            .collect();
-        let scores: Vec<Scores> = results.into_iter().collect::<Result<_, _>>()?;
+                tasks
+                    .par_iter()
+                    .map(|&(t, f)| self.fold(ctx, &plan, t, f))
+                    .collect::<Result<_, _>>()?
+            }
+        };
 
         let mut table = Vec::new();
         let mut best: Option<(usize, f64, f64)> = None;
@@ -332,9 +428,9 @@ impl Stage for Tune {
             table.push(Value::Object(row));
         }
         let (t, mean, std) = best.expect("at least one trial");
-        let (v, spec) = trials[t];
+        let (v, spec) = &trials[t];
         let best = Tuning {
-            vectorizer: features[v].0.clone(),
+            vectorizer: features[*v].0.clone(),
             model: spec.clone(),
             metric: self.metric.name().into(),
             mean,
