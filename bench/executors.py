@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,24 +26,18 @@ from pathlib import Path
 
 import yaml
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from remote_cache import free_ports  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("tune", "train")
 
 
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 class Cluster:
-    """A head (1 CPU) and a second node (2 CPUs), each `ray start --block` in its own session."""
+    """A head (1 CPU) and, with `nodes=2`, a second node (2 CPUs), each `ray start --block` in its
+    own session."""
 
-    def __init__(self, ray, root):
+    def __init__(self, ray, root, nodes=2):
         env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
         p = free_ports(20)
         # Ray's socket paths live under its temp dir and must stay short (108 bytes at most).
@@ -63,12 +56,13 @@ class Cluster:
         node += ["--dashboard-agent-listen-port", str(p[11]), "--dashboard-agent-grpc-port", str(p[12])]
         node += ["--metrics-export-port", str(p[13]), "--runtime-env-agent-port", str(p[14])]
         self.address = f"http://127.0.0.1:{p[1]}"
-        with open(root / "ray.log", "w") as log:
+        with open(root / f"ray-{nodes}.log", "w") as log:
             start = {"env": env, "stdout": log, "stderr": log, "start_new_session": True}
             self.procs = [subprocess.Popen(head + common, **start)]
             self.wait(lambda n: n >= 1)
-            self.procs.append(subprocess.Popen(node + common, **start))
-            self.wait(lambda n: n >= 2)
+            if nodes == 2:
+                self.procs.append(subprocess.Popen(node + common, **start))
+                self.wait(lambda n: n >= 2)
 
     def wait(self, enough):
         deadline = time.time() + 120
@@ -103,6 +97,12 @@ def main():
     ap.add_argument("--pipeline", default="pipelines/quickstart.yaml")
     ap.add_argument("--data", help="the IMDB archive, for pipelines/imdb.yaml")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--fan-out",
+        type=int,
+        metavar="N",
+        help="also time `tune` with its trials as jobs (max_parallel N, 1 CPU each) on one node against two",
+    )
     args = ap.parse_args()
     sentiflow = str(Path(args.sentiflow).resolve())
 
@@ -125,27 +125,28 @@ def main():
     (project / "pipelines/bench.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     sets = ["--set", f"data={Path(args.data).resolve()}"] if args.data else []
 
+    def run(cluster, tag, stage, extra=()):
+        remote = root / f"remote-{tag}"
+        remote.mkdir()
+        settings = project / "settings.yaml"
+        settings.write_text(
+            f"remote_cache: file://{remote}\n"
+            f"executors:\n  cluster: {{engine: ray, address: '{cluster.address}', command: '{sentiflow}'}}\n"
+        )
+        cmd = [sentiflow, "--config", str(settings), "--cache-dir", str(root / f"cache-{tag}")]
+        cmd += ["run", "pipelines/bench.yaml", "--stage", stage, "--json", *sets, *extra]
+        out = subprocess.run(cmd, cwd=project, capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"{tag} run failed:\n{out.stderr[-3000:]}")
+        return json.loads(out.stdout)
+
     cluster = Cluster(args.ray, root)
     try:
         figures = {"local": {s: [] for s in targets}, "ray": {s: [] for s in targets}}
         for r in range(args.rounds):
             modes = ["local", "ray"] if r % 2 == 0 else ["ray", "local"]
             for mode in modes:
-                remote = root / f"remote-{r}-{mode}"
-                remote.mkdir()
-                settings = project / "settings.yaml"
-                settings.write_text(
-                    f"remote_cache: file://{remote}\n"
-                    f"executors:\n  cluster: {{engine: ray, address: '{cluster.address}', command: '{sentiflow}'}}\n"
-                )
-                cmd = [sentiflow, "--config", str(settings), "--cache-dir", str(root / f"cache-{r}-{mode}")]
-                cmd += ["run", "pipelines/bench.yaml", "--stage", targets[-1], "--json", *sets]
-                if mode == "local":
-                    cmd.append("--local")
-                out = subprocess.run(cmd, cwd=project, capture_output=True, text=True)
-                if out.returncode != 0:
-                    sys.exit(f"{mode} run failed:\n{out.stderr[-3000:]}")
-                report = json.loads(out.stdout)
+                report = run(cluster, f"{r}-{mode}", targets[-1], ["--local"] if mode == "local" else [])
                 for s in targets:
                     figures[mode][s].append(stage_times(report, s))
                     if mode == "ray":
@@ -156,12 +157,37 @@ def main():
         for s in targets:
             local = statistics.median(w for w, _ in figures["local"][s])
             wall = statistics.median(w for w, _ in figures["ray"][s])
-            run = statistics.median(c for _, c in figures["ray"][s])
+            run_s = statistics.median(c for _, c in figures["ray"][s])
             overhead = statistics.median(w - c for w, c in figures["ray"][s])
-            print(f"{s:<8} {local:>8.2f} {wall:>8.2f} {run:>8.2f} {overhead:>11.2f} {wall / local:>9.2f}x")
+            print(f"{s:<8} {local:>8.2f} {wall:>8.2f} {run_s:>8.2f} {overhead:>11.2f} {wall / local:>9.2f}x")
+        if args.fan_out:
+            fan_out(args, spec, project, root, cluster, run)
     finally:
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def fan_out(args, spec, project, root, two, run):
+    """`tune` with each trial a job (1 CPU each, at most --fan-out at once): on the head alone
+    (1 CPU: one trial at a time) against the head and the second node (3 CPUs)."""
+    tune = spec["stages"]["tune"]
+    tune["max_parallel"] = args.fan_out
+    tune["resources"] = {"cpus": 1}
+    (project / "pipelines/bench.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    one = Cluster(args.ray, root, nodes=1)
+    try:
+        walls = {"one node": [], "two nodes": []}
+        for r in range(args.rounds):
+            order = [("one node", one), ("two nodes", two)]
+            for name, cluster in order if r % 2 == 0 else order[::-1]:
+                report = run(cluster, f"fan-{r}-{name.replace(' ', '-')}", "tune")
+                walls[name].append(stage_times(report, "tune")[0])
+        trials = next(s for s in report["stages"] if s["name"] == "tune")["metrics"]["trials"]
+        a, b = (statistics.median(walls[k]) for k in ("one node", "two nodes"))
+        print(f"tune, {trials} trials as jobs, max_parallel {args.fan_out}: one node {a:.2f} s, two nodes {b:.2f} s")
+        print(f"speed-up of two nodes over one: {a / b:.2f}x (both on this machine's 2 cores)")
+    finally:
+        one.stop()
 
 
 if __name__ == "__main__":

@@ -5,14 +5,13 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::ray::Ray;
 use common::s3::S3;
 use common::slurm::Slurm;
-use common::{both_models, stage, Project, Run, BIN};
+use common::{both_models, files, stage, Project, Run, BIN};
 use serde_json::Value;
 
 /// The quickstart's TF-IDF branch and the BERT branch at test scale. `tune`, `train` and
@@ -100,26 +99,6 @@ fn command(p: &Project, s3: &S3, extra_env: &[(&str, String)], args: &[&str]) ->
 
 fn sentiflow(p: &Project, s3: &S3, extra_env: &[(&str, String)], args: &[&str]) -> Run {
     Run::from(command(p, s3, extra_env, args).output().unwrap())
-}
-
-/// Every file under `dirs` of `p`, by path, with its bytes.
-fn files(p: &Project, dirs: &[&str]) -> BTreeMap<String, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let path = e.unwrap().path();
-            if path.is_dir() {
-                walk(root, &path, out);
-            } else {
-                let rel = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-                out.insert(rel, std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    let mut found = BTreeMap::new();
-    for dir in dirs {
-        walk(p.root(), &p.path(dir), &mut found);
-    }
-    found
 }
 
 /// The bundles and reports of a local run of the pipeline: what every executor must reproduce.

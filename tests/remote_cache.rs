@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use common::s3::S3;
 use common::{quickstart, stage, Project, Run};
@@ -40,22 +39,7 @@ fn all(state: &str) -> BTreeMap<String, String> {
 
 /// Every output file of the pipeline, by path, with its bytes.
 fn outputs(p: &Project) -> BTreeMap<String, Vec<u8>> {
-    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
-        for e in std::fs::read_dir(dir).unwrap() {
-            let path = e.unwrap().path();
-            if path.is_dir() {
-                walk(root, &path, out);
-            } else {
-                let rel = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-                out.insert(rel, std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    let mut files = BTreeMap::new();
-    for dir in ["data/quickstart", "models/quickstart", "reports"] {
-        walk(p.root(), &p.path(dir), &mut files);
-    }
-    files
+    common::files(p, &["data/quickstart", "models/quickstart", "reports"])
 }
 
 #[test]

@@ -192,15 +192,8 @@ impl Cache {
             if !sent.insert(hash) || remote.has(&object)? {
                 continue;
             }
-            let path = self.object_path(hash);
-            let bytes = fs::read(&path).map_err(|e| CacheError::io(&path, e))?;
             // Never spread a local object that rotted since it was stored.
-            if sha256_hex(&bytes) != hash {
-                return Err(CacheError::Corrupt {
-                    what: path.display().to_string(),
-                    reason: "its content no longer matches its name".into(),
-                });
-            }
+            let bytes = self.read_object(hash)?;
             remote.put(&object, bytes)?;
             transfer.objects += 1;
             transfer.bytes += size;

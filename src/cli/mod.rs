@@ -121,26 +121,8 @@ enum Command {
     /// Run a pipeline; unchanged stages are restored from the cache.
     #[command(after_help = RUN_EXAMPLES)]
     Run {
-        /// The pipeline file (e.g. pipelines/imdb.yaml).
-        file: PathBuf,
-        /// Run only this stage and what it needs (repeatable).
-        #[arg(long = "stage", value_name = "STAGE")]
-        stages: Vec<String>,
-        /// Run the selected stages even if their results are cached.
-        #[arg(long)]
-        force: bool,
-        /// Most stages running at once [default: number of CPUs].
-        #[arg(long, short)]
-        jobs: Option<usize>,
-        /// Override a parameter: NAME=VALUE (repeatable).
-        #[arg(long = "set", value_name = "NAME=VALUE")]
-        set: Vec<Override>,
-        /// Print the run report as JSON on stdout.
-        #[arg(long)]
-        json: bool,
-        /// Run every stage here, whatever its `runs_on` and the settings file's `executors:`.
-        #[arg(long)]
-        local: bool,
+        #[command(flatten)]
+        args: run::Args,
         #[command(flatten)]
         remote: RemoteCache,
     },
@@ -464,28 +446,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         quiet: cli.quiet,
     };
     match cli.command {
-        Command::Run {
-            file,
-            stages,
-            force,
-            jobs,
-            set,
-            json,
-            local,
-            remote,
-        } => run::run(
-            &global,
-            run::Args {
-                file,
-                stages,
-                force,
-                jobs,
-                set,
-                json,
-                local,
-            },
-            remote,
-        ),
+        Command::Run { args, remote } => run::run(&global, args, remote),
         Command::Status {
             file,
             set,

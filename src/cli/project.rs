@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use super::exit;
 use crate::cache::Cache;
+use crate::executors::Executors;
 use crate::pipeline::{Override, Pipeline};
 
 pub(super) fn load(file: &Path, set: &[Override]) -> Result<Pipeline, i32> {
@@ -24,4 +25,18 @@ pub(super) struct Globals {
     pub cache_dir: Option<PathBuf>,
     pub output_dirs: Vec<PathBuf>,
     pub quiet: bool,
+}
+
+impl Globals {
+    /// The executors of the settings file (`--config`); none without one, or when `local`. `Err`
+    /// holds the exit code of a settings file already reported as wrong.
+    pub fn executors(&self, local: bool) -> Result<Executors, i32> {
+        match (&self.config, local) {
+            (Some(config), false) => Executors::load(config).map_err(|e| {
+                eprintln!("error: {e}");
+                exit::INVALID
+            }),
+            _ => Ok(Executors::default()),
+        }
+    }
 }

@@ -10,7 +10,6 @@ use super::cache::RemoteCache;
 use super::console::Console;
 use super::exit;
 use super::project::Globals;
-use crate::executors::Executors;
 use crate::pipeline::exec::{self, Options};
 use crate::pipeline::report::State;
 use crate::pipeline::Override;
@@ -18,15 +17,29 @@ use crate::tracking::Delivery;
 
 static CANCEL: AtomicBool = AtomicBool::new(false);
 
-/// The options of `Command::Run`.
+/// The options of `sentiflow run`.
+#[derive(clap::Args)]
 pub(super) struct Args {
-    pub file: PathBuf,
-    pub stages: Vec<String>,
-    pub force: bool,
-    pub jobs: Option<usize>,
-    pub set: Vec<Override>,
-    pub json: bool,
-    pub local: bool,
+    /// The pipeline file (e.g. pipelines/imdb.yaml).
+    file: PathBuf,
+    /// Run only this stage and what it needs (repeatable).
+    #[arg(long = "stage", value_name = "STAGE")]
+    stages: Vec<String>,
+    /// Run the selected stages even if their results are cached.
+    #[arg(long)]
+    force: bool,
+    /// Most stages running at once [default: number of CPUs].
+    #[arg(long, short)]
+    jobs: Option<usize>,
+    /// Override a parameter: NAME=VALUE (repeatable).
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    set: Vec<Override>,
+    /// Print the run report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Run every stage here, whatever its `runs_on` and the settings file's `executors:`.
+    #[arg(long)]
+    local: bool,
 }
 
 pub(super) fn run(global: &Globals, args: Args, remote: RemoteCache) -> anyhow::Result<i32> {
@@ -43,15 +56,9 @@ pub(super) fn run(global: &Globals, args: Args, remote: RemoteCache) -> anyhow::
         Ok(opened) => opened,
         Err(code) => return Ok(code),
     };
-    let executors = match (&global.config, local) {
-        (Some(config), false) => match Executors::load(config) {
-            Ok(e) => e,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return Ok(exit::INVALID);
-            }
-        },
-        _ => Executors::default(),
+    let executors = match global.executors(local) {
+        Ok(e) => e,
+        Err(code) => return Ok(code),
     };
     if let Err(d) = p.check_placement(&executors, cache.remote().is_some()) {
         eprint!("{}", d.render());

@@ -4,7 +4,6 @@
 use super::cache::RemoteCache;
 use super::exit;
 use super::project::Globals;
-use crate::executors::Executors;
 use crate::serve::Offload;
 
 pub(super) fn serve(global: &Globals, mut config: crate::serve::Config, remote: RemoteCache) -> anyhow::Result<i32> {
@@ -20,13 +19,9 @@ pub(super) fn serve(global: &Globals, mut config: crate::serve::Config, remote: 
         eprintln!("error: {e}");
         return Ok(exit::INVALID);
     }
-    let executors = match global.config.as_deref().map(Executors::load) {
-        Some(Ok(executors)) => executors,
-        Some(Err(e)) => {
-            eprintln!("error: {e}");
-            return Ok(exit::INVALID);
-        }
-        None => Executors::default(),
+    let executors = match global.executors(false) {
+        Ok(e) => e,
+        Err(code) => return Ok(code),
     };
     let offload = Offload {
         executors,

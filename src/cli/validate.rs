@@ -5,21 +5,14 @@ use std::path::PathBuf;
 
 use super::exit;
 use super::project::Globals;
-use crate::executors::Executors;
 use crate::pipeline::{spec, Pipeline};
 
 /// Checks `files`; with a settings file (`--config`), also where their stages run (`runs_on`
 /// against its `executors:`, and a remote cache for them).
 pub(super) fn validate(global: &Globals, files: Vec<PathBuf>, json: bool) -> anyhow::Result<i32> {
-    let executors = match &global.config {
-        Some(config) => match Executors::load(config) {
-            Ok(e) => e,
-            Err(e) => {
-                eprintln!("error: {e}");
-                return Ok(exit::INVALID);
-            }
-        },
-        None => Executors::default(),
+    let executors = match global.executors(false) {
+        Ok(e) => e,
+        Err(code) => return Ok(code),
     };
     // The settings file's `remote_cache:` arrives as this variable, like every flat setting.
     let remote_cache = std::env::var_os("SENTIFLOW_REMOTE_CACHE").is_some_and(|v| !v.is_empty());

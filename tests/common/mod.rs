@@ -1,6 +1,7 @@
 //! Helpers for tests that run the real `sentiflow` binary in a scratch project.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod nginx;
 pub mod postgres;
 pub mod prometheus;
@@ -103,6 +104,26 @@ impl Project {
     pub fn sentiflow(&self, args: &[&str]) -> Run {
         Run::from(self.cmd(args).output().unwrap())
     }
+}
+
+/// Every file under the directories `dirs` of `p`, by path, with its bytes.
+pub fn files(p: &Project, dirs: &[&str]) -> std::collections::BTreeMap<String, Vec<u8>> {
+    fn walk(root: &Path, dir: &Path, out: &mut std::collections::BTreeMap<String, Vec<u8>>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else {
+                let rel = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+                out.insert(rel, std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    let mut found = std::collections::BTreeMap::new();
+    for dir in dirs {
+        walk(p.root(), &p.path(dir), &mut found);
+    }
+    found
 }
 
 /// A scratch project holding the quickstart pipeline and the IMDB review sample.

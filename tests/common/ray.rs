@@ -4,11 +4,11 @@
 //! kills every process the cluster started (its daemons, workers and job entrypoints) and nothing
 //! else, so clusters of tests that run at once stay apart.
 
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use super::daemon::{free_ports, sweep, tail, Daemon};
 
 pub struct Ray {
     dir: tempfile::TempDir,
@@ -33,107 +33,6 @@ fn ray() -> PathBuf {
         .or_else(|| std::env::var_os("VIRTUAL_ENV"))
         .expect("set SENTIFLOW_RAY to Ray's `ray`, or run through scripts/test");
     PathBuf::from(venv).join("bin/ray")
-}
-
-/// `n` ports free now, all different.
-fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
-}
-
-/// A `ray start --block`, in a session of its own (so its daemons and workers can be found by
-/// session id), sent SIGTERM if the test binary dies. The thread that spawned it waits for it, so
-/// the parent-death signal (which follows the spawning thread) fires only when the process ends.
-struct Daemon {
-    pid: i32,
-    exit: Arc<Mutex<Option<ExitStatus>>>,
-}
-
-impl Daemon {
-    fn spawn(mut cmd: Command, what: &str) -> Daemon {
-        // SAFETY: only async-signal-safe calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-        let exit = Arc::new(Mutex::new(None));
-        let slot = exit.clone();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || match cmd.spawn() {
-            Ok(mut child) => {
-                tx.send(Ok(child.id() as i32)).unwrap();
-                let status = child.wait().unwrap();
-                *slot.lock().unwrap() = Some(status);
-            }
-            Err(e) => tx.send(Err(e)).unwrap(),
-        });
-        let pid = rx
-            .recv()
-            .unwrap()
-            .unwrap_or_else(|e| panic!("starting {what} ({}): {e}", ray().display()));
-        Daemon { pid, exit }
-    }
-
-    fn exited(&self) -> Option<ExitStatus> {
-        *self.exit.lock().unwrap()
-    }
-}
-
-/// SIGKILLs, until none is left, every process (but this one and zombies) that is in one of
-/// `sessions` or has an environment variable `wanted` accepts.
-fn sweep(sessions: &[i32], wanted: impl Fn(&[u8]) -> bool) {
-    let me = std::process::id() as i32;
-    for _ in 0..100 {
-        let mut found = false;
-        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                continue;
-            };
-            if pid == me {
-                continue;
-            }
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
-            // `pid (comm) state ppid pgrp session ...`; comm may hold spaces and parentheses.
-            let fields: Vec<&str> = stat
-                .rsplit_once(')')
-                .map(|(_, rest)| rest.split_whitespace().collect())
-                .unwrap_or_default();
-            if fields.len() < 4 || fields[0] == "Z" || fields[0] == "X" {
-                continue;
-            }
-            let in_session = fields[3].parse::<i32>().is_ok_and(|sid| sessions.contains(&sid));
-            let marked =
-                || std::fs::read(entry.path().join("environ")).is_ok_and(|env| env.split(|b| *b == 0).any(&wanted));
-            if in_session || marked() {
-                // SAFETY: kill has no memory-safety preconditions.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                found = true;
-            }
-        }
-        if !found {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The last `max` bytes of a file, from a line start.
-fn tail(path: &Path, max: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text[text.len().saturating_sub(max)..]).into_owned();
-    if text.len() < max {
-        return text;
-    }
-    text.split_once('\n').map(|(_, rest)| rest.to_string()).unwrap_or(text)
 }
 
 fn get_json(agent: &ureq::Agent, url: &str) -> Option<serde_json::Value> {
@@ -184,7 +83,7 @@ impl Ray {
             ])
             .args(["--metrics-export-port", &port(5), "--runtime-env-agent-port", &port(6)])
             .args(["--node-manager-port", &port(7), "--object-manager-port", &port(8)]);
-        let head = Daemon::spawn(head, "the Ray head");
+        let head = Daemon::spawn(head, None);
         let mut ray = Ray {
             dir,
             head,
@@ -225,7 +124,7 @@ impl Ray {
                 &port(12),
             ])
             .args(["--node-manager-port", &port(13), "--object-manager-port", &port(14)]);
-        ray.node = Some(Daemon::spawn(node, "the Ray GPU node"));
+        ray.node = Some(Daemon::spawn(node, None));
         let nodes_url = format!("{}/api/v0/nodes?detail=1", ray.address);
         let mut ids = (String::new(), String::new());
         ray.wait("both Ray nodes", |_| {

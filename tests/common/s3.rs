@@ -9,6 +9,8 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, ObjectStoreExt};
 
+use super::daemon::free_ports;
+
 pub const ACCESS_KEY: &str = "sentiflow-test";
 pub const SECRET_KEY: &str = "sentiflow-test-secret";
 pub const BUCKET: &str = "sentiflow";
@@ -30,14 +32,6 @@ fn weed() -> PathBuf {
         .or_else(|| std::env::var_os("VIRTUAL_ENV"))
         .expect("set SENTIFLOW_WEED to SeaweedFS' `weed`, or run through scripts/test");
     PathBuf::from(venv).join("bin/weed")
-}
-
-/// `n` ports free now, all different.
-fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
 }
 
 impl S3 {
