@@ -189,6 +189,14 @@ pub fn run(
     Ok(report)
 }
 
+/// `r` ended in `state` for `error`, now.
+fn failed(mut r: StageReport, state: State, error: String) -> StageReport {
+    r.state = state;
+    r.error = Some(error);
+    r.finished_at = now();
+    r
+}
+
 /// A report for stage `i` that has done nothing yet.
 fn report_of(p: &Pipeline, i: usize, state: State, error: Option<String>) -> StageReport {
     let t = now();
@@ -297,26 +305,20 @@ fn run_stage(shared: &Shared, i: usize, upstream: &BTreeMap<String, Vec<Artifact
     } = shared;
     let stage = &p.stages[i];
     let mut report = report_of(p, i, State::Ran, None);
-    let fail = |mut r: StageReport, state: State, error: String| {
-        r.state = state;
-        r.error = Some(error);
-        r.finished_at = now();
-        r
-    };
 
     // Before anything deletes or restores an output, where each one really is.
     let outs = stage.kind.stage().outs();
     let real_outs: Vec<PathBuf> = match outs.iter().map(|o| guards.resolve(&p.root, o)).collect() {
         Ok(real) => real,
-        Err(e) => return fail(report, State::Failed, e),
+        Err(e) => return failed(report, State::Failed, e),
     };
     let log = |line: &str| obs.log(&stage.name, line);
     if let Err(e) = stage.kind.stage().prepare(&p.root, &log) {
-        return fail(report, State::Failed, e.to_string());
+        return failed(report, State::Failed, e.to_string());
     }
     let inputs = match stage_inputs(p, i, &cache.hasher, upstream) {
         Ok(inputs) => inputs,
-        Err((dep, e)) => return fail(report, State::Failed, format!("dependency `{dep}`: {e}")),
+        Err((dep, e)) => return failed(report, State::Failed, format!("dependency `{dep}`: {e}")),
     };
     let kind = &stage.kind;
     let key = cache_key(kind.name(), kind.stage().version(), &kind.params(), &inputs);
@@ -335,8 +337,8 @@ fn run_stage(shared: &Shared, i: usize, upstream: &BTreeMap<String, Vec<Artifact
     // Held until the stage's result is recorded (or it fails): see `Cache::lock_outputs`.
     let _held = match cache.lock_outputs(&real_outs, cancel, &waiting) {
         Ok(Some(held)) => held,
-        Ok(None) => return fail(report, State::Interrupted, "interrupted".into()),
-        Err(e) => return fail(report, State::Failed, format!("locking outputs: {e}")),
+        Ok(None) => return failed(report, State::Interrupted, "interrupted".into()),
+        Err(e) => return failed(report, State::Failed, format!("locking outputs: {e}")),
     };
 
     if !force {
@@ -373,7 +375,7 @@ fn run_stage(shared: &Shared, i: usize, upstream: &BTreeMap<String, Vec<Artifact
                     ));
                     cache.discard(&key);
                 }
-                Err(e) => return fail(report, State::Failed, format!("restoring outputs: {e}")),
+                Err(e) => return failed(report, State::Failed, format!("restoring outputs: {e}")),
             }
         }
     }
@@ -385,7 +387,7 @@ fn run_stage(shared: &Shared, i: usize, upstream: &BTreeMap<String, Vec<Artifact
         };
         // A search whose trials are jobs: it runs here, and sends each trial to the executor.
         if let Err(e) = publish(shared, i, name, &key, upstream) {
-            return fail(report, State::Failed, e);
+            return failed(report, State::Failed, e);
         }
         fanned = Some(Fanned {
             shared,
@@ -418,8 +420,8 @@ fn run_stage(shared: &Shared, i: usize, upstream: &BTreeMap<String, Vec<Artifact
     };
     let (artifacts, metrics, duration_ms) = match work.perform(cache, cancel, &log) {
         Ok(done) => done,
-        Err(Unfinished::Interrupted) => return fail(report, State::Interrupted, "interrupted".into()),
-        Err(Unfinished::Failed(e)) => return fail(report, State::Failed, e),
+        Err(Unfinished::Interrupted) => return failed(report, State::Interrupted, "interrupted".into()),
+        Err(Unfinished::Failed(e)) => return failed(report, State::Failed, e),
     };
     report.duration_ms = duration_ms;
     let entry = RunEntry {
@@ -430,7 +432,7 @@ fn run_stage(shared: &Shared, i: usize, upstream: &BTreeMap<String, Vec<Artifact
         duration_ms: report.duration_ms,
     };
     if let Err(e) = cache.record(&key, &entry) {
-        return fail(report, State::Failed, format!("recording the cache entry: {e}"));
+        return failed(report, State::Failed, format!("recording the cache entry: {e}"));
     }
     shared.push(&stage.name, &key, &entry);
     report.outs = entry.outs;
@@ -722,14 +724,8 @@ fn run_remote(
         p, cache, cancel, obs, ..
     } = shared;
     let stage = &p.stages[i];
-    let fail = |mut r: StageReport, state: State, error: String| {
-        r.state = state;
-        r.error = Some(error);
-        r.finished_at = now();
-        r
-    };
     if let Err(e) = publish(shared, i, executor, key, upstream) {
-        return fail(report, State::Failed, e);
+        return failed(report, State::Failed, e);
     }
     let remote = cache.remote().expect("publish needs a remote cache");
     let job = Job {
@@ -763,22 +759,22 @@ fn run_remote(
     report.placement = placement.into_inner().unwrap();
     match result {
         Ok(_) => {}
-        Err(ExecutorError::Cancelled) => return fail(report, State::Interrupted, "interrupted".into()),
-        Err(e) => return fail(report, State::Failed, format!("executor `{executor}`: {e}")),
+        Err(ExecutorError::Cancelled) => return failed(report, State::Interrupted, "interrupted".into()),
+        Err(e) => return failed(report, State::Failed, format!("executor `{executor}`: {e}")),
     }
     let entry = match cache.fetch(key) {
         Ok(Some((entry, _))) => entry,
         Ok(None) => {
-            return fail(
+            return failed(
                 report,
                 State::Failed,
                 format!("executor `{executor}`: the job ended, but the remote cache has no result for key {key}"),
             )
         }
-        Err(e) => return fail(report, State::Failed, format!("fetching the job's result: {e}")),
+        Err(e) => return failed(report, State::Failed, format!("fetching the job's result: {e}")),
     };
     if let Err(e) = cache.restore(&p.root, &entry.outs) {
-        return fail(report, State::Failed, format!("restoring outputs: {e}"));
+        return failed(report, State::Failed, format!("restoring outputs: {e}"));
     }
     report.outs = entry.outs;
     report.metrics = entry.metrics;
