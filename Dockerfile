@@ -24,13 +24,16 @@ RUN apt-get update -qq \
        ca-certificates curl python3 python3-venv tini \
     && rm -rf /var/lib/apt/lists/*
 # MLflow (tracking server and UI) and ONNX Runtime, whose wheel carries libonnxruntime.so; with
-# MLflow's PostgreSQL driver and S3 client for its shared set-up (compose.replicas.yaml).
+# MLflow's PostgreSQL driver and S3 client for its shared set-up (compose.replicas.yaml); and Ray,
+# so that the image serves as the worker image of a Ray cluster (KubeRay) running sentiflow's
+# stages (docs/src/multi-machine.md#kubernetes).
 COPY requirements-dev.txt stages/bert/requirements.txt /tmp/req/
 RUN --mount=type=secret,id=ca \
     if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi; \
     python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check \
        "$(grep '^mlflow==' /tmp/req/requirements-dev.txt)" "$(grep '^onnxruntime==' /tmp/req/requirements.txt)" \
+       "$(grep '^ray\[default\]==' /tmp/req/requirements-dev.txt)" \
        psycopg2-binary==2.9.13 boto3==1.44.8 \
     && rm -rf /tmp/req
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin sentiflow \

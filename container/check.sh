@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Builds the container image with podman, starts it, trains the quickstart pipeline through
+# Builds the container image with podman, starts a Ray node in it (the image is a Ray worker
+# image too), starts it, trains the quickstart pipeline through
 # `POST /training`, gets a prediction, and loads the MLflow UI page and its REST API from the
 # container. Needs podman: ../shared/tools/podman-setup.sh installs it (SENTIFLOW_PODMAN_TOOLS
 # names another directory holding podman-setup.sh and a `podman` wrapper).
@@ -25,6 +26,11 @@ start=$(date +%s)
 # Docker's image format: OCI images drop HEALTHCHECK.
 "$podman" build --format docker "${secret[@]}" -t sentiflow .
 echo "built in $(($(date +%s) - start)) s; image size: $("$podman" image inspect sentiflow --format '{{.Size}}' | awk '{printf "%.0f MB", $1 / 1e6}')"
+
+echo "== the image as a Ray worker: a Ray node starts in it, beside sentiflow"
+"$podman" run --rm --entrypoint sh sentiflow -c \
+  'ray start --head --num-cpus 1 --include-dashboard false --disable-usage-stats >/dev/null \
+   && ray status | grep CPU && sentiflow --version && ray stop >/dev/null'
 
 echo "== podman run"
 "$podman" run -d --name "$name" -v "$volume:/data" \
