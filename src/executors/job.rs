@@ -70,9 +70,6 @@ pub struct Job<'a> {
     pub resources: &'a Resources,
     /// The remote cache URL the worker reads and writes.
     pub remote_cache: &'a str,
-    /// Variables the worker needs (the remote cache's credentials), forwarded where the engine
-    /// does not pass the client's environment on.
-    pub env: BTreeMap<String, String>,
     /// Where the client keeps what it needs of a job (Slurm's output files on a shared disk).
     pub state_dir: PathBuf,
 }

@@ -350,8 +350,8 @@ pub(super) fn run(spec: &RaySpec, job: &Job, watch: &dyn Watch) -> Result<Placem
 }
 
 fn submit(client: &Client, spec: &RaySpec, job: &Job, id: &str) -> Result<(), ExecutorError> {
-    let mut env = job.env.clone();
-    env.extend(forwarded_env(&spec.env));
+    // The remote cache's variables, which Ray does not pass on from this machine.
+    let env = forwarded_env(&spec.env);
     let entrypoint = std::iter::once(spec.command.clone())
         .chain(job.worker_args())
         .map(|a| shell_quote(&a))

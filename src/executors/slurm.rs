@@ -86,8 +86,9 @@ fn queued(id: &str) -> Result<Option<Queued>, ExecutorError> {
     }
 }
 
-/// How a job that left the queue ended, as `scontrol` remembers it (for `MinJobAge`).
-fn ended(id: &str) -> Option<(String, String)> {
+/// How a job that left the queue ended, as `scontrol` remembers it (for `MinJobAge`): its state,
+/// exit code and node list.
+fn ended(id: &str) -> Option<(String, String, String)> {
     let args: Vec<String> = ["show", "job", "-o", id].map(String::from).into();
     let out = slurm("scontrol", &args).ok()?;
     let field = |name: &str| {
@@ -96,7 +97,7 @@ fn ended(id: &str) -> Option<(String, String)> {
             .unwrap_or_default()
             .to_string()
     };
-    Some((field("JobState="), field("ExitCode=")))
+    Some((field("JobState="), field("ExitCode="), field("NodeList=")))
 }
 
 pub(super) fn run(spec: &SlurmSpec, job: &Job, watch: &dyn Watch) -> Result<Placement, ExecutorError> {
@@ -165,7 +166,12 @@ pub(super) fn run(spec: &SlurmSpec, job: &Job, watch: &dyn Watch) -> Result<Plac
             }
             None => {
                 let text = show(&mut shown, true);
-                let (state, code) = ended(&id).unwrap_or_default();
+                let (state, code, nodes) = ended(&id).unwrap_or_default();
+                // A job shorter than a poll is never seen running: its node comes from here.
+                if placement.node.is_none() && !nodes.is_empty() && nodes != "(null)" {
+                    placement.node = Some(nodes);
+                    watch.placed(&placement);
+                }
                 if state.is_empty() || state == "COMPLETED" {
                     return Ok(placement);
                 }

@@ -230,6 +230,12 @@ struct Shared<'a> {
 }
 
 impl Shared<'_> {
+    /// Where the client keeps what it needs of executors' jobs: `jobs/` in the cache directory.
+    fn jobs_dir(&self) -> PathBuf {
+        let dir = self.cache.dir().join("jobs");
+        std::path::absolute(&dir).unwrap_or(dir)
+    }
+
     /// The executor that runs `stage`, with its name; `None` when it runs here.
     fn executor<'s>(&'s self, stage: &'s Stage) -> Option<(&'s str, &'s ExecutorSpec)> {
         let (name, _) = stage.runs_on.as_ref()?;
@@ -666,9 +672,7 @@ impl Fanned<'_> {
                     trial: Some(i),
                     resources: &self.stage.resources,
                     remote_cache: cache.remote().map(|r| r.url()).unwrap_or_default(),
-                    env: BTreeMap::new(),
-                    state_dir: std::path::absolute(cache.dir().join("jobs"))
-                        .unwrap_or_else(|_| cache.dir().join("jobs")),
+                    state_dir: self.shared.jobs_dir(),
                 };
                 let placed = |at: &Placement| {
                     let node = at.node.as_deref().map(|n| format!(" on node {n}")).unwrap_or_default();
@@ -736,8 +740,7 @@ fn run_remote(
         trial: None,
         resources: &stage.resources,
         remote_cache: remote.url(),
-        env: BTreeMap::new(),
-        state_dir: std::path::absolute(cache.dir().join("jobs")).unwrap_or_else(|_| cache.dir().join("jobs")),
+        state_dir: shared.jobs_dir(),
     };
     let placement = std::sync::Mutex::new(None);
     let placed = |at: &Placement| {
